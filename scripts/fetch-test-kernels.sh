@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Fetch the Debian kernels vexec's integration tests boot, into a cache
+# outside the repository, using a private apt configuration so the host's
+# own package state is left untouched.
+#
+# The archive's host is derived from this machine's apt sources, and ABI
+# numbers are resolved from the meta-packages, so the script keeps working
+# as Debian publishes new kernels.
+#
+# Usage: scripts/fetch-test-kernels.sh [DEST]
+#   DEST defaults to $VEXEC_TEST_KERNELS, else ~/.cache/vexec-test-kernels.
+# Prints one line per kernel: NAME RELEASE DIR
+set -euo pipefail
+
+dest="${1:-${VEXEC_TEST_KERNELS:-${XDG_CACHE_HOME:-$HOME/.cache}/vexec-test-kernels}}"
+mkdir -p "$dest"
+
+# name  suite     meta-package
+kernels=(
+  "5.10       bullseye  linux-image-amd64"
+  "6.1        bookworm  linux-image-amd64"
+  "6.1-cloud  bookworm  linux-image-cloud-amd64"
+  "6.12       trixie    linux-image-amd64"
+)
+
+# The Debian archive this machine already uses (first deb822 URIs or
+# one-line "deb" entry whose suites are plain Debian ones).
+archive_uri() {
+  local f uri
+  for f in /etc/apt/sources.list.d/*.sources; do
+    [ -r "$f" ] || continue
+    uri=$(awk '/^URIs:/ {u=$2} /^Suites:/ && u!="" && $2 !~ /security/ {print u; exit}' "$f")
+    [ -n "$uri" ] && { echo "$uri"; return; }
+  done
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    [ -r "$f" ] || continue
+    uri=$(awk '$1=="deb" && $0 !~ /security/ {for(i=2;i<=NF;i++) if ($i ~ /^[a-z]+:\/\//) {print $i; exit}}' "$f")
+    [ -n "$uri" ] && { echo "$uri"; return; }
+  done
+  echo "fetch-test-kernels: no Debian archive found in /etc/apt sources" >&2
+  exit 1
+}
+mirror=$(archive_uri)
+mirror="${mirror%/}"
+keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+[ -r "$keyring" ] || { echo "fetch-test-kernels: $keyring missing (apt-get install debian-archive-keyring)" >&2; exit 1; }
+
+aptdir="$dest/.apt"
+mkdir -p "$aptdir/lists/partial" "$aptdir/archives/partial" "$aptdir/etc/preferences.d" "$aptdir/etc/apt.conf.d"
+: > "$aptdir/sources.list"
+for suite in bullseye bookworm trixie; do
+  echo "deb [signed-by=$keyring] $mirror $suite main" >> "$aptdir/sources.list"
+done
+# bookworm's point releases lag its security updates; include them so the
+# meta-package and the image it names agree.
+security="${mirror%/debian}/debian-security"
+echo "deb [signed-by=$keyring] $security bookworm-security main" >> "$aptdir/sources.list"
+: > "$aptdir/status"
+
+apt_opts=(
+  -o "Dir::Etc::SourceList=$aptdir/sources.list"
+  -o "Dir::Etc::SourceParts=-"
+  -o "Dir::Etc::Parts=$aptdir/etc/apt.conf.d"
+  -o "Dir::Etc::PreferencesParts=$aptdir/etc/preferences.d"
+  -o "Dir::State::Lists=$aptdir/lists"
+  -o "Dir::State::status=$aptdir/status"
+  -o "Dir::Cache=$aptdir/cache"
+  -o "APT::Architecture=amd64"
+  -o "Debug::NoLocking=1"
+)
+mkdir -p "$aptdir/cache"
+apt-get "${apt_opts[@]}" -qq update
+
+for entry in "${kernels[@]}"; do
+  read -r name suite meta <<<"$entry"
+  # The meta-package of that suite names the current ABI's image package.
+  ver=$(apt-cache "${apt_opts[@]}" madison "$meta" | awk -v s="$suite" '$0 ~ " "s"[/ -]" {print $3; exit}')
+  [ -n "$ver" ] || { echo "fetch-test-kernels: $meta not found in $suite" >&2; exit 1; }
+  pkg=$(apt-cache "${apt_opts[@]}" show "$meta=$ver" | awk -F': ' '/^Depends:/ {print $2; exit}' \
+        | tr ',' '\n' | sed 's/^ *//; s/ .*//' | grep '^linux-image-' | head -1)
+  [ -n "$pkg" ] || { echo "fetch-test-kernels: cannot resolve $meta=$ver" >&2; exit 1; }
+  out="$dest/$name"
+  if [ -f "$out/.complete" ] && [ "$(cat "$out/.complete")" = "$pkg" ]; then
+    rel=${pkg#linux-image-}; rel=${rel%-unsigned}
+    echo "$name $rel $out"
+    continue
+  fi
+  tmp=$(mktemp -d "$dest/.tmp.XXXXXX")
+  (cd "$tmp" && apt-get "${apt_opts[@]}" -qq download "$pkg" >/dev/null)
+  deb=$(ls "$tmp"/*.deb)
+  mkdir "$tmp/root"
+  dpkg-deb -x "$deb" "$tmp/root"
+  rm -f "$deb"
+  echo "$pkg" > "$tmp/root/.complete"
+  rm -rf "$out"
+  mv "$tmp/root" "$out"
+  rmdir "$tmp"
+  rel=$(ls "$out/boot" | sed -n 's/^vmlinuz-//p' | head -1)
+  echo "$name $rel $out"
+done

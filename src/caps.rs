@@ -1,0 +1,167 @@
+//! Deciding, before booting, whether a kernel can run vexec's guest and
+//! which modules the initramfs must carry for it.
+//!
+//! The answer comes from the kernel's `.config` when one is known, else from
+//! its module tree (`modules.builtin` and the module files present).
+
+use crate::kernel::Kernel;
+use crate::kernel::kconfig::{KernelConfig, Tristate};
+use crate::kernel::modules::ModuleTree;
+
+/// One thing the guest needs from the kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct Feature {
+    /// What a user would call it.
+    pub what: &'static str,
+    /// Every option that must be `y` or `m`, each with the module providing it.
+    pub options: &'static [(&'static str, Option<&'static str>)],
+}
+
+/// What the core guest needs: initramfs, devtmpfs, tmpfs, virtio-pci, the
+/// virtio-serial control port, 9p for the host's files and overlayfs.
+pub const CORE: &[Feature] = &[
+    Feature {
+        what: "initramfs support",
+        options: &[("CONFIG_BLK_DEV_INITRD", None)],
+    },
+    Feature {
+        what: "devtmpfs",
+        options: &[("CONFIG_DEVTMPFS", None)],
+    },
+    Feature {
+        what: "tmpfs",
+        options: &[("CONFIG_TMPFS", None)],
+    },
+    Feature {
+        what: "virtio PCI devices",
+        options: &[
+            ("CONFIG_VIRTIO", Some("virtio")),
+            ("CONFIG_VIRTIO_PCI", Some("virtio_pci")),
+        ],
+    },
+    Feature {
+        what: "the virtio console (vexec's control channel)",
+        options: &[("CONFIG_VIRTIO_CONSOLE", Some("virtio_console"))],
+    },
+    Feature {
+        what: "9p file sharing over virtio",
+        options: &[
+            ("CONFIG_NET_9P", Some("9pnet")),
+            ("CONFIG_NET_9P_VIRTIO", Some("9pnet_virtio")),
+            ("CONFIG_9P_FS", Some("9p")),
+        ],
+    },
+    Feature {
+        what: "overlayfs",
+        options: &[("CONFIG_OVERLAY_FS", Some("overlay"))],
+    },
+];
+
+/// A kernel that cannot run vexec's guest.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "kernel {release} lacks {what} ({options} not set in {source_desc}); rebuild it with {options}=y (or =m)"
+)]
+pub struct MissingFeature {
+    pub release: String,
+    pub what: String,
+    pub options: String,
+    pub source_desc: String,
+}
+
+/// The outcome of the check.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// Modules to load at boot, by name (dependencies are added later).
+    pub modules: Vec<&'static str>,
+    /// Features whose presence could not be determined (no config, not in
+    /// the module tree); the boot will tell.
+    pub unknown: Vec<&'static str>,
+}
+
+/// Checks `features` against the kernel's config or module tree.
+pub fn check(
+    kernel: &Kernel,
+    config: Option<&KernelConfig>,
+    tree: Option<&ModuleTree>,
+    features: &[Feature],
+) -> Result<Plan, MissingFeature> {
+    let mut plan = Plan::default();
+    for f in features {
+        let mut missing = Vec::new();
+        for &(opt, module) in f.options {
+            let state = match config {
+                Some(c) => c.get(opt),
+                None => match (module, tree) {
+                    (Some(m), Some(t)) if t.path_of(m).is_some() => Tristate::Module,
+                    (Some(m), Some(t)) if t.is_builtin(m) => Tristate::Yes,
+                    _ => {
+                        if !plan.unknown.contains(&f.what) {
+                            plan.unknown.push(f.what);
+                        }
+                        Tristate::Yes
+                    }
+                },
+            };
+            match (state, module) {
+                (Tristate::No, _) => missing.push(opt),
+                (Tristate::Module, Some(m)) => plan.modules.push(m),
+                (Tristate::Module, None) => missing.push(opt),
+                (Tristate::Yes, _) => {}
+            }
+        }
+        if !missing.is_empty() {
+            return Err(MissingFeature {
+                release: kernel.release().to_string(),
+                what: f.what.to_string(),
+                options: missing.join(", "),
+                source_desc: kernel
+                    .config
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "its configuration".into()),
+            });
+        }
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::image::{ImageInfo, ImageKind};
+
+    fn kernel() -> Kernel {
+        Kernel {
+            image: "/boot/vmlinuz-x".into(),
+            info: ImageInfo {
+                kind: ImageKind::Elf,
+                release: "6.1.0-test".into(),
+                banner: String::new(),
+            },
+            modules: None,
+            config: Some("/boot/config-x".into()),
+            vmlinux: None,
+        }
+    }
+
+    const ALL: &str = "CONFIG_BLK_DEV_INITRD=y\nCONFIG_DEVTMPFS=y\nCONFIG_TMPFS=y\nCONFIG_VIRTIO=m\nCONFIG_VIRTIO_PCI=m\nCONFIG_VIRTIO_CONSOLE=y\nCONFIG_NET_9P=m\nCONFIG_NET_9P_VIRTIO=m\nCONFIG_9P_FS=m\nCONFIG_OVERLAY_FS=m\n";
+
+    #[test]
+    fn modules_for_m_options() {
+        let c = KernelConfig::parse(ALL);
+        let plan = check(&kernel(), Some(&c), None, CORE).unwrap();
+        assert_eq!(
+            plan.modules,
+            ["virtio", "virtio_pci", "9pnet", "9pnet_virtio", "9p", "overlay"]
+        );
+    }
+
+    #[test]
+    fn names_missing_options() {
+        let c = KernelConfig::parse(&ALL.replace("CONFIG_9P_FS=m", "# CONFIG_9P_FS is not set"));
+        let e = check(&kernel(), Some(&c), None, CORE).unwrap_err();
+        assert!(e.to_string().contains("CONFIG_9P_FS"), "{e}");
+        assert!(e.to_string().contains("9p file sharing"), "{e}");
+    }
+}

@@ -1,0 +1,175 @@
+//! Command-line definitions.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::vm::accel::AccelChoice;
+
+/// Run a command inside a throwaway VM booted with the Linux kernel of your
+/// choice, with your own userspace, working directory, uid and environment.
+///
+/// The command's stdout, stderr and exit status come back as if it had run
+/// here. vexec's own messages go to stderr.
+///
+/// Exit status: the command's own; 128+N when it died of signal N; 124 when
+/// --timeout expired; 125 when vexec or the VM failed (git bisect run reads
+/// this as "skip"); 126/127 when the command could not be executed / was not
+/// found in the guest.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vexec",
+    version,
+    trailing_var_arg = true,
+    after_help = "Examples:\n  vexec -k /boot/vmlinuz-6.1.0-56-amd64 -- uname -r\n  vexec -k 6.1.0-56-amd64 -- make check\n  vexec -k ~/src/linux -- ./run-tests.sh\n  go test -exec vexec ./..."
+)]
+pub struct Cli {
+    /// Kernel to boot: an image file (bzImage/vmlinuz/vmlinux), a kernel build
+    /// tree, an unpacked kernel package, or a release installed in /boot.
+    /// Default: the running kernel's image, else the newest readable in /boot.
+    #[arg(short, long, value_name = "KERNEL", env = "VEXEC_KERNEL")]
+    pub kernel: Option<String>,
+
+    /// Module tree to use instead of the one found beside the kernel.
+    #[arg(long, value_name = "DIR")]
+    pub modules: Option<PathBuf>,
+
+    /// Guest memory (e.g. 512M, 2G).
+    #[arg(short, long, default_value = "1G", value_parser = parse_memory)]
+    pub memory: String,
+
+    /// Guest CPUs.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub cpus: u32,
+
+    /// Accelerator: auto uses KVM only where it is proven to work.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    pub accel: AccelChoice,
+
+    /// Stop the command and the VM after this long (e.g. 30s, 5m); exit 124.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+
+    /// How long the guest may take to boot and report in before the run fails.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub boot_timeout: Option<Duration>,
+
+    /// Do not share the working directory read-write (writes then vanish
+    /// with the VM like writes anywhere else).
+    #[arg(long)]
+    pub no_cwd: bool,
+
+    /// QEMU binary to use (default: qemu-system-x86_64 on PATH).
+    #[arg(long, value_name = "PATH")]
+    pub qemu: Option<PathBuf>,
+
+    /// Write the guest's full serial console to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub console_log: Option<PathBuf>,
+
+    /// Show the kernel console, the steps and their timings on stderr.
+    #[arg(short, long)]
+    pub verbose: bool,
+
+    /// Do not print notices (such as falling back to TCG).
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    /// Print the QEMU command line and exit.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// The command to run and its arguments.
+    #[arg(value_name = "COMMAND", allow_hyphen_values = true)]
+    pub command: Vec<OsString>,
+}
+
+/// Accepts QEMU-style sizes: a number of MiB, or with a K/M/G/T suffix.
+pub fn parse_memory(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let (num, unit) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c.to_ascii_uppercase()),
+        _ => (t, 'M'),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size; use e.g. 512M or 2G"))?;
+    let mib = match unit {
+        'K' => n / 1024,
+        'M' => n,
+        'G' => n * 1024,
+        'T' => n * 1024 * 1024,
+        _ => return Err(format!("`{s}`: unknown unit {unit}; use K, M, G or T")),
+    };
+    if mib < 64 {
+        return Err(format!("`{s}` is too little memory for a Linux guest; use at least 64M"));
+    }
+    Ok(format!("{mib}M"))
+}
+
+/// Accepts `30`, `30s`, `1.5s`, `5m`, `1h30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if let Ok(secs) = t.parse::<f64>() {
+        if secs.is_finite() && secs > 0.0 {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+        return Err(format!("`{s}` must be a positive duration"));
+    }
+    match humantime::parse_duration(t) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(format!("`{s}` must be a positive duration")),
+        Err(_) => {
+            // humantime wants whole numbers; allow fractions like 1.5s.
+            let (num, unit) = t.split_at(t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len()));
+            let n: f64 = num
+                .parse()
+                .map_err(|_| format!("`{s}` is not a duration; use e.g. 30s, 5m or 1h"))?;
+            let mult = match unit {
+                "ms" => 0.001,
+                "s" | "sec" => 1.0,
+                "m" | "min" => 60.0,
+                "h" => 3600.0,
+                _ => return Err(format!("`{s}` is not a duration; use e.g. 30s, 5m or 1h")),
+            };
+            Ok(Duration::from_secs_f64(n * mult))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory("1G").unwrap(), "1024M");
+        assert_eq!(parse_memory("512m").unwrap(), "512M");
+        assert_eq!(parse_memory("2048").unwrap(), "2048M");
+        assert_eq!(parse_memory("2GiB").unwrap(), "2048M");
+        assert!(parse_memory("lots").is_err());
+        assert!(parse_memory("16M").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn command_after_options_keeps_its_flags() {
+        let c = Cli::try_parse_from(["vexec", "-k", "x", "--", "ls", "-l", "--kernel"]).unwrap();
+        assert_eq!(c.kernel.as_deref(), Some("x"));
+        assert_eq!(c.command, ["ls", "-l", "--kernel"]);
+        let c = Cli::try_parse_from(["vexec", "/tmp/pkg.test", "-test.v"]).unwrap();
+        assert_eq!(c.command, ["/tmp/pkg.test", "-test.v"]);
+    }
+}

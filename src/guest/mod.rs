@@ -1,0 +1,144 @@
+//! The guest agent: vexec running as PID 1 in the VM. It loads the modules
+//! its initramfs carries, opens the control port, builds the root
+//! filesystem the host describes, runs the command, reports, powers off.
+
+mod exec;
+mod modules;
+mod mounts;
+mod sys;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::protocol::{self, GuestMsg, HostMsg, PORT_NAME, VERSION};
+
+/// Runs the agent. Never returns: the machine powers off at the end.
+pub fn run() -> ! {
+    ensure_stdio();
+    let port = match boot() {
+        Ok(p) => p,
+        Err(e) => fail_console(&e),
+    };
+    let writer: exec::PortWriter = Arc::new(Mutex::new(port.try_clone().unwrap_or_else(|e| {
+        fail_console(&format!("duplicating the control port: {e}"))
+    })));
+    if let Err(e) = serve(&writer, port) {
+        eprintln!("vexec-init: error: {e}");
+        let _ = exec::send(&writer, &GuestMsg::Error(e));
+    }
+    sys::power_off()
+}
+
+fn fail_console(msg: &str) -> ! {
+    eprintln!("vexec-init: error: {msg}");
+    sys::power_off()
+}
+
+/// PID 1 may start without stdio when the initramfs lacks /dev/console.
+fn ensure_stdio() {
+    // SAFETY: fcntl on fd 2 only queries it.
+    if unsafe { libc::fcntl(2, libc::F_GETFD) } >= 0 {
+        return;
+    }
+    let _ = std::fs::create_dir_all("/dev");
+    let _ = sys::mount("devtmpfs", "/dev", "devtmpfs", 0, None);
+    if let Ok(f) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/console") {
+        use std::os::fd::IntoRawFd;
+        let fd = f.into_raw_fd();
+        // SAFETY: duplicating a valid descriptor onto 0-2.
+        unsafe {
+            for t in 0..3 {
+                libc::dup2(fd, t);
+            }
+        }
+    }
+}
+
+/// Everything up to an open control port.
+fn boot() -> Result<File, String> {
+    if Path::new("/dev/null").exists() && !is_mounted("/dev") {
+        mounts::early()?;
+    } else if !is_mounted("/proc") {
+        mounts::early()?;
+    }
+    modules::load_all(Path::new("/"))?;
+    let path = find_port(Duration::from_secs(10))?;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))
+}
+
+fn is_mounted(dir: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some(dir)))
+        .unwrap_or(false)
+}
+
+/// Ports appear asynchronously once the host side has announced them.
+fn find_port(wait: Duration) -> Result<PathBuf, String> {
+    let start = Instant::now();
+    loop {
+        if let Ok(entries) = std::fs::read_dir("/sys/class/virtio-ports") {
+            for e in entries.flatten() {
+                let name = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
+                if name.trim() == PORT_NAME {
+                    let dev = Path::new("/dev").join(e.file_name());
+                    if dev.exists() {
+                        return Ok(dev);
+                    }
+                }
+            }
+        }
+        if start.elapsed() > wait {
+            return Err(format!(
+                "the control port {PORT_NAME} did not appear within {}s (is virtio_console loaded?)",
+                wait.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn serve(writer: &exec::PortWriter, mut reader: File) -> Result<(), String> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    exec::send(
+        writer,
+        &GuestMsg::Ready {
+            version: VERSION,
+            release: release.trim().to_string(),
+            uptime_ms: sys::uptime_ms(),
+        },
+    )
+    .map_err(|e| format!("writing to the control port: {e}"))?;
+    let mut setup_done = false;
+    loop {
+        let msg = protocol::read_frame::<HostMsg>(&mut reader)
+            .map_err(|e| format!("reading the control port: {e}"))?
+            .ok_or("the host closed the control port")?;
+        match msg {
+            HostMsg::Setup(setup) => {
+                mounts::build_root(&setup)?;
+                mounts::late();
+                let _ = sys::set_hostname(&setup.hostname);
+                setup_done = true;
+            }
+            HostMsg::Exec(e) if setup_done => {
+                let exit = exec::run(writer, reader, &e);
+                sys::sync();
+                let _ = exec::send(
+                    writer,
+                    &GuestMsg::Exited {
+                        exit,
+                        uptime_ms: sys::uptime_ms(),
+                    },
+                );
+                return Ok(());
+            }
+            other => return Err(format!("unexpected message before the command: {other:?}")),
+        }
+    }
+}

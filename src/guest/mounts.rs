@@ -1,0 +1,166 @@
+//! Building the guest's filesystem: the host root read-only over 9p with a
+//! tmpfs overlay on top, shares mounted at their host paths, the kernel's
+//! module tree, then the switch into the new root and the usual pseudo
+//! filesystems.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::protocol::Setup;
+
+use super::sys::{self, mount, move_mount};
+
+const NEWROOT: &str = "/newroot";
+const LOWER: &str = "/vexec/lower";
+const RW: &str = "/vexec/rw";
+
+/// Mounts proc, sys and devtmpfs in the initramfs (before modules load).
+pub fn early() -> Result<(), String> {
+    let _ = std::fs::create_dir_all("/dev");
+    mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, Some("mode=0755"))
+        .map_err(|e| format!("mounting devtmpfs on /dev: {e} (kernel needs CONFIG_DEVTMPFS)"))?;
+    mount("proc", "/proc", "proc", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, None)
+        .map_err(|e| format!("mounting /proc: {e}"))?;
+    mount("sysfs", "/sys", "sysfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, None)
+        .map_err(|e| format!("mounting /sys: {e}"))?;
+    Ok(())
+}
+
+fn p9_options(msize: u32, cache: &str, ro: bool) -> String {
+    format!(
+        "trans=virtio,version=9p2000.L,msize={msize},cache={cache},access=client,posixacl{}",
+        if ro { ",ro" } else { "" }
+    )
+}
+
+fn in_newroot(host_path: &[u8]) -> PathBuf {
+    Path::new(NEWROOT).join(Path::new(OsStr::from_bytes(host_path)).strip_prefix("/").unwrap_or(Path::new("")))
+}
+
+/// Mounts the new root and the shares under /newroot, then switches into it.
+pub fn build_root(setup: &Setup) -> Result<(), String> {
+    for d in [LOWER, RW, NEWROOT] {
+        std::fs::create_dir_all(d).map_err(|e| format!("creating {d}: {e}"))?;
+    }
+    // The root is read-only and host edits under it are rare during a run,
+    // so let the guest cache it (the rw shares below are not cached).
+    mount(
+        &setup.root_tag,
+        LOWER,
+        "9p",
+        libc::MS_RDONLY,
+        Some(&p9_options(setup.msize, "loose", true)),
+    )
+    .map_err(|e| format!("mounting the host root over 9p: {e} (kernel needs CONFIG_9P_FS and CONFIG_NET_9P_VIRTIO)"))?;
+    mount("tmpfs", RW, "tmpfs", 0, Some("mode=0755"))
+        .map_err(|e| format!("mounting tmpfs for the overlay: {e}"))?;
+    for d in ["upper", "work"] {
+        std::fs::create_dir(Path::new(RW).join(d)).map_err(|e| format!("creating overlay dirs: {e}"))?;
+    }
+    mount(
+        "overlay",
+        NEWROOT,
+        "overlay",
+        0,
+        Some(&format!("lowerdir={LOWER},upperdir={RW}/upper,workdir={RW}/work")),
+    )
+    .map_err(|e| format!("mounting the overlay root: {e} (kernel needs CONFIG_OVERLAY_FS)"))?;
+
+    // Fresh /tmp and /run before the shares, so a share below them (a
+    // working directory in /tmp) stays visible.
+    let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
+    for (dir, mode) in [("tmp", "mode=1777"), ("run", "mode=0755")] {
+        let target = Path::new(NEWROOT).join(dir);
+        let _ = std::fs::create_dir_all(&target);
+        mount("tmpfs", &target, "tmpfs", nosuid_nodev, Some(mode))
+            .map_err(|e| format!("mounting /{dir}: {e}"))?;
+    }
+
+    for share in &setup.shares {
+        let target = in_newroot(&share.path);
+        std::fs::create_dir_all(&target)
+            .map_err(|e| format!("creating mount point {}: {e}", target.display()))?;
+        let flags = if share.writable { 0 } else { libc::MS_RDONLY };
+        // No guest caching on shares: host and guest see each other's writes.
+        mount(
+            &share.tag,
+            &target,
+            "9p",
+            flags,
+            Some(&p9_options(setup.msize, "mmap", !share.writable)),
+        )
+        .map_err(|e| format!("mounting share {}: {e}", target.display()))?;
+    }
+
+    if let Some(mods) = &setup.modules {
+        mount_modules(setup, mods)?;
+    }
+
+    // Keep the initramfs's /dev, /proc and /sys: move them into place.
+    for d in ["dev", "proc", "sys"] {
+        let to = Path::new(NEWROOT).join(d);
+        let _ = std::fs::create_dir_all(&to);
+        move_mount(Path::new("/").join(d), &to).map_err(|e| format!("moving /{d}: {e}"))?;
+    }
+    std::env::set_current_dir(NEWROOT).map_err(|e| format!("entering new root: {e}"))?;
+    move_mount(".", "/").map_err(|e| format!("switching root: {e}"))?;
+    sys::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    Ok(())
+}
+
+/// Shows the module tree at /lib/modules/REL, with generated index files
+/// layered on top so `modprobe` works even where the package shipped none.
+fn mount_modules(setup: &Setup, mods: &[u8]) -> Result<(), String> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_err(|e| format!("reading the kernel release: {e}"))?;
+    let target = Path::new(NEWROOT).join("lib/modules").join(release.trim());
+    std::fs::create_dir_all(&target)
+        .map_err(|e| format!("creating {}: {e}", target.display()))?;
+    let tree = in_newroot(mods);
+    let lower = match &setup.module_index {
+        Some(idx) => format!("{}:{}", in_newroot(idx).display(), tree.display()),
+        // A single lower layer needs an upper one; bind instead.
+        None => {
+            return mount(&tree.to_string_lossy(), &target, "", libc::MS_BIND, None)
+                .map_err(|e| format!("showing the module tree: {e}"));
+        }
+    };
+    mount("overlay", &target, "overlay", libc::MS_RDONLY, Some(&format!("lowerdir={lower}")))
+        .map_err(|e| format!("showing the module tree at {}: {e}", target.display()))
+}
+
+/// Mounts the pseudo filesystems a normal system has, after the switch.
+pub fn late() {
+    let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    let has = |name: &str| fs.lines().any(|l| l.split_whitespace().last() == Some(name));
+    let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
+    let _ = std::fs::create_dir_all("/dev/pts");
+    let _ = mount("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=620,gid=5"));
+    let _ = std::fs::remove_file("/dev/ptmx");
+    let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
+    let _ = std::fs::create_dir_all("/dev/shm");
+    let _ = mount("tmpfs", "/dev/shm", "tmpfs", nosuid_nodev, Some("mode=1777"));
+    for (link, to) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        let _ = std::os::unix::fs::symlink(to, link);
+    }
+    let optional = [
+        ("debugfs", "/sys/kernel/debug"),
+        ("tracefs", "/sys/kernel/tracing"),
+        ("securityfs", "/sys/kernel/security"),
+        ("cgroup2", "/sys/fs/cgroup"),
+        ("bpf", "/sys/fs/bpf"),
+    ];
+    for (fstype, target) in optional {
+        if has(fstype) {
+            let _ = mount(fstype, target, fstype, nosuid_nodev, None);
+        }
+    }
+    let _ = sys::loopback_up();
+}

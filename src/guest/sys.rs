@@ -1,0 +1,133 @@
+//! Thin wrappers over the system calls the guest agent makes.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+fn cstr(p: impl AsRef<std::ffi::OsStr>) -> io::Result<CString> {
+    CString::new(p.as_ref().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// mount(2); `data` is the comma-separated option string.
+pub fn mount(
+    source: &str,
+    target: impl AsRef<Path>,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let src = cstr(source)?;
+    let tgt = cstr(target.as_ref())?;
+    let fs = cstr(fstype)?;
+    let data = data.map(cstr).transpose()?;
+    // SAFETY: all pointers are valid NUL-terminated strings or null.
+    check(unsafe {
+        libc::mount(
+            src.as_ptr(),
+            tgt.as_ptr(),
+            fs.as_ptr(),
+            flags,
+            data.as_ref()
+                .map_or(std::ptr::null(), |d| d.as_ptr().cast()),
+        )
+    })
+}
+
+/// Moves a mount (`mount --move`).
+pub fn move_mount(from: impl AsRef<Path>, to: impl AsRef<Path>) -> io::Result<()> {
+    let from = cstr(from.as_ref())?;
+    let to = cstr(to.as_ref())?;
+    // SAFETY: valid strings; MS_MOVE ignores fstype and data.
+    check(unsafe {
+        libc::mount(
+            from.as_ptr(),
+            to.as_ptr(),
+            std::ptr::null(),
+            libc::MS_MOVE,
+            std::ptr::null(),
+        )
+    })
+}
+
+/// Loads a kernel module from an open file (finit_module(2)).
+pub fn finit_module(file: &std::fs::File, params: &str) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let p = cstr(params)?;
+    // SAFETY: fd is open for the call's duration; params is a valid string.
+    let rc = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), p.as_ptr(), 0) };
+    check(rc as libc::c_int)
+}
+
+/// chroot(2).
+pub fn chroot(p: impl AsRef<Path>) -> io::Result<()> {
+    let p = cstr(p.as_ref())?;
+    // SAFETY: valid string.
+    check(unsafe { libc::chroot(p.as_ptr()) })
+}
+
+/// Flushes all filesystems.
+pub fn sync() {
+    // SAFETY: no arguments.
+    unsafe { libc::sync() }
+}
+
+/// Powers the machine off; never returns.
+pub fn power_off() -> ! {
+    sync();
+    // SAFETY: PID 1 may call reboot; on success it does not return.
+    unsafe {
+        libc::reboot(libc::RB_POWER_OFF);
+    }
+    // If even that failed, halting by exiting PID 1 panics the kernel, which
+    // with panic=-1 resets the machine and QEMU (-no-reboot) exits.
+    std::process::exit(1)
+}
+
+/// Milliseconds since the kernel started (CLOCK_BOOTTIME).
+pub fn uptime_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// Sets the hostname.
+pub fn set_hostname(name: &str) -> io::Result<()> {
+    // SAFETY: pointer and length describe `name`.
+    check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
+}
+
+/// Brings the loopback interface up, as every Linux system has it.
+pub fn loopback_up() -> io::Result<()> {
+    // SAFETY: plain socket and ioctl calls on a zeroed ifreq.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+            *d = *s as libc::c_char;
+        }
+        let mut rc = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr);
+        if rc == 0 {
+            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            rc = libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr);
+        }
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if rc < 0 { Err(err) } else { Ok(()) }
+    }
+}

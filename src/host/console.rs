@@ -1,0 +1,111 @@
+//! The guest's serial console: kept as a tail in memory (shown when a boot
+//! fails), echoed to stderr with `-v`, optionally written to a log file, and
+//! watched for the lines that mean the run is over (a kernel panic).
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::sync::{Arc, Mutex};
+
+/// Lines of console output kept for error reports.
+const TAIL_LINES: usize = 40;
+
+/// Something on the console the session must react to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleEvent {
+    /// The kernel panicked.
+    Panic(String),
+}
+
+/// The retained tail of the console.
+#[derive(Debug, Default)]
+pub struct ConsoleTail {
+    lines: Mutex<VecDeque<String>>,
+}
+
+impl ConsoleTail {
+    fn push(&self, line: String) {
+        let mut l = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        if l.len() == TAIL_LINES {
+            l.pop_front();
+        }
+        l.push_back(line);
+    }
+
+    /// The last `n` lines, oldest first.
+    pub fn last(&self, n: usize) -> Vec<String> {
+        let l = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        l.iter().skip(l.len().saturating_sub(n)).cloned().collect()
+    }
+
+    /// Lines the guest agent printed as errors.
+    pub fn agent_errors(&self) -> Vec<String> {
+        let l = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        l.iter()
+            .filter_map(|s| s.split_once("vexec-init: error: ").map(|(_, e)| e.to_string()))
+            .collect()
+    }
+}
+
+/// Classifies one console line.
+pub fn classify(line: &str) -> Option<ConsoleEvent> {
+    line.contains("Kernel panic - not syncing")
+        .then(|| ConsoleEvent::Panic(line.trim().to_string()))
+}
+
+/// Reads the console until QEMU closes it.
+pub fn spawn_reader(
+    stream: impl Read + Send + 'static,
+    verbose: bool,
+    mut log: Option<File>,
+    on_event: impl Fn(ConsoleEvent) + Send + 'static,
+) -> (Arc<ConsoleTail>, std::thread::JoinHandle<()>) {
+    let tail = Arc::new(ConsoleTail::default());
+    let t = Arc::clone(&tail);
+    let handle = std::thread::spawn(move || {
+        let mut r = BufReader::new(stream);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            match r.read_until(b'\n', &mut raw) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            if let Some(f) = log.as_mut() {
+                let _ = f.write_all(&raw);
+            }
+            let line = String::from_utf8_lossy(&raw)
+                .trim_end_matches(['\r', '\n'])
+                .to_string();
+            if verbose {
+                eprintln!("vexec: console: {line}");
+            }
+            if let Some(ev) = classify(&line) {
+                on_event(ev);
+            }
+            t.push(line);
+        }
+    });
+    (tail, handle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_tail_and_flags_panics() {
+        let text: String = (0..100).map(|i| format!("line {i}\r\n")).collect::<String>()
+            + "vexec-init: error: mount failed\n[ 1.0] Kernel panic - not syncing: Attempted to kill init!\n";
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (tail, h) = spawn_reader(std::io::Cursor::new(text.into_bytes()), false, None, move |e| {
+            let _ = tx.send(e);
+        });
+        h.join().unwrap();
+        let last = tail.last(3);
+        assert_eq!(last[0], "line 99");
+        assert!(last[2].contains("Kernel panic"));
+        assert_eq!(tail.agent_errors(), ["mount failed"]);
+        assert!(matches!(rx.recv().unwrap(), ConsoleEvent::Panic(_)));
+    }
+}

@@ -1,0 +1,4 @@
+//! The host side of a run.
+
+pub mod console;
+pub mod session;

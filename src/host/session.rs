@@ -1,0 +1,376 @@
+//! The host end of one run: starts the VM, answers the agent, pumps stdio,
+//! forwards signals, enforces deadlines, and says how the run ended.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::protocol::{self, Exec, Exit, GuestMsg, HostMsg, Setup, VERSION};
+use crate::vm::qemu::{self, QemuConfig};
+use crate::vm::{Vm, VmError};
+
+use super::console::{self, ConsoleEvent};
+
+/// How long vexec waits after QEMU exits for the rest of the guest's
+/// messages (and vice versa).
+const SETTLE: Duration = Duration::from_secs(1);
+/// How long the guest command gets to exit after a forwarded Ctrl-C.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
+
+/// Something that happened during the run.
+#[derive(Debug)]
+pub enum Event {
+    Guest(GuestMsg),
+    ControlClosed,
+    QemuExited(i32),
+    Console(ConsoleEvent),
+    KvmError(String),
+    Signal(i32),
+}
+
+/// Delivers host signals to whichever session is running.
+#[derive(Clone, Default)]
+pub struct SignalRelay {
+    slot: Arc<Mutex<Option<Sender<Event>>>>,
+}
+
+impl SignalRelay {
+    /// Installs handlers for SIGINT, SIGTERM and SIGHUP. Without a session,
+    /// a signal ends vexec at once with 128+N.
+    pub fn install() -> std::io::Result<Self> {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let relay = SignalRelay::default();
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+        let slot = Arc::clone(&relay.slot);
+        std::thread::spawn(move || {
+            for sig in signals.forever() {
+                let tx = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                match tx {
+                    Some(tx) if tx.send(Event::Signal(sig)).is_ok() => {}
+                    _ => std::process::exit(128 + sig),
+                }
+            }
+        });
+        Ok(relay)
+    }
+
+    fn attach(&self, tx: Option<Sender<Event>>) {
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = tx;
+    }
+}
+
+/// What a session needs.
+pub struct Params {
+    pub qemu: QemuConfig,
+    pub setup: Setup,
+    pub exec: Exec,
+    pub timeout: Option<Duration>,
+    /// Deadline for the agent to report in.
+    pub boot_timeout: Duration,
+    /// When trying KVM under `auto`: a boot slower than this means KVM is
+    /// broken here.
+    pub kvm_probe: Option<Duration>,
+    pub verbose: bool,
+    pub console_log: Option<File>,
+    pub print_qemu: bool,
+}
+
+/// How the run ended.
+#[derive(Debug)]
+pub enum Outcome {
+    Exited(Exit),
+    TimedOut(Duration),
+    Interrupted(i32),
+    /// The VM failed before the command finished; the text explains.
+    Failed(String),
+    /// KVM did not boot the kernel; rerun with TCG.
+    KvmBroken(String),
+}
+
+/// When things happened, for `-v`.
+#[derive(Debug, Default, Clone)]
+pub struct Timings {
+    pub spawned: Option<Instant>,
+    pub ready: Option<Instant>,
+    pub guest_ready_ms: u64,
+    pub guest_started_ms: Option<u64>,
+    pub guest_exited_ms: Option<u64>,
+    pub ended: Option<Instant>,
+}
+
+fn write_fd(fd: i32, data: &[u8]) {
+    // SAFETY: fd 1/2 stay open for vexec's lifetime; ManuallyDrop keeps them.
+    let mut f = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
+    let _ = f.write_all(data);
+}
+
+/// Runs one VM to the end.
+pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmError> {
+    let mut t = Timings::default();
+    let (tx, rx) = mpsc::channel::<Event>();
+    let (host_con, guest_con) = UnixStream::pair().map_err(spawn_err(&p))?;
+    let (host_ctl, guest_ctl) = UnixStream::pair().map_err(spawn_err(&p))?;
+    p.qemu.console_fd = guest_con.as_raw_fd();
+    p.qemu.control_fd = guest_ctl.as_raw_fd();
+    let args = qemu::argv(&p.qemu);
+    if p.print_qemu {
+        eprintln!("vexec: {}", qemu::shell_line(&p.qemu.binary, &args));
+    }
+    let exit_tx = tx.clone();
+    let mut vm = Vm::spawn(
+        &p.qemu.binary,
+        &args,
+        &[guest_con.as_raw_fd(), guest_ctl.as_raw_fd()],
+        move |status| {
+            let _ = exit_tx.send(Event::QemuExited(status));
+        },
+    )?;
+    t.spawned = Some(Instant::now());
+    drop(guest_con);
+    drop(guest_ctl);
+    relay.attach(Some(tx.clone()));
+
+    let qemu_errors = Arc::new(Mutex::new(String::new()));
+    if let Some(err) = vm.stderr.take() {
+        let (buf, tx) = (Arc::clone(&qemu_errors), tx.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if line.contains("KVM internal error") || line.contains("emulation failure") {
+                    let _ = tx.send(Event::KvmError(line.clone()));
+                }
+                let mut b = buf.lock().unwrap_or_else(|p| p.into_inner());
+                b.push_str(&line);
+                b.push('\n');
+            }
+        });
+    }
+    let con_tx = tx.clone();
+    let (tail, _con_thread) = console::spawn_reader(host_con, p.verbose, p.console_log.take(), move |e| {
+        let _ = con_tx.send(Event::Console(e));
+    });
+    let ctl_writer = Arc::new(Mutex::new(host_ctl.try_clone().map_err(spawn_err(&p))?));
+    {
+        let tx = tx.clone();
+        let mut reader = host_ctl;
+        std::thread::spawn(move || {
+            loop {
+                match protocol::read_frame::<GuestMsg>(&mut reader) {
+                    Ok(Some(m)) => {
+                        if tx.send(Event::Guest(m)).is_err() {
+                            return;
+                        }
+                    }
+                    _ => {
+                        let _ = tx.send(Event::ControlClosed);
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    drop(tx);
+
+    let outcome = event_loop(&mut p, &rx, &ctl_writer, &mut t, &tail, &qemu_errors);
+    relay.attach(None);
+    drop(vm);
+    t.ended = Some(Instant::now());
+    Ok((outcome, t))
+}
+
+fn spawn_err(p: &Params) -> impl Fn(std::io::Error) -> VmError + '_ {
+    |source| VmError::Spawn {
+        binary: p.qemu.binary.clone(),
+        source,
+    }
+}
+
+fn send(w: &Arc<Mutex<UnixStream>>, m: &HostMsg) -> std::io::Result<()> {
+    let mut s = w.lock().unwrap_or_else(|p| p.into_inner());
+    protocol::write_frame(&mut *s, m)
+}
+
+/// Forwards vexec's stdin to the guest until end of file.
+fn pump_stdin(w: Arc<Mutex<UnixStream>>) {
+    std::thread::spawn(move || {
+        // SAFETY: fd 0 stays open; ManuallyDrop keeps it so.
+        let mut stdin = ManuallyDrop::new(unsafe { File::from_raw_fd(0) });
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    let _ = send(&w, &HostMsg::StdinEof);
+                    return;
+                }
+                Ok(n) => {
+                    if send(&w, &HostMsg::Stdin(buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
+#[derive(PartialEq)]
+enum Phase {
+    Booting,
+    Running,
+}
+
+fn event_loop(
+    p: &mut Params,
+    rx: &Receiver<Event>,
+    ctl: &Arc<Mutex<UnixStream>>,
+    t: &mut Timings,
+    tail: &console::ConsoleTail,
+    qemu_errors: &Mutex<String>,
+) -> Outcome {
+    let start = t.spawned.unwrap_or_else(Instant::now);
+    let boot_limit = p.kvm_probe.unwrap_or(p.boot_timeout);
+    let mut deadline = Some(start + boot_limit);
+    let mut phase = Phase::Booting;
+    let mut panic_line: Option<String> = None;
+    let mut qemu_status: Option<i32> = None;
+    let mut ctl_closed = false;
+    let mut interrupted: Option<i32> = None;
+
+    let failure = |panic_line: &Option<String>, status: Option<i32>| -> String {
+        let mut msg = if let Some(line) = panic_line {
+            format!("the guest kernel panicked: {line}")
+        } else if let Some(err) = tail.agent_errors().last() {
+            format!("the guest could not start the command: {err}")
+        } else if let Some(s) = status {
+            format!("QEMU exited (status {s}) before the command finished")
+        } else {
+            "the guest closed the control channel before the command finished".to_string()
+        };
+        let errs = qemu_errors.lock().unwrap_or_else(|p| p.into_inner()).trim().to_string();
+        if !errs.is_empty() {
+            msg.push_str(&format!("\nQEMU said:\n{errs}"));
+        }
+        let lines = tail.last(25);
+        if !lines.is_empty() && panic_line.is_some() || tail.agent_errors().is_empty() && !lines.is_empty() {
+            msg.push_str("\nlast console lines:\n");
+            msg.push_str(&lines.join("\n"));
+        }
+        msg
+    };
+
+    loop {
+        // Once QEMU is gone and the channel drained, the run is over.
+        if qemu_status.is_some() && ctl_closed {
+            return failure(&panic_line, qemu_status).pipe(Outcome::Failed);
+        }
+        let ev = match deadline {
+            Some(d) => match rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
+                Ok(ev) => ev,
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Some(sig) = interrupted {
+                        return Outcome::Interrupted(sig);
+                    }
+                    if qemu_status.is_some() || ctl_closed || panic_line.is_some() {
+                        return failure(&panic_line, qemu_status).pipe(Outcome::Failed);
+                    }
+                    return match phase {
+                        Phase::Booting if p.kvm_probe.is_some() => Outcome::KvmBroken(format!(
+                            "the kernel did not reach init within {}s under KVM",
+                            boot_limit.as_secs()
+                        )),
+                        Phase::Booting => Outcome::Failed(format!(
+                            "the guest did not report in within {}s of starting (raise --boot-timeout if this machine is very slow)\nlast console lines:\n{}",
+                            boot_limit.as_secs(),
+                            tail.last(25).join("\n")
+                        )),
+                        Phase::Running => Outcome::TimedOut(p.timeout.unwrap_or_default()),
+                    };
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return failure(&panic_line, qemu_status).pipe(Outcome::Failed);
+                }
+            },
+            None => match rx.recv() {
+                Ok(ev) => ev,
+                Err(_) => return failure(&panic_line, qemu_status).pipe(Outcome::Failed),
+            },
+        };
+        match ev {
+            Event::Guest(GuestMsg::Ready {
+                version,
+                release: _,
+                uptime_ms,
+            }) => {
+                t.ready = Some(Instant::now());
+                t.guest_ready_ms = uptime_ms;
+                if version != VERSION {
+                    return Outcome::Failed(format!(
+                        "the guest agent speaks protocol {version}, this vexec {VERSION}; rebuild the initramfs by clearing vexec's cache"
+                    ));
+                }
+                let sent = send(ctl, &HostMsg::Setup(p.setup.clone()))
+                    .and_then(|_| send(ctl, &HostMsg::Exec(p.exec.clone())));
+                if sent.is_err() {
+                    continue; // QEMU exiting; its event explains.
+                }
+                pump_stdin(Arc::clone(ctl));
+                phase = Phase::Running;
+                deadline = p.timeout.map(|d| Instant::now() + d);
+            }
+            Event::Guest(GuestMsg::Started { uptime_ms }) => t.guest_started_ms = Some(uptime_ms),
+            Event::Guest(GuestMsg::Stdout(d)) => write_fd(1, &d),
+            Event::Guest(GuestMsg::Stderr(d)) => write_fd(2, &d),
+            Event::Guest(GuestMsg::Exited { exit, uptime_ms }) => {
+                t.guest_exited_ms = Some(uptime_ms);
+                return match interrupted {
+                    Some(sig) => Outcome::Interrupted(sig),
+                    None => Outcome::Exited(exit),
+                };
+            }
+            Event::Guest(GuestMsg::Error(e)) => {
+                return Outcome::Failed(format!("the guest could not start the command: {e}"));
+            }
+            Event::ControlClosed => {
+                ctl_closed = true;
+                deadline = Some(Instant::now() + SETTLE);
+            }
+            Event::QemuExited(status) => {
+                qemu_status = Some(status);
+                deadline = Some(Instant::now() + SETTLE);
+            }
+            Event::Console(ConsoleEvent::Panic(line)) => {
+                panic_line = Some(line);
+                // panic=-1 resets the guest and QEMU exits; do not wait long.
+                deadline = Some(Instant::now() + SETTLE * 2);
+            }
+            Event::KvmError(line) => {
+                if p.kvm_probe.is_some() && phase == Phase::Booting {
+                    return Outcome::KvmBroken(line);
+                }
+                qemu_errors
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_str("");
+            }
+            Event::Signal(sig) => {
+                if phase == Phase::Booting || interrupted.is_some() {
+                    return Outcome::Interrupted(sig);
+                }
+                interrupted = Some(sig);
+                let _ = send(ctl, &HostMsg::Signal(sig));
+                deadline = Some(Instant::now() + INTERRUPT_GRACE);
+            }
+        }
+    }
+}
+
+/// `x.pipe(f)` is `f(x)`; keeps the failure paths readable.
+trait Pipe: Sized {
+    fn pipe<R>(self, f: impl FnOnce(Self) -> R) -> R {
+        f(self)
+    }
+}
+impl<T> Pipe for T {}

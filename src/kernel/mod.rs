@@ -1,0 +1,35 @@
+//! Kernels: where they come from, what their images and module trees hold,
+//! and what they can do.
+
+pub mod decompress;
+pub mod image;
+pub mod kconfig;
+pub mod modules;
+pub mod resolve;
+
+use std::path::PathBuf;
+
+pub use image::{ImageInfo, ImageKind};
+pub use resolve::{ResolveError, resolve};
+
+/// A kernel ready to be prepared for boot.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    /// The image file (bzImage, vmlinuz or ELF vmlinux).
+    pub image: PathBuf,
+    /// What the image says about itself.
+    pub info: ImageInfo,
+    /// The module tree for this release, when one was found.
+    pub modules: Option<PathBuf>,
+    /// A `.config` file for this kernel, when one was found.
+    pub config: Option<PathBuf>,
+    /// An unstripped vmlinux (build trees), for debuggers.
+    pub vmlinux: Option<PathBuf>,
+}
+
+impl Kernel {
+    /// `uname -r` of the kernel.
+    pub fn release(&self) -> &str {
+        &self.info.release
+    }
+}

@@ -1,0 +1,167 @@
+//! The host–guest protocol, shared by both ends.
+//!
+//! One virtio-serial port carries frames: a little-endian `u32` length, then
+//! a postcard-encoded message. The host waits for [`GuestMsg::Ready`], sends
+//! [`HostMsg::Setup`] and [`HostMsg::Exec`], then streams stdin and signals;
+//! the guest streams output and sends [`GuestMsg::Exited`] only after both
+//! output pipes reached end-of-file, so no byte is lost or reordered.
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any incompatible change; both ends refuse a mismatch.
+pub const VERSION: u32 = 1;
+
+/// Name of the virtio-serial port carrying the protocol.
+pub const PORT_NAME: &str = "vexec.ctl";
+
+/// Frames larger than this are refused as corrupt.
+pub const MAX_FRAME: usize = 16 << 20;
+
+/// A 9p share to mount in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Share {
+    /// The 9p mount tag QEMU exports it under.
+    pub tag: String,
+    /// Where it appears in the guest (same as the host path).
+    pub path: Vec<u8>,
+    pub writable: bool,
+}
+
+/// How the guest should set itself up before running the command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Setup {
+    /// 9p tag of the host's root directory (mounted read-only, overlaid).
+    pub root_tag: String,
+    /// Further shares mounted over the overlay.
+    pub shares: Vec<Share>,
+    /// Host path of the kernel's module tree, shown at /lib/modules/REL.
+    pub modules: Option<Vec<u8>>,
+    /// Host path of generated modules.dep/modules.alias for that tree.
+    pub module_index: Option<Vec<u8>>,
+    /// Guest hostname.
+    pub hostname: String,
+    /// 9p msize in bytes.
+    pub msize: u32,
+    /// Print setup steps on the console.
+    pub verbose: bool,
+}
+
+/// The command to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exec {
+    pub argv: Vec<Vec<u8>>,
+    pub env: Vec<(Vec<u8>, Vec<u8>)>,
+    pub cwd: Vec<u8>,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+/// Host → guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostMsg {
+    Setup(Setup),
+    Exec(Exec),
+    Stdin(Vec<u8>),
+    StdinEof,
+    /// Deliver signal N to the command's process group.
+    Signal(i32),
+    WindowSize { rows: u16, cols: u16 },
+}
+
+/// How the command ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+    /// It never started: 126 (cannot execute) or 127 (not found), and why.
+    NotStarted { status: i32, message: String },
+}
+
+/// Guest → host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestMsg {
+    /// The agent is up; `uptime_ms` is the guest clock since kernel start.
+    Ready {
+        version: u32,
+        release: String,
+        uptime_ms: u64,
+    },
+    /// The command was started (guest clock).
+    Started { uptime_ms: u64 },
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exited { exit: Exit, uptime_ms: u64 },
+    /// Setup failed; the text says what and why.
+    Error(String),
+}
+
+/// Writes one frame.
+pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> io::Result<()> {
+    let body = postcard::to_stdvec(msg).map_err(io::Error::other)?;
+    let mut buf = Vec::with_capacity(body.len() + 4);
+    buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&body);
+    w.write_all(&buf)?;
+    w.flush()
+}
+
+/// Reads one frame; `Ok(None)` at a clean end of stream.
+pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> io::Result<Option<T>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds the {MAX_FRAME} limit"),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    postcard::from_bytes(&body)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let msgs = vec![
+            GuestMsg::Ready {
+                version: VERSION,
+                release: "6.1".into(),
+                uptime_ms: 1234,
+            },
+            GuestMsg::Stdout((0..=255).collect()),
+            GuestMsg::Exited {
+                exit: Exit::Signal(9),
+                uptime_ms: 5,
+            },
+        ];
+        let mut buf = Vec::new();
+        for m in &msgs {
+            write_frame(&mut buf, m).unwrap();
+        }
+        let mut r = &buf[..];
+        for m in &msgs {
+            assert_eq!(&read_frame::<GuestMsg>(&mut r).unwrap().unwrap(), m);
+        }
+        assert!(read_frame::<GuestMsg>(&mut r).unwrap().is_none());
+    }
+
+    #[test]
+    fn rejects_oversized_frames() {
+        let buf = (u32::MAX).to_le_bytes();
+        assert!(read_frame::<HostMsg>(&mut &buf[..]).is_err());
+    }
+}

@@ -1,0 +1,238 @@
+//! One run from [`RunSpec`] to exit status: resolve the kernel, prepare the
+//! boot artifacts, choose the accelerator, run the session (rerunning under
+//! TCG when KVM proves broken), and map the outcome to an exit status.
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::artifacts::{self, PrepareError};
+use crate::cache::{Cache, CacheError};
+use crate::host::session::{self, Outcome, Params, SignalRelay, Timings};
+use crate::kernel::{self, ResolveError, resolve::Defaults};
+use crate::protocol::{Exec, Exit, Setup, Share};
+use crate::spec::RunSpec;
+use crate::vm::accel::{self, Accel, AccelChoice};
+use crate::vm::qemu::{self, NinePShare, QemuConfig};
+use crate::vm::{self as vmmod, VmError};
+
+/// Exit status for vexec's own failures.
+pub const STATUS_FAILED: i32 = 125;
+/// Exit status when --timeout expired.
+pub const STATUS_TIMEOUT: i32 = 124;
+
+/// Anything that stops a run before the command could finish.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Prepare(#[from] PrepareError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("no command given; usage: vexec [OPTIONS] [--] COMMAND [ARGS...]")]
+    NoCommand,
+    #[error("cannot find vexec's own executable to use as the guest's init: {0}")]
+    SelfExe(std::io::Error),
+    #[error("{0}")]
+    Failed(String),
+}
+
+const ROOT_TAG: &str = "vexec-root";
+/// 9p's largest message size over virtio on every kernel we boot.
+const MSIZE: u32 = 512_000;
+
+fn bytes(p: &Path) -> Vec<u8> {
+    p.as_os_str().as_bytes().to_vec()
+}
+
+/// Runs the spec; returns vexec's exit status.
+pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
+    let t0 = Instant::now();
+    if spec.argv.is_empty() && !spec.dry_run {
+        return Err(RunError::NoCommand);
+    }
+    let qemu_bin = vmmod::find_qemu(spec.qemu.as_deref(), spec.path_var.clone())?;
+    let cache = Cache::open(spec.cache_dir.clone())?;
+    let defaults = Defaults {
+        running: spec.running_release.clone(),
+        boot_dir: PathBuf::from("/boot"),
+        store: Some(cache.root().join("kernels")),
+    };
+    let kernel = kernel::resolve(spec.kernel.as_deref(), spec.modules.as_deref(), &defaults)?;
+    let agent = std::env::current_exe().map_err(RunError::SelfExe)?;
+    // SAFETY: isatty only queries fd 2.
+    let interactive = !spec.quiet && unsafe { libc::isatty(2) } == 1;
+    let art = artifacts::prepare(&cache, &kernel, &agent, interactive)?;
+    if spec.verbose {
+        eprintln!(
+            "vexec: kernel {} ({}), modules {}",
+            kernel.release(),
+            kernel.image.display(),
+            kernel
+                .modules
+                .as_ref()
+                .map_or("none".into(), |m| m.display().to_string())
+        );
+        for n in &art.notes {
+            eprintln!("vexec: {n}");
+        }
+    }
+
+    let mut shares = vec![NinePShare {
+        tag: ROOT_TAG.into(),
+        path: "/".into(),
+        readonly: true,
+    }];
+    let mut guest_shares = Vec::new();
+    if spec.share_cwd && spec.cwd != Path::new("/") {
+        shares.push(NinePShare {
+            tag: "vexec-cwd".into(),
+            path: spec.cwd.clone(),
+            readonly: false,
+        });
+        guest_shares.push(Share {
+            tag: "vexec-cwd".into(),
+            path: bytes(&spec.cwd),
+            writable: true,
+        });
+    }
+    let setup = Setup {
+        root_tag: ROOT_TAG.into(),
+        shares: guest_shares,
+        modules: art.modules.as_deref().map(bytes),
+        module_index: art.module_index.as_deref().map(bytes),
+        hostname: spec.hostname.clone(),
+        msize: MSIZE,
+        verbose: spec.verbose,
+    };
+    let exec = Exec {
+        argv: spec.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        env: spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect(),
+        cwd: bytes(&spec.cwd),
+        uid: spec.uid,
+        gid: spec.gid,
+        groups: spec.groups.clone(),
+    };
+
+    let (mut accel, why_not_kvm) = accel::choose(spec.accel, cache.root());
+    if let (Some(why), false) = (&why_not_kvm, spec.quiet) {
+        eprintln!("vexec: KVM not usable ({why}); using TCG emulation, which is slower");
+    }
+    let mut config = QemuConfig {
+        binary: qemu_bin,
+        accel,
+        cpus: spec.cpus,
+        memory: spec.memory.clone(),
+        kernel: art.kernel.clone(),
+        initrd: art.initramfs.clone(),
+        cmdline: qemu::cmdline(spec.verbose, &[]),
+        shares,
+        console_fd: 3,
+        control_fd: 4,
+        extra: Vec::new(),
+    };
+    if spec.dry_run {
+        println!("{}", qemu::shell_line(&config.binary, &qemu::argv(&config)));
+        return Ok(0);
+    }
+    let prep = t0.elapsed();
+    loop {
+        let log = match &spec.console_log {
+            Some(p) => Some(std::fs::File::create(p).map_err(|e| {
+                RunError::Failed(format!("cannot write the console log {}: {e}", p.display()))
+            })?),
+            None => None,
+        };
+        let probing = spec.accel == AccelChoice::Auto && accel == Accel::Kvm;
+        let params = Params {
+            qemu: config.clone(),
+            setup: setup.clone(),
+            exec: exec.clone(),
+            timeout: spec.timeout,
+            boot_timeout: spec.boot_timeout.unwrap_or(match accel {
+                Accel::Kvm => Duration::from_secs(20),
+                Accel::Tcg => Duration::from_secs(60),
+            }),
+            kvm_probe: probing.then(|| Duration::from_secs(8)),
+            verbose: spec.verbose,
+            console_log: log,
+            print_qemu: spec.verbose,
+        };
+        let (outcome, timings) = session::run(params, relay)?;
+        if let Outcome::KvmBroken(why) = &outcome {
+            accel::mark_broken(cache.root());
+            if !spec.quiet {
+                eprintln!(
+                    "vexec: KVM cannot boot this kernel here ({why}); remembered until the host reboots, rerunning under TCG"
+                );
+            }
+            accel = Accel::Tcg;
+            config.accel = Accel::Tcg;
+            continue;
+        }
+        if spec.verbose {
+            print_timings(prep, &timings, t0);
+        }
+        return Ok(status_of(outcome));
+    }
+}
+
+/// Maps how the session ended to vexec's exit status, telling the user why
+/// when it was not the command's own doing.
+fn status_of(outcome: Outcome) -> i32 {
+    match outcome {
+        Outcome::Exited(Exit::Code(c)) => c,
+        Outcome::Exited(Exit::Signal(n)) => 128 + n,
+        Outcome::Exited(Exit::NotStarted { status, message }) => {
+            eprintln!("{message}");
+            status
+        }
+        Outcome::TimedOut(d) => {
+            eprintln!(
+                "vexec: timed out after {}; the command was stopped with its VM",
+                humantime::format_duration(d)
+            );
+            STATUS_TIMEOUT
+        }
+        Outcome::Interrupted(sig) => 128 + sig,
+        Outcome::Failed(msg) => {
+            eprintln!("vexec: error: {msg}");
+            STATUS_FAILED
+        }
+        Outcome::KvmBroken(why) => {
+            eprintln!("vexec: error: KVM failed: {why}");
+            STATUS_FAILED
+        }
+    }
+}
+
+fn print_timings(prep: Duration, t: &Timings, t0: Instant) {
+    let ms = |d: Duration| d.as_millis();
+    let (Some(spawned), Some(ready)) = (t.spawned, t.ready) else {
+        return;
+    };
+    let host_to_ready = ready - spawned;
+    let guest_ready = Duration::from_millis(t.guest_ready_ms);
+    let qemu_start = host_to_ready.saturating_sub(guest_ready);
+    let started = t.guest_started_ms.unwrap_or(t.guest_ready_ms);
+    let exited = t.guest_exited_ms.unwrap_or(started);
+    let teardown = t.ended.map(|e| e.saturating_duration_since(ready)).unwrap_or_default()
+        .saturating_sub(Duration::from_millis(exited.saturating_sub(t.guest_ready_ms)));
+    eprintln!(
+        "vexec: timings: host prep {}ms, qemu start {}ms, kernel boot to agent {}ms, agent to command {}ms, command {}ms, teardown {}ms, total {}ms",
+        ms(prep),
+        ms(qemu_start),
+        t.guest_ready_ms,
+        started.saturating_sub(t.guest_ready_ms),
+        exited.saturating_sub(started),
+        ms(teardown),
+        ms(t0.elapsed())
+    );
+}

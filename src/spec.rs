@@ -1,0 +1,41 @@
+//! [`RunSpec`]: everything one run needs, independent of where it came from
+//! (command line today, a config file later). Nothing below reads argv or
+//! the process environment.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::vm::accel::AccelChoice;
+
+/// One run, fully described.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    pub kernel: Option<String>,
+    pub modules: Option<PathBuf>,
+    pub argv: Vec<OsString>,
+    pub env: Vec<(OsString, OsString)>,
+    pub cwd: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub hostname: String,
+    /// Share the working directory read-write.
+    pub share_cwd: bool,
+    pub memory: String,
+    pub cpus: u32,
+    pub accel: AccelChoice,
+    pub timeout: Option<Duration>,
+    pub boot_timeout: Option<Duration>,
+    pub qemu: Option<PathBuf>,
+    pub console_log: Option<PathBuf>,
+    pub verbose: bool,
+    pub quiet: bool,
+    pub dry_run: bool,
+    /// Where vexec keeps its cache.
+    pub cache_dir: PathBuf,
+    /// The running kernel's release, for the default kernel.
+    pub running_release: Option<String>,
+    /// `PATH` of the caller, for finding QEMU.
+    pub path_var: Option<OsString>,
+}

@@ -1,0 +1,187 @@
+//! The virtual machine process: QEMU spawned with inherited sockets, owned
+//! so that dropping a [`Vm`] kills and reaps it on every exit path.
+
+pub mod accel;
+pub mod qemu;
+
+use std::ffi::OsString;
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// QEMU could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("QEMU ({0}) was not found; install it (Debian/Ubuntu: `sudo apt-get install qemu-system-x86`) or pass --qemu PATH")]
+    QemuMissing(String),
+    #[error("starting {binary}: {source}")]
+    Spawn {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Finds the QEMU binary: an explicit path, else `name` on `PATH`.
+pub fn find_qemu(explicit: Option<&Path>, path_var: Option<OsString>) -> Result<PathBuf, VmError> {
+    use std::os::unix::fs::PermissionsExt;
+    let is_exe = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if let Some(p) = explicit {
+        return if is_exe(p) {
+            Ok(p.to_path_buf())
+        } else {
+            Err(VmError::QemuMissing(p.display().to_string()))
+        };
+    }
+    let name = "qemu-system-x86_64";
+    path_var
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(name))
+        .find(|p| is_exe(p))
+        .ok_or_else(|| VmError::QemuMissing(name.into()))
+}
+
+/// A running QEMU. Dropping it kills and reaps the process.
+pub struct Vm {
+    pid: libc::pid_t,
+    exited: Arc<AtomicBool>,
+    waiter: Option<std::thread::JoinHandle<()>>,
+    /// QEMU's own stderr (errors about devices, KVM), to be drained.
+    pub stderr: Option<std::process::ChildStderr>,
+}
+
+impl Vm {
+    /// Starts QEMU with `args`; `inherit` are descriptors QEMU receives under
+    /// the same numbers. `on_exit` is called from a watcher thread with the
+    /// exit status (or 128+signal) once QEMU ends, before it is reaped.
+    pub fn spawn(
+        binary: &Path,
+        args: &[OsString],
+        inherit: &[RawFd],
+        on_exit: impl FnOnce(i32) + Send + 'static,
+    ) -> Result<Vm, VmError> {
+        let mut cmd = Command::new(binary);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let fds = inherit.to_vec();
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Own process group: the terminal's Ctrl-C reaches vexec,
+                // which stops the guest command first.
+                libc::setpgid(0, 0);
+                // Never outlive vexec, even if it is killed with SIGKILL.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                for &fd in &fds {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                VmError::QemuMissing(binary.display().to_string())
+            } else {
+                VmError::Spawn {
+                    binary: binary.to_path_buf(),
+                    source,
+                }
+            }
+        })?;
+        let pid = child.id() as libc::pid_t;
+        let stderr = child.stderr.take();
+        // The Child is not waited through std: the watcher waits without
+        // reaping (WNOWAIT), so the pid cannot be reused before Drop kills.
+        std::mem::forget(child);
+        let exited = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&exited);
+        let waiter = std::thread::spawn(move || {
+            let status = loop {
+                // SAFETY: waitid fills a zeroed siginfo_t.
+                let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+                let rc = unsafe {
+                    libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT)
+                };
+                if rc == 0 {
+                    // SAFETY: filled by a successful waitid.
+                    let (code, status) = unsafe { (info.si_code, info.si_status()) };
+                    break if code == libc::CLD_EXITED { status } else { 128 + status };
+                }
+                if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                    break 255;
+                }
+            };
+            flag.store(true, Ordering::SeqCst);
+            on_exit(status);
+        });
+        Ok(Vm {
+            pid,
+            exited,
+            waiter: Some(waiter),
+            stderr,
+        })
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> libc::pid_t {
+        self.pid
+    }
+
+    /// True once QEMU has ended.
+    pub fn has_exited(&self) -> bool {
+        self.exited.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // SAFETY: the pid is still ours: it is not reaped until below.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+        }
+        if let Some(w) = self.waiter.take() {
+            let _ = w.join();
+        }
+        let mut status = 0;
+        // SAFETY: reaping our own child.
+        unsafe {
+            libc::waitpid(self.pid, &mut status, 0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_qemu_is_a_clear_error() {
+        let e = find_qemu(None, Some("/nonexistent".into())).unwrap_err();
+        assert!(e.to_string().contains("apt-get install qemu-system-x86"), "{e}");
+        let e = find_qemu(Some(Path::new("/nonexistent/qemu")), None).unwrap_err();
+        assert!(matches!(e, VmError::QemuMissing(_)));
+    }
+
+    #[test]
+    fn drop_kills_and_reaps() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let vm = Vm::spawn(Path::new("/bin/sleep"), &["30".into()], &[], move |s| {
+            let _ = tx.send(s);
+        })
+        .unwrap();
+        let pid = vm.pid();
+        drop(vm);
+        assert_eq!(rx.recv().unwrap(), 128 + libc::SIGKILL);
+        // SAFETY: probing a pid with signal 0.
+        assert_eq!(unsafe { libc::kill(pid, 0) }, -1);
+    }
+}

@@ -1,0 +1,217 @@
+//! The QEMU command line, built by a pure function so it can be unit-tested
+//! and printed (`--dry-run`).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use super::accel::Accel;
+
+/// A directory exported to the guest over 9p.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NinePShare {
+    pub tag: String,
+    pub path: PathBuf,
+    pub readonly: bool,
+}
+
+/// Everything the QEMU command line depends on.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    pub binary: PathBuf,
+    pub accel: Accel,
+    pub cpus: u32,
+    /// Memory as QEMU's `-m` takes it, e.g. `1G`.
+    pub memory: String,
+    /// The image QEMU loads: an ELF vmlinux with a PVH note, or a bzImage.
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    pub shares: Vec<NinePShare>,
+    /// Inherited socket for the serial console.
+    pub console_fd: i32,
+    /// Inherited socket for the control port.
+    pub control_fd: i32,
+    pub extra: Vec<OsString>,
+}
+
+/// Escapes a value for QEMU's comma-separated option syntax.
+pub fn escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+/// Builds the argument vector (without the binary itself).
+pub fn argv(c: &QemuConfig) -> Vec<OsString> {
+    let mut a: Vec<String> = vec![
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-nographic".into(),
+        // The guest powers off when done; a panic (panic=-1) resets, and a
+        // reset must end QEMU rather than boot again.
+        "-no-reboot".into(),
+        "-M".into(),
+        "q35".into(),
+    ];
+    match c.accel {
+        Accel::Kvm => a.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()]),
+        Accel::Tcg => a.extend([
+            "-accel".into(),
+            "tcg".into(),
+            "-cpu".into(),
+            "max".into(),
+        ]),
+    }
+    a.extend([
+        "-smp".into(),
+        c.cpus.to_string(),
+        "-m".into(),
+        c.memory.clone(),
+        "-kernel".into(),
+        c.kernel.to_string_lossy().into_owned(),
+        "-initrd".into(),
+        c.initrd.to_string_lossy().into_owned(),
+        "-append".into(),
+        c.cmdline.clone(),
+        "-chardev".into(),
+        format!("socket,id=console,fd={}", c.console_fd),
+        "-serial".into(),
+        "chardev:console".into(),
+        "-device".into(),
+        "virtio-serial-pci,id=vser".into(),
+        "-chardev".into(),
+        format!("socket,id=ctl,fd={}", c.control_fd),
+        "-device".into(),
+        format!(
+            "virtserialport,bus=vser.0,chardev=ctl,name={}",
+            crate::protocol::PORT_NAME
+        ),
+    ]);
+    for (i, s) in c.shares.iter().enumerate() {
+        a.extend([
+            "-fsdev".into(),
+            format!(
+                "local,id=fs{i},path={},security_model=none,multidevs=remap{}",
+                escape(&s.path.to_string_lossy()),
+                if s.readonly { ",readonly=on" } else { "" }
+            ),
+            "-device".into(),
+            format!("virtio-9p-pci,fsdev=fs{i},mount_tag={}", escape(&s.tag)),
+        ]);
+    }
+    let mut out: Vec<OsString> = a.into_iter().map(OsString::from).collect();
+    out.extend(c.extra.iter().cloned());
+    out
+}
+
+/// The kernel command line. `verbose` keeps the kernel's own messages.
+pub fn cmdline(verbose: bool, extra: &[String]) -> String {
+    let mut parts: Vec<&str> = vec![
+        "console=ttyS0",
+        // Any panic ends the VM at once (with -no-reboot) instead of hanging.
+        "panic=-1",
+        "oops=panic",
+        "rdinit=/init",
+        // No firmware-provided entropy wait, no PS/2 probing, one UART.
+        "random.trust_cpu=on",
+        "i8042.noaux",
+        "i8042.nomux",
+        "i8042.nopnp",
+        "8250.nr_uarts=1",
+        "tsc=reliable",
+        "no_timer_check",
+    ];
+    parts.push(if verbose { "loglevel=7" } else { "loglevel=4" });
+    let mut s = parts.join(" ");
+    for e in extra {
+        s.push(' ');
+        s.push_str(e);
+    }
+    s
+}
+
+/// Renders an argv as a shell-pasteable line.
+pub fn shell_line(binary: &std::path::Path, args: &[OsString]) -> String {
+    std::iter::once(binary.as_os_str())
+        .chain(args.iter().map(|a| a.as_os_str()))
+        .map(|a| {
+            let s = a.to_string_lossy();
+            if !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_=/,.:+@%".contains(c))
+            {
+                s.into_owned()
+            } else {
+                format!("'{}'", s.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> QemuConfig {
+        QemuConfig {
+            binary: "qemu-system-x86_64".into(),
+            accel: Accel::Tcg,
+            cpus: 2,
+            memory: "1G".into(),
+            kernel: "/c/vmlinux".into(),
+            initrd: "/c/initrd".into(),
+            cmdline: "console=ttyS0".into(),
+            shares: vec![
+                NinePShare {
+                    tag: "vexec-root".into(),
+                    path: "/".into(),
+                    readonly: true,
+                },
+                NinePShare {
+                    tag: "vexec-1".into(),
+                    path: "/home/a,b c".into(),
+                    readonly: false,
+                },
+            ],
+            console_fd: 5,
+            control_fd: 6,
+            extra: vec!["-s".into()],
+        }
+    }
+
+    #[test]
+    fn builds_argv() {
+        let a: Vec<String> = argv(&config())
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        let joined = a.join(" ");
+        assert!(joined.contains("-accel tcg -cpu max"));
+        assert!(joined.contains("socket,id=console,fd=5"));
+        assert!(joined.contains("socket,id=ctl,fd=6"));
+        assert!(joined.contains("path=/,security_model=none,multidevs=remap,readonly=on"));
+        assert!(joined.contains("path=/home/a,,b c,security_model=none,multidevs=remap -device"));
+        assert_eq!(a.last().unwrap(), "-s");
+        assert!(!joined.contains("kvm"));
+    }
+
+    #[test]
+    fn kvm_uses_host_cpu() {
+        let mut c = config();
+        c.accel = Accel::Kvm;
+        let joined = argv(&c)
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(joined.contains("-accel kvm -cpu host"));
+    }
+
+    #[test]
+    fn cmdline_and_shell_line() {
+        let c = cmdline(false, &["foo=bar".into()]);
+        assert!(c.starts_with("console=ttyS0 panic=-1"));
+        assert!(c.ends_with("loglevel=4 foo=bar"));
+        let l = shell_line("qemu".as_ref(), &["-append".into(), "a b".into(), "it's".into()]);
+        assert_eq!(l, r"qemu -append 'a b' 'it'\''s'");
+    }
+}
