@@ -7,11 +7,17 @@
 # numbers are resolved from the meta-packages, so the script keeps working
 # as Debian publishes new kernels.
 #
-# Usage: scripts/fetch-test-kernels.sh [DEST]
+# Usage: scripts/fetch-test-kernels.sh [--only NAME] [DEST]
 #   DEST defaults to $VEXEC_TEST_KERNELS, else ~/.cache/vexec-test-kernels.
+#   NAME is one of 5.10, 6.1, 6.1-cloud, 6.12.
 # Prints one line per kernel: NAME RELEASE DIR
 set -euo pipefail
 
+only=""
+if [ "${1:-}" = "--only" ]; then
+  only="$2"
+  shift 2
+fi
 dest="${1:-${VEXEC_TEST_KERNELS:-${XDG_CACHE_HOME:-$HOME/.cache}/vexec-test-kernels}}"
 mkdir -p "$dest"
 
@@ -73,6 +79,9 @@ apt-get "${apt_opts[@]}" -qq update
 
 for entry in "${kernels[@]}"; do
   read -r name suite meta <<<"$entry"
+  if [ -n "$only" ] && [ "$only" != "$name" ]; then
+    continue
+  fi
   # The meta-package of that suite names the current ABI's image package.
   ver=$(apt-cache "${apt_opts[@]}" madison "$meta" | awk -v s="$suite" '$0 ~ " "s"[/ -]" {print $3; exit}')
   [ -n "$ver" ] || { echo "fetch-test-kernels: $meta not found in $suite" >&2; exit 1; }
@@ -92,6 +101,8 @@ for entry in "${kernels[@]}"; do
   dpkg-deb -x "$deb" "$tmp/root"
   rm -f "$deb"
   echo "$pkg" > "$tmp/root/.complete"
+  # Readable by everyone, so other users (and tests run as them) can boot it.
+  chmod -R a+rX "$tmp/root"
   rm -rf "$out"
   mv "$tmp/root" "$out"
   rmdir "$tmp"

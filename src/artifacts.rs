@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::cache::{Cache, CacheError, hash_parts};
 use crate::caps::{self, MissingFeature};
 use crate::initramfs::{self, InitramfsError};
-use crate::kernel::image::{self, ImageError};
+use crate::kernel::image;
 use crate::kernel::kconfig::KernelConfig;
 use crate::kernel::modules::{self, ModuleError, ModuleTree};
 use crate::kernel::{ImageKind, Kernel};
@@ -48,9 +48,9 @@ pub enum PrepareError {
     Modules(#[from] ModuleError),
     #[error(transparent)]
     Initramfs(#[from] InitramfsError),
-    #[error("{path}: {source}")]
-    Image { path: PathBuf, source: ImageError },
-    #[error("kernel {release} needs modules ({modules}) but no module tree for it was found in {searched}; pass --modules DIR")]
+    #[error(
+        "kernel {release} needs modules ({modules}) but no module tree for it was found in {searched}; pass --modules DIR"
+    )]
     NoModuleTree {
         release: String,
         modules: String,
@@ -128,8 +128,18 @@ pub fn prepare(
         .as_deref()
         .map(file_identity)
         .unwrap_or_default();
-    let config_id = kernel.config.as_deref().map(file_identity).unwrap_or_default();
-    let key = hash_parts(&[FORMAT, image_hash.as_bytes(), &agent_id, &modules_id, &config_id]);
+    let config_id = kernel
+        .config
+        .as_deref()
+        .map(file_identity)
+        .unwrap_or_default();
+    let key = hash_parts(&[
+        FORMAT,
+        image_hash.as_bytes(),
+        &agent_id,
+        &modules_id,
+        &config_id,
+    ]);
     let initramfs = cache.entry("initramfs", &key);
     // Debian's packages ship no modules.dep; generate one (once) so that
     // `modprobe` works in the guest.
@@ -226,7 +236,11 @@ fn load_config(
     boot_kernel: &Path,
     pvh: bool,
 ) -> Option<KernelConfig> {
-    if let Some(text) = kernel.config.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+    if let Some(text) = kernel
+        .config
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+    {
         return Some(KernelConfig::parse(&text));
     }
     let owned;

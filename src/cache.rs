@@ -13,7 +13,9 @@ pub struct Cache {
 
 /// A cache operation failed.
 #[derive(Debug, thiserror::Error)]
-#[error("cache {path}: {source}; check its permissions or set XDG_CACHE_HOME to a writable directory")]
+#[error(
+    "cache {path}: {source}; check its permissions or set XDG_CACHE_HOME to a writable directory"
+)]
 pub struct CacheError {
     pub path: PathBuf,
     pub source: std::io::Error,
@@ -46,25 +48,6 @@ impl Cache {
     /// The path of an entry (`kind/key`), whether or not it exists.
     pub fn entry(&self, kind: &str, key: &str) -> PathBuf {
         self.root.join(kind).join(key)
-    }
-
-    /// Returns the entry's path, creating it with `make` if it is absent.
-    pub fn get_or_create<E>(
-        &self,
-        kind: &str,
-        key: &str,
-        make: impl FnOnce() -> Result<Vec<u8>, E>,
-    ) -> Result<Result<PathBuf, E>, CacheError> {
-        let path = self.entry(kind, key);
-        if path.exists() {
-            return Ok(Ok(path));
-        }
-        let data = match make() {
-            Ok(d) => d,
-            Err(e) => return Ok(Err(e)),
-        };
-        self.write(&path, &data)?;
-        Ok(Ok(path))
     }
 
     /// Writes `data` to `path` atomically (temp file + rename).
@@ -103,21 +86,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn creates_once() {
+    fn writes_atomically() {
         let dir = tempfile::tempdir().unwrap();
         let c = Cache::open(dir.path().join("c")).unwrap();
-        let mut calls = 0;
-        for _ in 0..2 {
-            let p = c
-                .get_or_create::<()>("k", "abc", || {
-                    calls += 1;
-                    Ok(b"x".to_vec())
-                })
-                .unwrap()
-                .unwrap();
-            assert_eq!(std::fs::read(p).unwrap(), b"x");
-        }
-        assert_eq!(calls, 1);
+        let p = c.entry("k", "abc");
+        c.write(&p, b"x").unwrap();
+        c.write(&p, b"y").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"y");
+        assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
     }
 
     #[test]

@@ -141,7 +141,6 @@ mod tests {
             },
             modules: None,
             config: Some("/boot/config-x".into()),
-            vmlinux: None,
         }
     }
 
@@ -153,7 +152,14 @@ mod tests {
         let plan = check(&kernel(), Some(&c), None, CORE).unwrap();
         assert_eq!(
             plan.modules,
-            ["virtio", "virtio_pci", "9pnet", "9pnet_virtio", "9p", "overlay"]
+            [
+                "virtio",
+                "virtio_pci",
+                "9pnet",
+                "9pnet_virtio",
+                "9p",
+                "overlay"
+            ]
         );
     }
 

@@ -61,6 +61,10 @@ pub struct Cli {
     #[arg(long)]
     pub no_cwd: bool,
 
+    /// Append ARG to the kernel command line (repeatable).
+    #[arg(long = "kernel-arg", value_name = "ARG")]
+    pub kernel_args: Vec<String>,
+
     /// QEMU binary to use (default: qemu-system-x86_64 on PATH).
     #[arg(long, value_name = "PATH")]
     pub qemu: Option<PathBuf>,
@@ -89,7 +93,10 @@ pub struct Cli {
 /// Accepts QEMU-style sizes: a number of MiB, or with a K/M/G/T suffix.
 pub fn parse_memory(s: &str) -> Result<String, String> {
     let t = s.trim();
-    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
     let (num, unit) = match t.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c.to_ascii_uppercase()),
         _ => (t, 'M'),
@@ -105,7 +112,9 @@ pub fn parse_memory(s: &str) -> Result<String, String> {
         _ => return Err(format!("`{s}`: unknown unit {unit}; use K, M, G or T")),
     };
     if mib < 64 {
-        return Err(format!("`{s}` is too little memory for a Linux guest; use at least 64M"));
+        return Err(format!(
+            "`{s}` is too little memory for a Linux guest; use at least 64M"
+        ));
     }
     Ok(format!("{mib}M"))
 }
@@ -124,7 +133,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         Ok(_) => Err(format!("`{s}` must be a positive duration")),
         Err(_) => {
             // humantime wants whole numbers; allow fractions like 1.5s.
-            let (num, unit) = t.split_at(t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len()));
+            let (num, unit) =
+                t.split_at(t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len()));
             let n: f64 = num
                 .parse()
                 .map_err(|_| format!("`{s}` is not a duration; use e.g. 30s, 5m or 1h"))?;

@@ -23,7 +23,9 @@ pub enum InitramfsError {
     },
     #[error("{path} is not an ELF file vexec can inspect: {why}")]
     Elf { path: PathBuf, why: String },
-    #[error("vexec links {lib}, but it is in none of {searched}; is the C library installed normally?")]
+    #[error(
+        "vexec links {lib}, but it is in none of {searched}; is the C library installed normally?"
+    )]
     MissingLib { lib: String, searched: String },
 }
 
@@ -67,7 +69,7 @@ impl Cpio {
     }
 
     fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
+        while !self.buf.len().is_multiple_of(4) {
             self.buf.push(0);
         }
     }
@@ -111,7 +113,7 @@ impl Cpio {
     /// Finishes the archive.
     pub fn finish(mut self) -> Vec<u8> {
         self.header("TRAILER!!!", 0, 0, (0, 0));
-        while self.buf.len() % 512 != 0 {
+        while !self.buf.len().is_multiple_of(512) {
             self.buf.push(0);
         }
         self.buf
@@ -173,10 +175,14 @@ pub fn elf_dependencies(exe: &Path) -> Result<Vec<PathBuf>, InitramfsError> {
 /// PT_INTERP and DT_NEEDED of an ELF file.
 fn elf_links(data: &[u8]) -> Result<(Option<String>, Vec<String>), String> {
     use object::read::elf::{Dyn, FileHeader, ProgramHeader, SectionHeader};
-    let elf = object::elf::FileHeader64::<object::Endianness>::parse(data).map_err(|e| e.to_string())?;
+    let elf =
+        object::elf::FileHeader64::<object::Endianness>::parse(data).map_err(|e| e.to_string())?;
     let endian = elf.endian().map_err(|e| e.to_string())?;
     let mut interp = None;
-    for ph in elf.program_headers(endian, data).map_err(|e| e.to_string())? {
+    for ph in elf
+        .program_headers(endian, data)
+        .map_err(|e| e.to_string())?
+    {
         if let Ok(Some(i)) = ph.interpreter(endian, data) {
             interp = Some(String::from_utf8_lossy(i).into_owned());
         }
@@ -189,10 +195,10 @@ fn elf_links(data: &[u8]) -> Result<(Option<String>, Vec<String>), String> {
                 .strings(endian, data, link)
                 .map_err(|e| e.to_string())?;
             for d in dynamic {
-                if d.tag32(endian).map(i64::from) == Some(object::elf::DT_NEEDED.0) {
-                    if let Ok(name) = d.string(endian, strings) {
-                        needed.push(String::from_utf8_lossy(name).into_owned());
-                    }
+                if d.tag32(endian).map(i64::from) == Some(object::elf::DT_NEEDED.0)
+                    && let Ok(name) = d.string(endian, strings)
+                {
+                    needed.push(String::from_utf8_lossy(name).into_owned());
                 }
             }
         }
@@ -236,7 +242,12 @@ pub fn parse_module_list(text: &str) -> Vec<(String, Vec<String>)> {
             let name = parts.next()?.to_string();
             let deps = parts
                 .next()
-                .map(|d| d.split(',').filter(|s| !s.is_empty()).map(String::from).collect())
+                .map(|d| {
+                    d.split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect()
+                })
                 .unwrap_or_default();
             Some((name, deps))
         })
@@ -268,7 +279,10 @@ mod tests {
     fn finds_own_libraries() {
         let exe = std::env::current_exe().unwrap();
         let deps = elf_dependencies(&exe).unwrap();
-        assert!(deps.iter().any(|p| p.to_string_lossy().contains("libc.so")), "{deps:?}");
+        assert!(
+            deps.iter().any(|p| p.to_string_lossy().contains("libc.so")),
+            "{deps:?}"
+        );
     }
 
     #[test]

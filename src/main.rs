@@ -77,6 +77,7 @@ fn spec_from_cli(cli: cli::Cli) -> spec::RunSpec {
         timeout: cli.timeout,
         boot_timeout: cli.boot_timeout,
         qemu: cli.qemu,
+        kernel_args: cli.kernel_args,
         console_log: cli.console_log,
         verbose: cli.verbose,
         quiet: cli.quiet,

@@ -68,7 +68,10 @@ pub enum HostMsg {
     StdinEof,
     /// Deliver signal N to the command's process group.
     Signal(i32),
-    WindowSize { rows: u16, cols: u16 },
+    WindowSize {
+        rows: u16,
+        cols: u16,
+    },
 }
 
 /// How the command ended.
@@ -77,7 +80,10 @@ pub enum Exit {
     Code(i32),
     Signal(i32),
     /// It never started: 126 (cannot execute) or 127 (not found), and why.
-    NotStarted { status: i32, message: String },
+    NotStarted {
+        status: i32,
+        message: String,
+    },
 }
 
 /// Guest → host.
@@ -90,10 +96,15 @@ pub enum GuestMsg {
         uptime_ms: u64,
     },
     /// The command was started (guest clock).
-    Started { uptime_ms: u64 },
+    Started {
+        uptime_ms: u64,
+    },
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
-    Exited { exit: Exit, uptime_ms: u64 },
+    Exited {
+        exit: Exit,
+        uptime_ms: u64,
+    },
     /// Setup failed; the text says what and why.
     Error(String),
 }

@@ -68,9 +68,14 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
     let art = artifacts::prepare(&cache, &kernel, &agent, interactive)?;
     if spec.verbose {
         eprintln!(
-            "vexec: kernel {} ({}), modules {}",
-            kernel.release(),
+            "vexec: kernel {} ({}), booted as {}, modules {}",
+            kernel.info.banner,
             kernel.image.display(),
+            if art.pvh {
+                "vmlinux via PVH"
+            } else {
+                "bzImage"
+            },
             kernel
                 .modules
                 .as_ref()
@@ -123,7 +128,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
 
     let (mut accel, why_not_kvm) = accel::choose(spec.accel, cache.root());
     if let (Some(why), false) = (&why_not_kvm, spec.quiet) {
-        eprintln!("vexec: KVM not usable ({why}); using TCG emulation, which is slower");
+        eprintln!("vexec: KVM not usable ({why}); using TCG emulation (slower)");
     }
     let mut config = QemuConfig {
         binary: qemu_bin,
@@ -132,7 +137,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         memory: spec.memory.clone(),
         kernel: art.kernel.clone(),
         initrd: art.initramfs.clone(),
-        cmdline: qemu::cmdline(spec.verbose, &[]),
+        cmdline: qemu::cmdline(spec.verbose, &spec.kernel_args),
         shares,
         console_fd: 3,
         control_fd: 4,
@@ -170,7 +175,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
             accel::mark_broken(cache.root());
             if !spec.quiet {
                 eprintln!(
-                    "vexec: KVM cannot boot this kernel here ({why}); remembered until the host reboots, rerunning under TCG"
+                    "vexec: KVM cannot boot Linux on this host ({why}); rerunning under TCG, and using TCG until the host reboots"
                 );
             }
             accel = Accel::Tcg;
@@ -223,8 +228,13 @@ fn print_timings(prep: Duration, t: &Timings, t0: Instant) {
     let qemu_start = host_to_ready.saturating_sub(guest_ready);
     let started = t.guest_started_ms.unwrap_or(t.guest_ready_ms);
     let exited = t.guest_exited_ms.unwrap_or(started);
-    let teardown = t.ended.map(|e| e.saturating_duration_since(ready)).unwrap_or_default()
-        .saturating_sub(Duration::from_millis(exited.saturating_sub(t.guest_ready_ms)));
+    let teardown = t
+        .ended
+        .map(|e| e.saturating_duration_since(ready))
+        .unwrap_or_default()
+        .saturating_sub(Duration::from_millis(
+            exited.saturating_sub(t.guest_ready_ms),
+        ));
     eprintln!(
         "vexec: timings: host prep {}ms, qemu start {}ms, kernel boot to agent {}ms, agent to command {}ms, command {}ms, teardown {}ms, total {}ms",
         ms(prep),

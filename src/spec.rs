@@ -28,6 +28,8 @@ pub struct RunSpec {
     pub timeout: Option<Duration>,
     pub boot_timeout: Option<Duration>,
     pub qemu: Option<PathBuf>,
+    /// Extra kernel command-line arguments.
+    pub kernel_args: Vec<String>,
     pub console_log: Option<PathBuf>,
     pub verbose: bool,
     pub quiet: bool,

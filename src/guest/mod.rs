@@ -21,9 +21,10 @@ pub fn run() -> ! {
         Ok(p) => p,
         Err(e) => fail_console(&e),
     };
-    let writer: exec::PortWriter = Arc::new(Mutex::new(port.try_clone().unwrap_or_else(|e| {
-        fail_console(&format!("duplicating the control port: {e}"))
-    })));
+    let writer: exec::PortWriter =
+        Arc::new(Mutex::new(port.try_clone().unwrap_or_else(|e| {
+            fail_console(&format!("duplicating the control port: {e}"))
+        })));
     if let Err(e) = serve(&writer, port) {
         eprintln!("vexec-init: error: {e}");
         let _ = exec::send(&writer, &GuestMsg::Error(e));
@@ -44,7 +45,11 @@ fn ensure_stdio() {
     }
     let _ = std::fs::create_dir_all("/dev");
     let _ = sys::mount("devtmpfs", "/dev", "devtmpfs", 0, None);
-    if let Ok(f) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/console") {
+    if let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+    {
         use std::os::fd::IntoRawFd;
         let fd = f.into_raw_fd();
         // SAFETY: duplicating a valid descriptor onto 0-2.
@@ -58,11 +63,7 @@ fn ensure_stdio() {
 
 /// Everything up to an open control port.
 fn boot() -> Result<File, String> {
-    if Path::new("/dev/null").exists() && !is_mounted("/dev") {
-        mounts::early()?;
-    } else if !is_mounted("/proc") {
-        mounts::early()?;
-    }
+    mounts::early()?;
     modules::load_all(Path::new("/"))?;
     let path = find_port(Duration::from_secs(10))?;
     std::fs::OpenOptions::new()
@@ -70,12 +71,6 @@ fn boot() -> Result<File, String> {
         .write(true)
         .open(&path)
         .map_err(|e| format!("opening {}: {e}", path.display()))
-}
-
-fn is_mounted(dir: &str) -> bool {
-    std::fs::read_to_string("/proc/self/mounts")
-        .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some(dir)))
-        .unwrap_or(false)
 }
 
 /// Ports appear asynchronously once the host side has announced them.

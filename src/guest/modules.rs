@@ -9,6 +9,9 @@ use crate::initramfs::{MODULE_DIR, MODULE_LIST, parse_module_list};
 
 use super::sys;
 
+/// Module name → how loading it went, once attempted.
+type Outcomes = HashMap<String, Result<(), String>>;
+
 /// Loads every module in the initramfs list. Modules already present
 /// (EEXIST) count as loaded.
 pub fn load_all(root: &Path) -> Result<usize, String> {
@@ -20,7 +23,7 @@ pub fn load_all(root: &Path) -> Result<usize, String> {
         return Ok(0);
     }
     // name -> Some(result) once attempted.
-    let state: Arc<(Mutex<HashMap<String, Result<(), String>>>, Condvar)> =
+    let state: Arc<(Mutex<Outcomes>, Condvar)> =
         Arc::new((Mutex::new(HashMap::new()), Condvar::new()));
     let names: Vec<String> = list.iter().map(|(n, _)| n.clone()).collect();
     std::thread::scope(|s| {

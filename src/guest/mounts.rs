@@ -18,12 +18,37 @@ const RW: &str = "/vexec/rw";
 /// Mounts proc, sys and devtmpfs in the initramfs (before modules load).
 pub fn early() -> Result<(), String> {
     let _ = std::fs::create_dir_all("/dev");
-    mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, Some("mode=0755"))
-        .map_err(|e| format!("mounting devtmpfs on /dev: {e} (kernel needs CONFIG_DEVTMPFS)"))?;
-    mount("proc", "/proc", "proc", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, None)
-        .map_err(|e| format!("mounting /proc: {e}"))?;
-    mount("sysfs", "/sys", "sysfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, None)
-        .map_err(|e| format!("mounting /sys: {e}"))?;
+    // ensure_stdio may have mounted it already (EBUSY).
+    match mount(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        libc::MS_NOSUID,
+        Some("mode=0755"),
+    ) {
+        Err(e) if e.raw_os_error() != Some(libc::EBUSY) => {
+            return Err(format!(
+                "mounting devtmpfs on /dev: {e} (kernel needs CONFIG_DEVTMPFS)"
+            ));
+        }
+        _ => {}
+    }
+    mount(
+        "proc",
+        "/proc",
+        "proc",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        None,
+    )
+    .map_err(|e| format!("mounting /proc: {e}"))?;
+    mount(
+        "sysfs",
+        "/sys",
+        "sysfs",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        None,
+    )
+    .map_err(|e| format!("mounting /sys: {e}"))?;
     Ok(())
 }
 
@@ -35,7 +60,11 @@ fn p9_options(msize: u32, cache: &str, ro: bool) -> String {
 }
 
 fn in_newroot(host_path: &[u8]) -> PathBuf {
-    Path::new(NEWROOT).join(Path::new(OsStr::from_bytes(host_path)).strip_prefix("/").unwrap_or(Path::new("")))
+    Path::new(NEWROOT).join(
+        Path::new(OsStr::from_bytes(host_path))
+            .strip_prefix("/")
+            .unwrap_or(Path::new("")),
+    )
 }
 
 /// Mounts the new root and the shares under /newroot, then switches into it.
@@ -56,14 +85,17 @@ pub fn build_root(setup: &Setup) -> Result<(), String> {
     mount("tmpfs", RW, "tmpfs", 0, Some("mode=0755"))
         .map_err(|e| format!("mounting tmpfs for the overlay: {e}"))?;
     for d in ["upper", "work"] {
-        std::fs::create_dir(Path::new(RW).join(d)).map_err(|e| format!("creating overlay dirs: {e}"))?;
+        std::fs::create_dir(Path::new(RW).join(d))
+            .map_err(|e| format!("creating overlay dirs: {e}"))?;
     }
     mount(
         "overlay",
         NEWROOT,
         "overlay",
         0,
-        Some(&format!("lowerdir={LOWER},upperdir={RW}/upper,workdir={RW}/work")),
+        Some(&format!(
+            "lowerdir={LOWER},upperdir={RW}/upper,workdir={RW}/work"
+        )),
     )
     .map_err(|e| format!("mounting the overlay root: {e} (kernel needs CONFIG_OVERLAY_FS)"))?;
 
@@ -116,8 +148,7 @@ fn mount_modules(setup: &Setup, mods: &[u8]) -> Result<(), String> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map_err(|e| format!("reading the kernel release: {e}"))?;
     let target = Path::new(NEWROOT).join("lib/modules").join(release.trim());
-    std::fs::create_dir_all(&target)
-        .map_err(|e| format!("creating {}: {e}", target.display()))?;
+    std::fs::create_dir_all(&target).map_err(|e| format!("creating {}: {e}", target.display()))?;
     let tree = in_newroot(mods);
     let lower = match &setup.module_index {
         Some(idx) => format!("{}:{}", in_newroot(idx).display(), tree.display()),
@@ -127,21 +158,42 @@ fn mount_modules(setup: &Setup, mods: &[u8]) -> Result<(), String> {
                 .map_err(|e| format!("showing the module tree: {e}"));
         }
     };
-    mount("overlay", &target, "overlay", libc::MS_RDONLY, Some(&format!("lowerdir={lower}")))
-        .map_err(|e| format!("showing the module tree at {}: {e}", target.display()))
+    mount(
+        "overlay",
+        &target,
+        "overlay",
+        libc::MS_RDONLY,
+        Some(&format!("lowerdir={lower}")),
+    )
+    .map_err(|e| format!("showing the module tree at {}: {e}", target.display()))
 }
 
 /// Mounts the pseudo filesystems a normal system has, after the switch.
 pub fn late() {
     let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
-    let has = |name: &str| fs.lines().any(|l| l.split_whitespace().last() == Some(name));
+    let has = |name: &str| {
+        fs.lines()
+            .any(|l| l.split_whitespace().last() == Some(name))
+    };
     let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
     let _ = std::fs::create_dir_all("/dev/pts");
-    let _ = mount("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=620,gid=5"));
+    let _ = mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=620,gid=5"),
+    );
     let _ = std::fs::remove_file("/dev/ptmx");
     let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
     let _ = std::fs::create_dir_all("/dev/shm");
-    let _ = mount("tmpfs", "/dev/shm", "tmpfs", nosuid_nodev, Some("mode=1777"));
+    let _ = mount(
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        nosuid_nodev,
+        Some("mode=1777"),
+    );
     for (link, to) in [
         ("/dev/fd", "/proc/self/fd"),
         ("/dev/stdin", "/proc/self/fd/0"),

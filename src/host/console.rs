@@ -42,7 +42,10 @@ impl ConsoleTail {
     pub fn agent_errors(&self) -> Vec<String> {
         let l = self.lines.lock().unwrap_or_else(|p| p.into_inner());
         l.iter()
-            .filter_map(|s| s.split_once("vexec-init: error: ").map(|(_, e)| e.to_string()))
+            .filter_map(|s| {
+                s.split_once("vexec-init: error: ")
+                    .map(|(_, e)| e.to_string())
+            })
             .collect()
     }
 }
@@ -95,12 +98,19 @@ mod tests {
 
     #[test]
     fn keeps_tail_and_flags_panics() {
-        let text: String = (0..100).map(|i| format!("line {i}\r\n")).collect::<String>()
+        let text: String = (0..100)
+            .map(|i| format!("line {i}\r\n"))
+            .collect::<String>()
             + "vexec-init: error: mount failed\n[ 1.0] Kernel panic - not syncing: Attempted to kill init!\n";
         let (tx, rx) = std::sync::mpsc::channel();
-        let (tail, h) = spawn_reader(std::io::Cursor::new(text.into_bytes()), false, None, move |e| {
-            let _ = tx.send(e);
-        });
+        let (tail, h) = spawn_reader(
+            std::io::Cursor::new(text.into_bytes()),
+            false,
+            None,
+            move |e| {
+                let _ = tx.send(e);
+            },
+        );
         h.join().unwrap();
         let last = tail.last(3);
         assert_eq!(last[0], "line 99");

@@ -150,9 +150,10 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
         });
     }
     let con_tx = tx.clone();
-    let (tail, _con_thread) = console::spawn_reader(host_con, p.verbose, p.console_log.take(), move |e| {
-        let _ = con_tx.send(Event::Console(e));
-    });
+    let (tail, _con_thread) =
+        console::spawn_reader(host_con, p.verbose, p.console_log.take(), move |e| {
+            let _ = con_tx.send(Event::Console(e));
+        });
     let ctl_writer = Arc::new(Mutex::new(host_ctl.try_clone().map_err(spawn_err(&p))?));
     {
         let tx = tx.clone();
@@ -249,12 +250,18 @@ fn event_loop(
         } else {
             "the guest closed the control channel before the command finished".to_string()
         };
-        let errs = qemu_errors.lock().unwrap_or_else(|p| p.into_inner()).trim().to_string();
+        let errs = qemu_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .trim()
+            .to_string();
         if !errs.is_empty() {
             msg.push_str(&format!("\nQEMU said:\n{errs}"));
         }
         let lines = tail.last(25);
-        if !lines.is_empty() && panic_line.is_some() || tail.agent_errors().is_empty() && !lines.is_empty() {
+        if !lines.is_empty() && panic_line.is_some()
+            || tail.agent_errors().is_empty() && !lines.is_empty()
+        {
             msg.push_str("\nlast console lines:\n");
             msg.push_str(&lines.join("\n"));
         }
@@ -264,6 +271,21 @@ fn event_loop(
     loop {
         // Once QEMU is gone and the channel drained, the run is over.
         if qemu_status.is_some() && ctl_closed {
+            // Under a KVM probe, QEMU dying before init reports in (an
+            // assertion on MSRs, an emulation failure) condemns KVM, not
+            // the kernel; a panic is the kernel's own doing.
+            if p.kvm_probe.is_some() && phase == Phase::Booting && panic_line.is_none() {
+                let errs = qemu_errors.lock().unwrap_or_else(|p| p.into_inner());
+                let last = errs
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("");
+                return Outcome::KvmBroken(format!(
+                    "QEMU exited (status {}) while booting: {last}",
+                    qemu_status.unwrap_or_default()
+                ));
+            }
             return failure(&panic_line, qemu_status).pipe(Outcome::Failed);
         }
         let ev = match deadline {
@@ -347,13 +369,10 @@ fn event_loop(
                 deadline = Some(Instant::now() + SETTLE * 2);
             }
             Event::KvmError(line) => {
+                // Outside a probe, QEMU exits next and its stderr explains.
                 if p.kvm_probe.is_some() && phase == Phase::Booting {
                     return Outcome::KvmBroken(line);
                 }
-                qemu_errors
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push_str("");
             }
             Event::Signal(sig) => {
                 if phase == Phase::Booting || interrupted.is_some() {

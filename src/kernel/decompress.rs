@@ -165,7 +165,9 @@ mod tests {
 
     #[test]
     fn round_trips_with_trailing_size() {
-        let payload: Vec<u8> = (0..100_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let payload: Vec<u8> = (0..100_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&payload).unwrap();
         let mut data = gz.finish().unwrap();

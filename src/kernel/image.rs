@@ -47,8 +47,7 @@ pub fn inspect(data: &[u8]) -> Result<ImageInfo, ImageError> {
     if data.len() > 0x40 && &data[0x38..0x3c] == b"ARM\x64" {
         return Err(ImageError::WrongArch("arm64 (an Image file)".into()));
     }
-    if data.len() > 0x40 && u32::from_le_bytes(data[0x24..0x28].try_into().unwrap()) == 0x016f2818
-    {
+    if data.len() > 0x40 && u32::from_le_bytes(data[0x24..0x28].try_into().unwrap()) == 0x016f2818 {
         return Err(ImageError::WrongArch("32-bit ARM (a zImage file)".into()));
     }
     if data.len() < 0x260 || &data[0x202..0x206] != b"HdrS" {
@@ -81,7 +80,10 @@ fn header_version(data: &[u8]) -> Option<String> {
     }
     let start = ptr + 0x200;
     let rest = data.get(start..)?;
-    let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len().min(256));
+    let end = rest
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(rest.len().min(256));
     let s = std::str::from_utf8(&rest[..end]).ok()?.trim().to_string();
     (!s.is_empty()).then_some(s)
 }
@@ -124,7 +126,10 @@ fn elf_banner(data: &[u8]) -> Option<String> {
     while let Some(pos) = memchr::memmem::find(&data[from..], NEEDLE) {
         let start = from + pos + NEEDLE.len();
         let rest = &data[start..data.len().min(start + 512)];
-        let end = rest.iter().position(|&b| b == 0 || b == b'\n').unwrap_or(rest.len());
+        let end = rest
+            .iter()
+            .position(|&b| b == 0 || b == b'\n')
+            .unwrap_or(rest.len());
         if let Ok(s) = std::str::from_utf8(&rest[..end]) {
             // Skip format strings like "Linux version %s".
             if s.starts_with(|c: char| c.is_ascii_digit()) {
@@ -139,10 +144,10 @@ fn elf_banner(data: &[u8]) -> Option<String> {
 /// Decompresses the vmlinux ELF out of a bzImage.
 pub fn extract_vmlinux(data: &[u8]) -> Result<Vec<u8>, ImageError> {
     let payload = payload(data).ok_or_else(|| ImageError::Payload("no payload found".into()))?;
-    let format = Format::sniff(payload)
-        .ok_or_else(|| ImageError::Payload("unknown compression".into()))?;
-    let out = decompress::decompress(format, payload)
-        .map_err(|e| ImageError::Payload(e.to_string()))?;
+    let format =
+        Format::sniff(payload).ok_or_else(|| ImageError::Payload("unknown compression".into()))?;
+    let out =
+        decompress::decompress(format, payload).map_err(|e| ImageError::Payload(e.to_string()))?;
     if !out.starts_with(ELF_MAGIC) {
         return Err(ImageError::Payload("the payload is not an ELF file".into()));
     }
@@ -163,7 +168,9 @@ pub fn has_pvh_entry(elf: &[u8]) -> bool {
             continue;
         };
         while let Ok(Some(note)) = notes.next() {
-            if note.name() == b"Xen" && note.n_type(endian) == object::elf::NoteType(XEN_ELFNOTE_PHYS32_ENTRY) {
+            if note.name() == b"Xen"
+                && note.n_type(endian) == object::elf::NoteType(XEN_ELFNOTE_PHYS32_ENTRY)
+            {
                 return true;
             }
         }
@@ -213,7 +220,10 @@ mod tests {
 
     #[test]
     fn rejects_other_files() {
-        assert!(matches!(inspect(b"#!/bin/sh\n"), Err(ImageError::NotAKernel)));
+        assert!(matches!(
+            inspect(b"#!/bin/sh\n"),
+            Err(ImageError::NotAKernel)
+        ));
         let mut arm = vec![0u8; 0x100];
         arm[0x38..0x3c].copy_from_slice(b"ARM\x64");
         assert!(matches!(inspect(&arm), Err(ImageError::WrongArch(_))));

@@ -42,11 +42,6 @@ impl KernelConfig {
             _ => Tristate::No,
         }
     }
-
-    /// The raw value of an option, e.g. a string or number.
-    pub fn value(&self, name: &str) -> Option<&str> {
-        self.values.get(name).map(String::as_str)
-    }
 }
 
 #[cfg(test)]
@@ -62,6 +57,5 @@ mod tests {
         assert_eq!(c.get("CONFIG_B"), Tristate::Module);
         assert_eq!(c.get("CONFIG_C"), Tristate::No);
         assert_eq!(c.get("CONFIG_D"), Tristate::No);
-        assert_eq!(c.value("CONFIG_S"), Some("x y"));
     }
 }

@@ -23,8 +23,6 @@ pub struct Kernel {
     pub modules: Option<PathBuf>,
     /// A `.config` file for this kernel, when one was found.
     pub config: Option<PathBuf>,
-    /// An unstripped vmlinux (build trees), for debuggers.
-    pub vmlinux: Option<PathBuf>,
 }
 
 impl Kernel {

@@ -89,14 +89,11 @@ impl ModuleTree {
         })
     }
 
-    /// True when the tree has no loadable modules at all.
-    pub fn is_empty(&self) -> bool {
-        self.files.is_empty()
-    }
-
     /// The file of a module, relative to the root.
     pub fn path_of(&self, name: &str) -> Option<&Path> {
-        self.files.get(&name.replace('-', "_")).map(PathBuf::as_path)
+        self.files
+            .get(&name.replace('-', "_"))
+            .map(PathBuf::as_path)
     }
 
     /// True when `modules.builtin` lists the module.
@@ -168,12 +165,22 @@ impl ModuleTree {
 /// writing into the tree: depmod runs on a private directory of symlinks.
 /// The guest runs the host's userspace, so the host's kmod is the one whose
 /// index format `modprobe` in the guest reads.
-pub fn generate_index(root: &Path, release: &str, scratch: &Path, out: &Path) -> Result<(), String> {
-    let depmod = ["/usr/sbin/depmod", "/sbin/depmod", "/usr/bin/depmod", "/bin/depmod"]
-        .iter()
-        .map(Path::new)
-        .find(|p| p.exists())
-        .ok_or("depmod not found on the host (install kmod)")?;
+pub fn generate_index(
+    root: &Path,
+    release: &str,
+    scratch: &Path,
+    out: &Path,
+) -> Result<(), String> {
+    let depmod = [
+        "/usr/sbin/depmod",
+        "/sbin/depmod",
+        "/usr/bin/depmod",
+        "/bin/depmod",
+    ]
+    .iter()
+    .map(Path::new)
+    .find(|p| p.exists())
+    .ok_or("depmod not found on the host (install kmod)")?;
     let base = tempfile::Builder::new()
         .prefix("depmod-")
         .tempdir_in(scratch)
@@ -204,9 +211,13 @@ pub fn generate_index(root: &Path, release: &str, scratch: &Path, out: &Path) ->
     }
     let staged = base.path().join("out");
     std::fs::create_dir(&staged).map_err(|e| e.to_string())?;
-    for entry in std::fs::read_dir(&dir).map_err(|e| e.to_string())?.flatten() {
+    for entry in std::fs::read_dir(&dir)
+        .map_err(|e| e.to_string())?
+        .flatten()
+    {
         if entry.file_type().is_ok_and(|t| t.is_file()) {
-            std::fs::rename(entry.path(), staged.join(entry.file_name())).map_err(|e| e.to_string())?;
+            std::fs::rename(entry.path(), staged.join(entry.file_name()))
+                .map_err(|e| e.to_string())?;
         }
     }
     if let Some(parent) = out.parent() {
@@ -268,8 +279,12 @@ impl ModInfo {
     pub fn parse_section(data: &[u8]) -> Self {
         let mut info = ModInfo::default();
         for rec in data.split(|&b| b == 0) {
-            let Ok(rec) = std::str::from_utf8(rec) else { continue };
-            let Some((k, v)) = rec.split_once('=') else { continue };
+            let Ok(rec) = std::str::from_utf8(rec) else {
+                continue;
+            };
+            let Some((k, v)) = rec.split_once('=') else {
+                continue;
+            };
             match k {
                 "name" => info.name = Some(v.to_string()),
                 "depends" => info.depends.extend(

@@ -11,9 +11,13 @@ use super::image::{self, ImageError};
 /// Why no kernel could be chosen.
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
-    #[error("kernel {0} does not exist; give an image file, a build tree or a release installed in /boot")]
+    #[error(
+        "kernel {0} does not exist; give an image file, a build tree or a release installed in /boot"
+    )]
     NotFound(String),
-    #[error("{path} is readable only by {owner}, so vexec (running as you) cannot boot it; make it readable (e.g. `sudo chmod a+r {path}`) or choose another kernel with -k")]
+    #[error(
+        "{path} is readable only by {owner}, so vexec (running as you) cannot boot it; make it readable (e.g. `sudo chmod a+r {path}`) or choose another kernel with -k"
+    )]
     Unreadable { path: PathBuf, owner: String },
     #[error("cannot read {path}: {source}")]
     Io {
@@ -22,11 +26,15 @@ pub enum ResolveError {
     },
     #[error("{path}: {source}")]
     Image { path: PathBuf, source: ImageError },
-    #[error("{0} is a directory but not a kernel build tree (no arch/x86/boot/bzImage; run `make` there) nor an unpacked kernel package (no boot/vmlinuz-*)")]
+    #[error(
+        "{0} is a directory but not a kernel build tree (no arch/x86/boot/bzImage; run `make` there) nor an unpacked kernel package (no boot/vmlinuz-*)"
+    )]
     NotAKernelDir(PathBuf),
     #[error("no release {release} in /boot (no /boot/vmlinuz-{release}){available}")]
     NoSuchRelease { release: String, available: String },
-    #[error("no kernel given and none found to use by default: {why}; choose one with -k PATH or -k RELEASE (scripts/fetch-test-kernels.sh fetches Debian's)")]
+    #[error(
+        "no kernel given and none found to use by default: {why}; choose one with -k PATH or -k RELEASE (scripts/fetch-test-kernels.sh fetches Debian's)"
+    )]
     NoDefault { why: String },
     #[error("module directory {0} does not exist")]
     NoModules(PathBuf),
@@ -117,7 +125,7 @@ fn from_image(path: &Path, build_tree: Option<&Path>) -> Result<Kernel, ResolveE
     let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let rel = info.release.clone();
     let dir = path.parent().unwrap_or(Path::new("/"));
-    let (modules, config, vmlinux) = match build_tree {
+    let (modules, config) = match build_tree {
         Some(tree) => (
             // A build tree's modules live beside their sources; modules.order
             // says they were built.
@@ -125,7 +133,6 @@ fn from_image(path: &Path, build_tree: Option<&Path>) -> Result<Kernel, ResolveE
                 .exists()
                 .then(|| tree.to_path_buf()),
             Some(tree.join(".config")).filter(|c| c.exists()),
-            Some(tree.join("vmlinux")).filter(|v| v.exists()),
         ),
         None => {
             let up = dir.parent().unwrap_or(Path::new("/"));
@@ -139,7 +146,7 @@ fn from_image(path: &Path, build_tree: Option<&Path>) -> Result<Kernel, ResolveE
             let config = [dir.join(format!("config-{rel}")), dir.join(".config")]
                 .into_iter()
                 .find(|p| p.is_file());
-            (modules, config, None)
+            (modules, config)
         }
     };
     Ok(Kernel {
@@ -147,7 +154,6 @@ fn from_image(path: &Path, build_tree: Option<&Path>) -> Result<Kernel, ResolveE
         info,
         modules,
         config,
-        vmlinux,
     })
 }
 
@@ -268,12 +274,16 @@ pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
         let mut out = Vec::new();
         let mut rest = s;
         while !rest.is_empty() {
-            let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
             if digits > 0 {
                 out.push(Ok(rest[..digits].parse().unwrap_or(u64::MAX)));
                 rest = &rest[digits..];
             } else {
-                let n = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+                let n = rest
+                    .find(|c: char| c.is_ascii_digit())
+                    .unwrap_or(rest.len());
                 out.push(Err(&rest[..n]));
                 rest = &rest[n..];
             }
@@ -310,6 +320,76 @@ mod tests {
         assert!(e.to_string().contains("choose one with -k"), "{e}");
     }
 
+    /// A minimal bzImage header carrying `release`.
+    fn fake_image(path: &Path, release: &str) {
+        let mut d = vec![0u8; 0x1000];
+        d[0x1f1] = 1;
+        d[0x202..0x206].copy_from_slice(b"HdrS");
+        d[0x206..0x208].copy_from_slice(&0x20fu16.to_le_bytes());
+        d[0x20e..0x210].copy_from_slice(&0x100u16.to_le_bytes());
+        let banner = format!("{release} (test@host) #1");
+        d[0x300..0x300 + banner.len()].copy_from_slice(banner.as_bytes());
+        std::fs::write(path, d).unwrap();
+    }
+
+    #[test]
+    fn releases_and_defaults_come_from_the_boot_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let boot = dir.path().join("boot");
+        std::fs::create_dir(&boot).unwrap();
+        for r in ["6.9.0-1", "6.10.0-1", "6.1.0-56"] {
+            fake_image(&boot.join(format!("vmlinuz-{r}")), r);
+            std::fs::write(boot.join(format!("config-{r}")), "CONFIG_X=y\n").unwrap();
+        }
+        let d = Defaults {
+            running: Some("6.1.0-56".into()),
+            boot_dir: boot.clone(),
+            store: None,
+        };
+        let k = resolve(Some("6.9.0-1"), None, &d).unwrap();
+        assert_eq!(k.release(), "6.9.0-1");
+        assert_eq!(k.config.unwrap(), boot.join("config-6.9.0-1"));
+        // The running kernel first...
+        assert_eq!(resolve(None, None, &d).unwrap().release(), "6.1.0-56");
+        // ...else the newest.
+        let d = Defaults {
+            running: Some("5.0.0".into()),
+            ..d
+        };
+        assert_eq!(resolve(None, None, &d).unwrap().release(), "6.10.0-1");
+        let e = resolve(Some("7.0.0"), None, &d).unwrap_err().to_string();
+        assert!(e.contains("installed: 6.1.0-56, 6.9.0-1, 6.10.0-1"), "{e}");
+    }
+
+    #[test]
+    fn package_dirs_and_build_trees() {
+        let dir = tempfile::tempdir().unwrap();
+        // An unpacked package: boot/ and lib/modules/REL/kernel beside it.
+        let pkg = dir.path().join("pkg");
+        std::fs::create_dir_all(pkg.join("boot")).unwrap();
+        std::fs::create_dir_all(pkg.join("lib/modules/6.1.0-9/kernel")).unwrap();
+        fake_image(&pkg.join("boot/vmlinuz-6.1.0-9"), "6.1.0-9");
+        let k = resolve(Some(pkg.to_str().unwrap()), None, &Defaults::default()).unwrap();
+        assert_eq!(k.modules.unwrap(), pkg.join("lib/modules/6.1.0-9"));
+        // A build tree: arch/x86/boot/bzImage, .config, modules.order.
+        let tree = dir.path().join("linux");
+        std::fs::create_dir_all(tree.join("arch/x86/boot")).unwrap();
+        fake_image(&tree.join("arch/x86/boot/bzImage"), "6.13.0-rc1");
+        std::fs::write(tree.join(".config"), "CONFIG_X=y\n").unwrap();
+        std::fs::write(tree.join("modules.order"), "").unwrap();
+        let k = resolve(Some(tree.to_str().unwrap()), None, &Defaults::default()).unwrap();
+        assert_eq!(k.release(), "6.13.0-rc1");
+        assert_eq!(k.modules.as_deref(), Some(tree.as_path()));
+        assert_eq!(k.config.unwrap(), tree.join(".config"));
+        // --modules overrides, and must exist.
+        let e = resolve(
+            Some(tree.to_str().unwrap()),
+            Some(Path::new("/nonexistent")),
+            &Defaults::default(),
+        );
+        assert!(matches!(e, Err(ResolveError::NoModules(_))));
+    }
+
     #[test]
     fn a_non_kernel_file_is_rejected() {
         let dir = tempfile::tempdir().unwrap();
@@ -317,8 +397,12 @@ mod tests {
         std::fs::write(&f, "hello").unwrap();
         let e = resolve(Some(f.to_str().unwrap()), None, &Defaults::default()).unwrap_err();
         assert!(e.to_string().contains("not a Linux kernel image"), "{e}");
-        let e = resolve(Some(dir.path().to_str().unwrap()), None, &Defaults::default())
-            .unwrap_err();
+        let e = resolve(
+            Some(dir.path().to_str().unwrap()),
+            None,
+            &Defaults::default(),
+        )
+        .unwrap_err();
         assert!(matches!(e, ResolveError::NotAKernelDir(_)), "{e}");
     }
 }

@@ -27,7 +27,7 @@ pub enum AccelChoice {
 pub enum KvmUnavailable {
     #[error("/dev/kvm: {0}")]
     Device(String),
-    #[error("KVM failed to boot a kernel on this host earlier (since the host's last boot)")]
+    #[error("it failed to boot Linux on this host earlier; remembered until the host reboots")]
     KnownBroken,
 }
 
@@ -43,7 +43,9 @@ pub fn kvm_device_usable() -> Result<(), KvmUnavailable> {
     // SAFETY: a query ioctl without arguments on an open fd.
     let v = unsafe { libc::ioctl(f.as_raw_fd(), KVM_GET_API_VERSION, 0) };
     if v != 12 {
-        return Err(KvmUnavailable::Device(format!("unexpected KVM API version {v}")));
+        return Err(KvmUnavailable::Device(format!(
+            "unexpected KVM API version {v}"
+        )));
     }
     Ok(())
 }

@@ -9,13 +9,13 @@ use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 /// QEMU could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("QEMU ({0}) was not found; install it (Debian/Ubuntu: `sudo apt-get install qemu-system-x86`) or pass --qemu PATH")]
+    #[error(
+        "QEMU ({0}) was not found; install it (Debian/Ubuntu: `sudo apt-get install qemu-system-x86`) or pass --qemu PATH"
+    )]
     QemuMissing(String),
     #[error("starting {binary}: {source}")]
     Spawn {
@@ -49,7 +49,6 @@ pub fn find_qemu(explicit: Option<&Path>, path_var: Option<OsString>) -> Result<
 /// A running QEMU. Dropping it kills and reaps the process.
 pub struct Vm {
     pid: libc::pid_t,
-    exited: Arc<AtomicBool>,
     waiter: Option<std::thread::JoinHandle<()>>,
     /// QEMU's own stderr (errors about devices, KVM), to be drained.
     pub stderr: Option<std::process::ChildStderr>,
@@ -102,43 +101,44 @@ impl Vm {
         // The Child is not waited through std: the watcher waits without
         // reaping (WNOWAIT), so the pid cannot be reused before Drop kills.
         std::mem::forget(child);
-        let exited = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&exited);
         let waiter = std::thread::spawn(move || {
             let status = loop {
                 // SAFETY: waitid fills a zeroed siginfo_t.
                 let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
                 let rc = unsafe {
-                    libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT)
+                    libc::waitid(
+                        libc::P_PID,
+                        pid as libc::id_t,
+                        &mut info,
+                        libc::WEXITED | libc::WNOWAIT,
+                    )
                 };
                 if rc == 0 {
                     // SAFETY: filled by a successful waitid.
                     let (code, status) = unsafe { (info.si_code, info.si_status()) };
-                    break if code == libc::CLD_EXITED { status } else { 128 + status };
+                    break if code == libc::CLD_EXITED {
+                        status
+                    } else {
+                        128 + status
+                    };
                 }
                 if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
                     break 255;
                 }
             };
-            flag.store(true, Ordering::SeqCst);
             on_exit(status);
         });
         Ok(Vm {
             pid,
-            exited,
             waiter: Some(waiter),
             stderr,
         })
     }
 
     /// QEMU's process id.
+    #[cfg(test)]
     pub fn pid(&self) -> libc::pid_t {
         self.pid
-    }
-
-    /// True once QEMU has ended.
-    pub fn has_exited(&self) -> bool {
-        self.exited.load(Ordering::SeqCst)
     }
 }
 
@@ -166,7 +166,10 @@ mod tests {
     #[test]
     fn missing_qemu_is_a_clear_error() {
         let e = find_qemu(None, Some("/nonexistent".into())).unwrap_err();
-        assert!(e.to_string().contains("apt-get install qemu-system-x86"), "{e}");
+        assert!(
+            e.to_string().contains("apt-get install qemu-system-x86"),
+            "{e}"
+        );
         let e = find_qemu(Some(Path::new("/nonexistent/qemu")), None).unwrap_err();
         assert!(matches!(e, VmError::QemuMissing(_)));
     }

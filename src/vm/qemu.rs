@@ -53,12 +53,7 @@ pub fn argv(c: &QemuConfig) -> Vec<OsString> {
     ];
     match c.accel {
         Accel::Kvm => a.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()]),
-        Accel::Tcg => a.extend([
-            "-accel".into(),
-            "tcg".into(),
-            "-cpu".into(),
-            "max".into(),
-        ]),
+        Accel::Tcg => a.extend(["-accel".into(), "tcg".into(), "-cpu".into(), "max".into()]),
     }
     a.extend([
         "-smp".into(),
@@ -211,7 +206,10 @@ mod tests {
         let c = cmdline(false, &["foo=bar".into()]);
         assert!(c.starts_with("console=ttyS0 panic=-1"));
         assert!(c.ends_with("loglevel=4 foo=bar"));
-        let l = shell_line("qemu".as_ref(), &["-append".into(), "a b".into(), "it's".into()]);
+        let l = shell_line(
+            "qemu".as_ref(),
+            &["-append".into(), "a b".into(), "it's".into()],
+        );
         assert_eq!(l, r"qemu -append 'a b' 'it'\''s'");
     }
 }

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs vexec's test suite: fetches the Debian test kernels if needed (into
+# $VEXEC_TEST_KERNELS, default ~/.cache/vexec-test-kernels), then runs every
+# test, unit and VM-booting, with cargo-nextest when installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=""
+for tool in qemu-system-x86_64 apt-get dpkg-deb; do
+  command -v "$tool" >/dev/null || missing="$missing $tool"
+done
+if [ -n "$missing" ]; then
+  echo "scripts/test.sh: missing:$missing (Debian/Ubuntu: sudo apt-get install qemu-system-x86 kmod)" >&2
+  exit 1
+fi
+
+export VEXEC_TEST_KERNELS="${VEXEC_TEST_KERNELS:-${XDG_CACHE_HOME:-$HOME/.cache}/vexec-test-kernels}"
+scripts/fetch-test-kernels.sh "$VEXEC_TEST_KERNELS" >&2
+
+if cargo nextest --version >/dev/null 2>&1; then
+  exec cargo nextest run --no-fail-fast "$@"
+else
+  exec cargo test --no-fail-fast "$@"
+fi

@@ -1,0 +1,125 @@
+//! Helpers for tests that boot real kernels.
+//!
+//! Test kernels come from `scripts/fetch-test-kernels.sh`, in
+//! `$VEXEC_TEST_KERNELS` (default `~/.cache/vexec-test-kernels`). A missing
+//! kernel fails the test with the command that fetches it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// The directory holding the unpacked test kernels.
+pub fn kernels_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("VEXEC_TEST_KERNELS") {
+        return d.into();
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
+    cache.join("vexec-test-kernels")
+}
+
+/// The image of a test kernel by its short name (5.10, 6.1, 6.1-cloud, 6.12).
+pub fn kernel(name: &str) -> PathBuf {
+    let boot = kernels_dir().join(name).join("boot");
+    std::fs::read_dir(&boot)
+        .ok()
+        .and_then(|d| {
+            d.flatten().map(|e| e.path()).find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("vmlinuz-")
+            })
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "test kernel {name} missing in {}; run scripts/fetch-test-kernels.sh",
+                boot.display()
+            )
+        })
+}
+
+/// A shared cache for all tests, so boot artifacts are built once.
+pub fn cache_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vexec-cache")
+}
+
+/// `vexec --accel tcg -q -k KERNEL` with the test cache; add the command.
+pub fn vexec(kernel_name: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vexec"));
+    c.env("XDG_CACHE_HOME", cache_dir())
+        .env_remove("VEXEC_KERNEL")
+        .arg("--accel")
+        .arg("tcg")
+        .arg("-q")
+        .arg("-k")
+        .arg(kernel(kernel_name))
+        .stdin(Stdio::null());
+    c
+}
+
+/// Runs to completion and returns the output.
+pub fn run(mut c: Command) -> Output {
+    let out = c.output().expect("spawning vexec");
+    if !out.status.success() {
+        eprintln!(
+            "vexec exited {:?}; stderr:\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+/// stdout as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A fresh directory under the target dir (not /tmp: the guest mounts its
+/// own /tmp, and tests want a path that exists identically in both).
+pub fn workdir(name: &str) -> tempfile::TempDir {
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("work");
+    std::fs::create_dir_all(&base).unwrap();
+    tempfile::Builder::new()
+        .prefix(name)
+        .tempdir_in(base)
+        .unwrap()
+}
+
+/// Processes whose command line contains `needle` (to find leaked QEMUs).
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if !e
+            .file_name()
+            .to_string_lossy()
+            .chars()
+            .all(|c| c.is_ascii_digit())
+        {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) && !cmd.contains("cargo") {
+                found.push(format!("{}: {cmd}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    found
+}
+
+/// True when running as root.
+pub fn is_root() -> bool {
+    // SAFETY: getuid cannot fail.
+    unsafe { libc::getuid() == 0 }
+}
+
+/// True when every directory above `p` can be traversed by others.
+pub fn world_reachable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.ancestors()
+        .skip(1)
+        .all(|a| std::fs::metadata(a).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
+}

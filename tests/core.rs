@@ -1,0 +1,350 @@
+//! The command behaves as if it ran on the host: exit status, output bytes,
+//! stdin, identity, filesystem semantics; failures are clear, fast and clean.
+//! All on Debian's 6.1 kernel under TCG.
+
+mod common;
+use common::*;
+
+use std::io::Write;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+const K: &str = "6.1";
+
+fn status_of(script: &str) -> Option<i32> {
+    let mut c = vexec(K);
+    c.args(["--", "sh", "-c", script]);
+    c.output().unwrap().status.code()
+}
+
+#[test]
+fn exit_codes_pass_through() {
+    for (script, want) in [
+        ("exit 0", 0),
+        ("exit 1", 1),
+        ("exit 42", 42),
+        ("exit 255", 255),
+    ] {
+        assert_eq!(status_of(script), Some(want), "{script}");
+    }
+}
+
+#[test]
+fn signal_death_is_128_plus_n() {
+    assert_eq!(status_of("kill -TERM $$"), Some(128 + 15));
+    assert_eq!(status_of("kill -KILL $$"), Some(128 + 9));
+}
+
+#[test]
+fn not_found_and_not_executable() {
+    let dir = workdir("noexec");
+    std::fs::write(dir.path().join("script.sh"), "#!/bin/sh\necho hi\n").unwrap();
+    let mut c = vexec(K);
+    c.current_dir(dir.path()).args(["--", "./script.sh"]);
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(126), "not executable");
+    let mut c = vexec(K);
+    c.args(["--", "no-such-command-vexec"]);
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(127));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("command not found"));
+}
+
+#[test]
+fn binary_stdout_and_stderr_are_byte_exact() {
+    let dir = workdir("bytes");
+    // Several MB of every byte value, different on each stream.
+    let a: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let b: Vec<u8> = (0..2_500_000u32)
+        .map(|i| (i.wrapping_mul(40503) >> 7) as u8)
+        .collect();
+    std::fs::write(dir.path().join("a.bin"), &a).unwrap();
+    std::fs::write(dir.path().join("b.bin"), &b).unwrap();
+    let mut c = vexec(K);
+    c.current_dir(dir.path())
+        .args(["--", "sh", "-c", "cat a.bin; cat b.bin >&2; printf tail"]);
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(0));
+    let mut want = a.clone();
+    want.extend_from_slice(b"tail");
+    assert!(
+        out.stdout == want,
+        "stdout differs ({} vs {} bytes)",
+        out.stdout.len(),
+        want.len()
+    );
+    assert!(
+        out.stderr == b,
+        "stderr differs ({} vs {} bytes)",
+        out.stderr.len(),
+        b.len()
+    );
+}
+
+#[test]
+fn stdin_round_trip_with_eof() {
+    let data: Vec<u8> = (0..1_500_000u32).map(|i| (i % 253) as u8).collect();
+    let mut c = vexec(K);
+    c.args(["--", "sh", "-c", "cat; echo done"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let d = data.clone();
+    let w = std::thread::spawn(move || {
+        stdin.write_all(&d).unwrap();
+    });
+    let out = child.wait_with_output().unwrap();
+    w.join().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut want = data;
+    want.extend_from_slice(b"done\n");
+    assert!(out.stdout == want, "stdin did not round-trip");
+}
+
+#[test]
+fn identity_cwd_and_environment() {
+    let dir = workdir("ident dir ü");
+    let mut c = vexec(K);
+    c.current_dir(dir.path())
+        .env("VEXEC_TEST_VALUE", "a b\tc=d")
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "id -u; id -g; id -G; pwd; printf '%s\\n' \"$VEXEC_TEST_VALUE\"; command -v sh",
+        ]);
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(0));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    // SAFETY: credential queries.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    assert_eq!(lines[0], uid.to_string());
+    assert_eq!(lines[1], gid.to_string());
+    let host_groups = String::from_utf8(
+        std::process::Command::new("id")
+            .arg("-G")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(lines[2], host_groups.trim());
+    assert_eq!(lines[3], dir.path().to_str().unwrap());
+    assert_eq!(lines[4], "a b\tc=d");
+    assert!(lines[5].ends_with("/sh"));
+}
+
+#[test]
+fn writes_outside_cwd_vanish_and_cwd_writes_persist() {
+    let dir = workdir("writes");
+    let marker = format!("/var/tmp/vexec-test-{}", std::process::id());
+    let mut c = vexec(K);
+    c.current_dir(dir.path()).args([
+        "--",
+        "sh",
+        "-c",
+        &format!("echo guest > out.txt && mkdir -p sub && echo x > sub/y; (echo no > {marker}) 2>/dev/null; ls {marker} >/dev/null 2>&1; echo $?"),
+    ]);
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("out.txt")).unwrap(),
+        "guest\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("sub/y")).unwrap(),
+        "x\n"
+    );
+    // The guest could write it (to its overlay)...
+    if is_root() {
+        assert_eq!(stdout(&out).trim(), "0");
+    }
+    // ...but nothing reached the host.
+    assert!(!std::path::Path::new(&marker).exists());
+}
+
+#[test]
+fn guest_has_the_usual_filesystems() {
+    let mut c = vexec(K);
+    c.args(["--", "sh", "-c", "for d in /proc/self /sys/kernel /dev/null /dev/pts /dev/shm /tmp /run /sys/kernel/tracing /sys/fs/cgroup/cgroup.controllers; do test -e $d && echo ok $d || echo missing $d; done; awk '$2==\"/\"{print $3}' /proc/mounts"]);
+    let out = run(c);
+    let text = stdout(&out);
+    assert!(!text.contains("missing"), "{text}");
+    assert!(text.trim_end().ends_with("overlay"), "{text}");
+}
+
+#[test]
+fn timeout_is_124_and_prompt() {
+    let mut c = vexec(K);
+    c.args(["--timeout", "2s", "--", "sleep", "600"]);
+    let start = Instant::now();
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(124));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("timed out"));
+    assert!(start.elapsed() < Duration::from_secs(60));
+}
+
+#[test]
+fn kernel_panic_is_125_with_console() {
+    if !is_root() {
+        eprintln!("skipped: needs root in the guest to trigger a panic (run as root)");
+        return;
+    }
+    let mut c = vexec(K);
+    c.args([
+        "--",
+        "sh",
+        "-c",
+        "echo 1 > /proc/sys/kernel/sysrq; echo c > /proc/sysrq-trigger; sleep 60",
+    ]);
+    let start = Instant::now();
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("panicked"), "{err}");
+    assert!(err.contains("sysrq"), "console tail missing: {err}");
+    assert!(start.elapsed() < Duration::from_secs(45));
+}
+
+#[test]
+fn kernel_that_cannot_boot_fails_in_seconds() {
+    let mut c = vexec(K);
+    // No usable init: the kernel panics at once.
+    c.args([
+        "--kernel-arg",
+        "rdinit=/nonexistent",
+        "--kernel-arg",
+        "init=/nonexistent",
+        "--",
+        "true",
+    ]);
+    let start = Instant::now();
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("panicked"), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn sigint_stops_guest_and_leaves_nothing_behind() {
+    let dir = workdir("sigint");
+    let mut c = vexec(K);
+    c.current_dir(dir.path())
+        .args(["--", "sh", "-c", "echo started; sleep 600"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut buf = [0u8; 8];
+    use std::io::Read;
+    out.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"started\n");
+    let sent = Instant::now();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        sent.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        sent.elapsed()
+    );
+    let left = processes_mentioning(dir.path().to_str().unwrap());
+    assert!(left.is_empty(), "left running: {left:?}");
+}
+
+#[test]
+fn bad_input_is_125_with_a_clear_message() {
+    let dir = workdir("bad");
+    let not_kernel = dir.path().join("notes.txt");
+    std::fs::write(&not_kernel, "not a kernel").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["-k".into(), "/nonexistent/vmlinuz".into(), "true".into()],
+            "does not exist",
+        ),
+        (
+            vec!["-k".into(), not_kernel.display().to_string(), "true".into()],
+            "not a Linux kernel image",
+        ),
+        (
+            vec![
+                "-k".into(),
+                kernel(K).display().to_string(),
+                "--qemu".into(),
+                "/nonexistent/qemu".into(),
+                "true".into(),
+            ],
+            "QEMU",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vexec"))
+            .env("XDG_CACHE_HOME", cache_dir())
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(125), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn unprivileged_user_path() {
+    // As a user without root or /dev/kvm, with its own cache dir.
+    let image = kernel(K);
+    if !is_root() {
+        let mut c = vexec(K);
+        c.args(["--", "id", "-u"]);
+        let out = run(c);
+        assert_eq!(out.status.code(), Some(0));
+        return;
+    }
+    if !world_reachable(&image) || !world_reachable(&kernels_dir().join(K).join("lib")) {
+        eprintln!(
+            "skipped: {} is not readable by other users; set VEXEC_TEST_KERNELS to a world-readable directory",
+            image.display()
+        );
+        return;
+    }
+    let home = workdir("nobody-home");
+    std::os::unix::fs::chown(home.path(), Some(65534), Some(65534)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_vexec"))
+        .args(["-k"])
+        .arg(&image)
+        .args(["--", "sh", "-c", "id -u; touch made-by-guest; echo ok"])
+        .current_dir(home.path())
+        .env("HOME", home.path())
+        .env("XDG_CACHE_HOME", home.path().join("cache"))
+        .env_remove("VEXEC_KERNEL")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(stdout(&out), "65534\nok\n");
+    let meta = std::fs::metadata(home.path().join("made-by-guest")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(meta.uid(), 65534);
+    // Without KVM access, auto falls back to TCG with one notice line.
+    assert!(err.contains("using TCG"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}

@@ -1,0 +1,92 @@
+//! Every supported Debian kernel boots and runs a command, with its modules
+//! loaded from the package as it is and `modprobe` working in the guest.
+
+mod common;
+use common::*;
+
+fn boots(name: &str, release_prefix: &str) {
+    let mut c = vexec(name);
+    c.args([
+        "--",
+        "sh",
+        "-c",
+        "uname -r; modprobe ext4 && grep -c '^ext4 ' /proc/modules",
+    ]);
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(0));
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    assert!(lines.next().unwrap().starts_with(release_prefix), "{text}");
+    assert_eq!(
+        lines.next(),
+        Some("1"),
+        "ext4 not loaded by modprobe: {text}"
+    );
+}
+
+#[test]
+fn debian_5_10() {
+    boots("5.10", "5.10.");
+}
+
+#[test]
+fn debian_6_1() {
+    boots("6.1", "6.1.");
+}
+
+#[test]
+fn debian_6_12() {
+    boots("6.12", "6.12.");
+}
+
+#[test]
+fn cloud_kernel_without_9p_is_refused_before_booting() {
+    let mut c = vexec("6.1-cloud");
+    c.arg("true");
+    let start = std::time::Instant::now();
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("CONFIG_9P_FS"), "{err}");
+    assert!(start.elapsed().as_secs() < 10, "should fail before booting");
+}
+
+#[test]
+fn build_tree_with_separate_modules() {
+    // A kernel build tree layout (arch/x86/boot/bzImage + .config) holding
+    // Debian's 6.12 image, its modules given with --modules.
+    let tree = workdir("linux-tree");
+    let boot = tree.path().join("arch/x86/boot");
+    std::fs::create_dir_all(&boot).unwrap();
+    let image = kernel("6.12");
+    std::fs::copy(&image, boot.join("bzImage")).unwrap();
+    let rel = image
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_start_matches("vmlinuz-")
+        .to_string();
+    std::fs::copy(
+        image.with_file_name(format!("config-{rel}")),
+        tree.path().join(".config"),
+    )
+    .unwrap();
+    let modules = kernels_dir().join("6.12/usr/lib/modules").join(&rel);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vexec"))
+        .env("XDG_CACHE_HOME", cache_dir())
+        .args(["--accel", "tcg", "-q", "-k"])
+        .arg(tree.path())
+        .arg("--modules")
+        .arg(&modules)
+        .args(["--", "uname", "-r"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout(&out).trim(), rel);
+}
