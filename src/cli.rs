@@ -65,6 +65,10 @@ pub struct Cli {
     #[arg(long = "kernel-arg", value_name = "ARG")]
     pub kernel_args: Vec<String>,
 
+    /// Append ARG to QEMU's command line (repeatable).
+    #[arg(long = "qemu-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub qemu_args: Vec<OsString>,
+
     /// QEMU binary to use (default: qemu-system-x86_64 on PATH).
     #[arg(long, value_name = "PATH")]
     pub qemu: Option<PathBuf>,

@@ -78,6 +78,7 @@ fn spec_from_cli(cli: cli::Cli) -> spec::RunSpec {
         boot_timeout: cli.boot_timeout,
         qemu: cli.qemu,
         kernel_args: cli.kernel_args,
+        qemu_args: cli.qemu_args,
         console_log: cli.console_log,
         verbose: cli.verbose,
         quiet: cli.quiet,

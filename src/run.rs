@@ -141,7 +141,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         shares,
         console_fd: 3,
         control_fd: 4,
-        extra: Vec::new(),
+        extra: spec.qemu_args.clone(),
     };
     if spec.dry_run {
         println!("{}", qemu::shell_line(&config.binary, &qemu::argv(&config)));

@@ -30,6 +30,8 @@ pub struct RunSpec {
     pub qemu: Option<PathBuf>,
     /// Extra kernel command-line arguments.
     pub kernel_args: Vec<String>,
+    /// Extra QEMU arguments.
+    pub qemu_args: Vec<OsString>,
     pub console_log: Option<PathBuf>,
     pub verbose: bool,
     pub quiet: bool,
