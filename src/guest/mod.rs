@@ -63,14 +63,33 @@ fn ensure_stdio() {
 
 /// Everything up to an open control port.
 fn boot() -> Result<File, String> {
+    step("agent started");
     mounts::early()?;
-    modules::load_all(Path::new("/"))?;
+    DEBUG.store(
+        std::fs::read_to_string("/proc/cmdline")
+            .is_ok_and(|c| c.split_whitespace().any(|w| w == "vexec.debug")),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    step("early mounts done");
+    let n = modules::load_all(Path::new("/"))?;
+    step(&format!("{n} modules loaded"));
     let path = find_port(Duration::from_secs(10))?;
+    step("control port found");
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(&path)
         .map_err(|e| format!("opening {}: {e}", path.display()))
+}
+
+/// Set from the kernel command line (`vexec.debug`, added by `vexec -v`).
+static DEBUG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// With `vexec -v`, prints a setup step with the guest clock on the console.
+pub(crate) fn step(what: &str) {
+    if DEBUG.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("vexec-init: [{:>6}ms] {what}", sys::uptime_ms());
+    }
 }
 
 /// Ports appear asynchronously once the host side has announced them.
@@ -116,9 +135,12 @@ fn serve(writer: &exec::PortWriter, mut reader: File) -> Result<(), String> {
             .ok_or("the host closed the control port")?;
         match msg {
             HostMsg::Setup(setup) => {
+                step("setup received");
                 mounts::build_root(&setup)?;
+                step("root switched");
                 mounts::late();
                 let _ = sys::set_hostname(&setup.hostname);
+                step("filesystems ready");
                 setup_done = true;
             }
             HostMsg::Exec(e) if setup_done => {

@@ -61,6 +61,7 @@ pub fn load_all(root: &Path) -> Result<usize, String> {
                         }
                     })
                     .map_err(|e| format!("{e}"));
+                super::step(&format!("module {name} loaded"));
                 lock.lock().unwrap().insert(name.clone(), result);
                 cv.notify_all();
             });

@@ -88,6 +88,7 @@ pub fn build_root(setup: &Setup) -> Result<(), String> {
         std::fs::create_dir(Path::new(RW).join(d))
             .map_err(|e| format!("creating overlay dirs: {e}"))?;
     }
+    super::step("host root mounted");
     mount(
         "overlay",
         NEWROOT,
@@ -125,8 +126,10 @@ pub fn build_root(setup: &Setup) -> Result<(), String> {
         .map_err(|e| format!("mounting share {}: {e}", target.display()))?;
     }
 
+    super::step("overlay and shares mounted");
     if let Some(mods) = &setup.modules {
         mount_modules(setup, mods)?;
+        super::step("module tree shown");
     }
 
     // Keep the initramfs's /dev, /proc and /sys: move them into place.
@@ -210,9 +213,24 @@ pub fn late() {
         ("bpf", "/sys/fs/bpf"),
     ];
     for (fstype, target) in optional {
-        if has(fstype) {
-            let _ = mount(fstype, target, fstype, nosuid_nodev, None);
+        if !has(fstype) {
+            continue;
         }
+        // Mounting bpffs asks for the bpf_preload module, which runs the
+        // host's modprobe over 9p and starts a usermode helper: half a
+        // second under TCG, for two debug files (maps.debug, progs.debug).
+        // Skip that autoload; remounting bpffs in the guest brings them.
+        let saved = (fstype == "bpf")
+            .then(|| std::fs::read("/proc/sys/kernel/modprobe").ok())
+            .flatten();
+        if saved.is_some() {
+            let _ = std::fs::write("/proc/sys/kernel/modprobe", "\n");
+        }
+        let _ = mount(fstype, target, fstype, nosuid_nodev, None);
+        if let Some(path) = saved {
+            let _ = std::fs::write("/proc/sys/kernel/modprobe", path);
+        }
+        super::step(&format!("mounted {fstype}"));
     }
     let _ = sys::loopback_up();
 }

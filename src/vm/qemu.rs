@@ -114,7 +114,11 @@ pub fn cmdline(verbose: bool, extra: &[String]) -> String {
         "tsc=reliable",
         "no_timer_check",
     ];
-    parts.push(if verbose { "loglevel=7" } else { "loglevel=4" });
+    parts.push(if verbose {
+        "loglevel=7 vexec.debug"
+    } else {
+        "loglevel=4"
+    });
     let mut s = parts.join(" ");
     for e in extra {
         s.push(' ');
