@@ -348,3 +348,29 @@ fn unprivileged_user_path() {
     assert!(err.contains("using TCG"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn host_tmp_is_visible_and_guest_tmp_writes_stay_in_the_guest() {
+    // As `go test -exec vexec` calls it: a program under the host's /tmp.
+    let dir = tempfile::Builder::new()
+        .prefix("vexec-go-build")
+        .tempdir_in(std::env::temp_dir())
+        .unwrap();
+    let prog = dir.path().join("pkg.test");
+    std::fs::write(&prog, "#!/bin/sh\necho \"ran $0 $*\"; cat \"$(dirname \"$0\")/data\"; echo guest > \"$(dirname \"$0\")/from-guest\"; echo tmp > /tmp/vexec-guest-only-$$\n").unwrap();
+    std::fs::write(dir.path().join("data"), "host data\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut c = vexec(K);
+    c.arg(&prog).arg("-test.v");
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        stdout(&out),
+        format!("ran {} -test.v\nhost data\n", prog.display())
+    );
+    assert!(
+        !dir.path().join("from-guest").exists(),
+        "a guest write reached the host's /tmp"
+    );
+}

@@ -100,15 +100,20 @@ pub fn build_root(setup: &Setup) -> Result<(), String> {
     )
     .map_err(|e| format!("mounting the overlay root: {e} (kernel needs CONFIG_OVERLAY_FS)"))?;
 
-    // Fresh /tmp and /run before the shares, so a share below them (a
-    // working directory in /tmp) stays visible.
-    let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
-    for (dir, mode) in [("tmp", "mode=1777"), ("run", "mode=0755")] {
-        let target = Path::new(NEWROOT).join(dir);
-        let _ = std::fs::create_dir_all(&target);
-        mount("tmpfs", &target, "tmpfs", nosuid_nodev, Some(mode))
-            .map_err(|e| format!("mounting /{dir}: {e}"))?;
-    }
+    // /tmp stays the host's, through the overlay: programs live there
+    // (`go test -exec` runs /tmp/go-build*/pkg.test) and guest writes go to
+    // the overlay's tmpfs, never to the host. /run is fresh (no host daemons
+    // here); mounted before the shares so a share below it stays visible.
+    let run = Path::new(NEWROOT).join("run");
+    let _ = std::fs::create_dir_all(&run);
+    mount(
+        "tmpfs",
+        &run,
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=0755"),
+    )
+    .map_err(|e| format!("mounting /run: {e}"))?;
 
     for share in &setup.shares {
         let target = in_newroot(&share.path);

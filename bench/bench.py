@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""Side-by-side boot-to-command benchmark: vexec, virtme-ng (vng), danobi's
+vmtest where it can run, and a floor (the same kernel booted by QEMU the
+fastest way we know into a static init that powers off at once).
+
+Runs alternate between tools so that a noisy machine penalises all alike.
+Everything runs under TCG. Prints medians and the ratios vexec/vng and
+vexec/floor per kernel.
+
+Usage: bench/bench.py [--runs N] [--kernels 6.1,6.12,builtin] [--skip vng,vmtest]
+
+Kernels come from $VEXEC_TEST_KERNELS (scripts/fetch-test-kernels.sh;
+`builtin` from scripts/build-test-kernel.sh). Installs what it needs: a venv
+with virtme-ng and `cargo install vmtest`, under ~/.cache/vexec-bench.
+vng needs the kernel's modules at /lib/modules/REL: as root, the script
+links them there for the run and removes the links afterwards.
+"""
+
+import argparse
+import glob
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNELS = os.environ.get(
+    "VEXEC_TEST_KERNELS",
+    os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "vexec-test-kernels"),
+)
+WORK = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "vexec-bench")
+QBOOT = "/usr/share/qemu/qboot.rom"
+
+FLOOR_INIT = r"""
+#include <sys/reboot.h>
+#include <unistd.h>
+int main(void) { reboot(RB_POWER_OFF); for (;;) pause(); }
+"""
+
+
+def log(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def newc(entries):
+    """A cpio newc archive of (name, mode, data)."""
+    out = bytearray()
+    ino = 0
+
+    def hdr(name, mode, size):
+        nonlocal ino
+        ino += 1
+        fields = [ino, mode, 0, 0, 1, 0, size, 0, 0, 0, 0, len(name) + 1, 0]
+        h = b"070701" + b"".join(b"%08x" % f for f in fields) + name.encode() + b"\0"
+        out.extend(h)
+        while len(out) % 4:
+            out.append(0)
+
+    for name, mode, data in entries:
+        hdr(name, mode, len(data))
+        out.extend(data)
+        while len(out) % 4:
+            out.append(0)
+    hdr("TRAILER!!!", 0, 0)
+    while len(out) % 512:
+        out.append(0)
+    return bytes(out)
+
+
+def floor_initrd():
+    path = os.path.join(WORK, "floor-initrd")
+    if os.path.exists(path):
+        return path
+    os.makedirs(WORK, exist_ok=True)
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "init.c")
+        with open(src, "w") as f:
+            f.write(FLOOR_INIT)
+        exe = os.path.join(d, "init")
+        subprocess.run(["gcc", "-static", "-O2", "-o", exe, src], check=True)
+        with open(exe, "rb") as f:
+            data = f.read()
+    with open(path + ".tmp", "wb") as f:
+        f.write(newc([("init", 0o100755, data)]))
+    os.rename(path + ".tmp", path)
+    return path
+
+
+def kernel_image(name):
+    imgs = glob.glob(os.path.join(KERNELS, name, "boot", "vmlinuz-*"))
+    if not imgs:
+        return None
+    return imgs[0]
+
+
+def vexec_bin():
+    subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True)
+    return os.path.join(ROOT, "target", "release", "vexec")
+
+
+def vexec_boot_image(vexec, image):
+    """The image vexec boots (the cached PVH vmlinux when there is one)."""
+    out = subprocess.run(
+        [vexec, "--accel", "tcg", "-q", "--dry-run", "-k", image, "--", "true"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    m = re.search(r" -kernel (\S+)", out)
+    return m.group(1)
+
+
+def ensure_vng():
+    venv = os.path.join(WORK, "venv")
+    vng = os.path.join(venv, "bin", "vng")
+    if not os.path.exists(vng):
+        log("installing virtme-ng into " + venv)
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        subprocess.run([os.path.join(venv, "bin", "pip"), "install", "-q", "virtme-ng"], check=True)
+    return vng
+
+
+def ensure_vmtest():
+    root = os.path.join(WORK, "cargo")
+    exe = os.path.join(root, "bin", "vmtest")
+    if not os.path.exists(exe):
+        log("installing vmtest with cargo into " + root)
+        subprocess.run(["cargo", "install", "-q", "--locked", "vmtest", "--root", root], check=True)
+    return exe
+
+
+def timed(cmd, timeout=300, **kw):
+    start = time.monotonic()
+    try:
+        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, timeout=timeout, **kw)
+    except subprocess.TimeoutExpired:
+        return None, "timed out"
+    took = time.monotonic() - start
+    if p.returncode != 0:
+        return None, p.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {p.returncode}"]
+    return took, None
+
+
+def link_modules(name, release):
+    """vng finds modules only at /lib/modules/REL; link the package's there."""
+    target = f"/lib/modules/{release}"
+    if os.path.exists(target):
+        return None
+    for sub in ("lib/modules", "usr/lib/modules"):
+        src = os.path.join(KERNELS, name, sub, release)
+        if os.path.isdir(src):
+            if os.geteuid() != 0:
+                return "not root: cannot link modules into /lib/modules"
+            os.makedirs("/lib/modules", exist_ok=True)
+            os.symlink(src, target)
+            return target
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--kernels", default="6.1,6.12,builtin")
+    ap.add_argument("--skip", default="", help="comma-separated: vng, vmtest")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+
+    vexec = vexec_bin()
+    initrd = floor_initrd()
+    vng = None if "vng" in skip else ensure_vng()
+    vmtest = None if "vmtest" in skip else ensure_vmtest()
+    results = {}
+    notes = []
+    for name in args.kernels.split(","):
+        image = kernel_image(name)
+        if not image:
+            notes.append(f"{name}: no kernel in {KERNELS}/{name}; skipped")
+            continue
+        release = os.path.basename(image)[len("vmlinuz-"):]
+        boot = vexec_boot_image(vexec, image)
+        append = "console=ttyS0 panic=-1 loglevel=4 rdinit=/init"
+        base = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+                "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1G", "-serial", "null",
+                "-kernel", boot, "-initrd", initrd, "-append", append]
+        tools = {
+            "vexec": [vexec, "--accel", "tcg", "-q", "-k", image, "--", "true"],
+            "floor q35": base + ["-M", "q35"],
+            "floor q35+qboot": base + ["-M", "q35", "-bios", QBOOT],
+        }
+        linked = None
+        if vng:
+            linked = link_modules(name, release)
+            if isinstance(linked, str) and not linked.startswith("/"):
+                notes.append(f"{name}: vng skipped: {linked}")
+            else:
+                tools["vng"] = [vng, "--disable-kvm", "--run", image, "--", "true"]
+        if vmtest:
+            cfg = os.path.join(KERNELS, name, "boot", f"config-{release}")
+            has9p = os.path.exists(cfg) and "CONFIG_9P_FS=y" in open(cfg).read()
+            if has9p:
+                # Hide /dev/kvm so vmtest falls back to TCG.
+                tools["vmtest"] = ["unshare", "-m", "sh", "-c",
+                                   'mount --bind /dev/null /dev/kvm 2>/dev/null; exec "$0" -k "$1" true',
+                                   vmtest, image]
+            else:
+                notes.append(f"{name}: vmtest skipped: it needs 9p built into the kernel (CONFIG_9P_FS=y), this kernel has it as a module")
+        times = {t: [] for t in tools}
+        fails = {}
+        log(f"{name}: {args.runs} rounds of {', '.join(tools)}")
+        try:
+            for r in range(args.runs):
+                for tool, cmd in tools.items():
+                    took, err = timed(cmd)
+                    if took is None:
+                        fails[tool] = err
+                    else:
+                        times[tool].append(took)
+                log(f"{name}: round {r + 1}: " + ", ".join(f"{t} {v[-1]:.2f}s" for t, v in times.items() if v))
+        finally:
+            if linked:
+                os.unlink(linked)
+        results[name] = (times, fails)
+
+    print()
+    print(f"{'kernel':<10} {'tool':<18} {'median':>8} {'min':>7} {'max':>7}  runs")
+    for name, (times, fails) in results.items():
+        for tool, v in times.items():
+            if v:
+                print(f"{name:<10} {tool:<18} {statistics.median(v):8.2f} {min(v):7.2f} {max(v):7.2f}  {len(v)}")
+            if tool in fails:
+                print(f"{name:<10} {tool:<18}   failed: {fails[tool]}")
+    print()
+    for name, (times, _) in results.items():
+        med = {t: statistics.median(v) for t, v in times.items() if v}
+        if "vexec" not in med:
+            continue
+        floors = [v for t, v in med.items() if t.startswith("floor")]
+        line = f"{name}: vexec {med['vexec']:.2f}s"
+        if floors:
+            line += f", vexec/floor {med['vexec'] / min(floors):.2f}x (floor {min(floors):.2f}s)"
+        if "vng" in med:
+            line += f", vexec/vng {med['vexec'] / med['vng']:.3f}x (vng {med['vng']:.2f}s)"
+        if "vmtest" in med:
+            line += f", vexec/vmtest {med['vexec'] / med['vmtest']:.2f}x"
+        print(line)
+    for n in notes:
+        print("note:", n)
+
+
+if __name__ == "__main__":
+    main()
