@@ -245,4 +245,7 @@ fn print_timings(prep: Duration, t: &Timings, t0: Instant) {
         ms(teardown),
         ms(t0.elapsed())
     );
+    if let Some(kib) = t.qemu_peak_rss_kib {
+        eprintln!("vexec: QEMU peak RSS {} MiB", kib / 1024);
+    }
 }

@@ -101,6 +101,8 @@ pub struct Timings {
     pub guest_started_ms: Option<u64>,
     pub guest_exited_ms: Option<u64>,
     pub ended: Option<Instant>,
+    /// QEMU's peak resident memory, KiB.
+    pub qemu_peak_rss_kib: Option<u64>,
 }
 
 fn write_fd(fd: i32, data: &[u8]) {
@@ -178,6 +180,7 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
 
     let outcome = event_loop(&mut p, &rx, &ctl_writer, &mut t, &tail, &qemu_errors);
     relay.attach(None);
+    t.qemu_peak_rss_kib = vm.peak_rss_kib();
     drop(vm);
     t.ended = Some(Instant::now());
     Ok((outcome, t))

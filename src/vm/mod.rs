@@ -140,6 +140,19 @@ impl Vm {
     pub fn pid(&self) -> libc::pid_t {
         self.pid
     }
+
+    /// QEMU's peak resident memory so far (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    }
 }
 
 impl Drop for Vm {
