@@ -206,6 +206,29 @@ fn elf_links(data: &[u8]) -> Result<(Option<String>, Vec<String>), String> {
     Ok((interp, needed))
 }
 
+/// `exe` without its debug sections: the agent's debuginfo would only
+/// make every guest unpack and map more. Falls back to the file as it is.
+pub fn strip_debug(exe: &[u8]) -> Vec<u8> {
+    let stripped = (|| -> Option<Vec<u8>> {
+        let mut builder = object::build::elf::Builder::read(exe).ok()?;
+        let mut changed = false;
+        for section in builder.sections.iter_mut() {
+            let name = section.name.as_slice();
+            if name.starts_with(b".debug_") || name == b".gdb_index" {
+                section.delete = true;
+                changed = true;
+            }
+        }
+        if !changed {
+            return None;
+        }
+        let mut out = Vec::with_capacity(exe.len() / 2);
+        builder.write(&mut out).ok()?;
+        Some(out)
+    })();
+    stripped.unwrap_or_else(|| exe.to_vec())
+}
+
 /// Builds the guest initramfs: `agent` as `/init`, its libraries, and
 /// `modules` in load order.
 pub fn build(agent: &Path, modules: &[LoadableModule]) -> Result<Vec<u8>, InitramfsError> {
@@ -221,7 +244,7 @@ pub fn build(agent: &Path, modules: &[LoadableModule]) -> Result<Vec<u8>, Initra
     }
     cpio.char_dev("dev/console", 0o600, 5, 1);
     cpio.char_dev("dev/null", 0o666, 1, 3);
-    cpio.file("init", 0o755, &read(agent)?);
+    cpio.file("init", 0o755, &strip_debug(&read(agent)?));
     for lib in elf_dependencies(agent)? {
         cpio.file(&lib.to_string_lossy(), 0o755, &read(&lib)?);
     }
@@ -283,6 +306,15 @@ mod tests {
             deps.iter().any(|p| p.to_string_lossy().contains("libc.so")),
             "{deps:?}"
         );
+    }
+
+    #[test]
+    fn stripping_keeps_a_valid_elf() {
+        let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        let stripped = strip_debug(&exe);
+        assert!(stripped.len() <= exe.len());
+        let (interp, needed) = elf_links(&stripped).unwrap();
+        assert_eq!((interp, needed), elf_links(&exe).unwrap());
     }
 
     #[test]

@@ -18,15 +18,15 @@ fn status_of(script: &str) -> Option<i32> {
 }
 
 #[test]
-fn exit_codes_pass_through() {
-    for (script, want) in [
-        ("exit 0", 0),
-        ("exit 1", 1),
-        ("exit 42", 42),
-        ("exit 255", 255),
-    ] {
-        assert_eq!(status_of(script), Some(want), "{script}");
-    }
+fn exit_codes_0_and_1_pass_through() {
+    assert_eq!(status_of("exit 0"), Some(0));
+    assert_eq!(status_of("exit 1"), Some(1));
+}
+
+#[test]
+fn exit_codes_42_and_255_pass_through() {
+    assert_eq!(status_of("exit 42"), Some(42));
+    assert_eq!(status_of("exit 255"), Some(255));
 }
 
 #[test]

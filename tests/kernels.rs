@@ -90,3 +90,41 @@ fn build_tree_with_separate_modules() {
     );
     assert_eq!(stdout(&out).trim(), rel);
 }
+
+#[test]
+fn host_with_a_module_symlink_for_the_same_release() {
+    // A host that "installed" the guest's release as a symlink in
+    // /lib/modules (as benchmark setups and some distros do).
+    if !is_root() {
+        eprintln!("skipped: needs root to create a link in /lib/modules");
+        return;
+    }
+    let image = kernel("6.12");
+    let rel = image
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_start_matches("vmlinuz-")
+        .to_string();
+    let link = std::path::Path::new("/lib/modules").join(&rel);
+    if link.symlink_metadata().is_ok() {
+        eprintln!("skipped: {} already exists", link.display());
+        return;
+    }
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    std::fs::create_dir_all("/lib/modules").unwrap();
+    std::os::unix::fs::symlink(kernels_dir().join("6.12/usr/lib/modules").join(&rel), &link)
+        .unwrap();
+    let _guard = Remove(link);
+    let mut c = vexec("6.12");
+    c.args(["--", "sh", "-c", "modprobe ext4 && echo ok"]);
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(stdout(&out), "ok\n");
+}

@@ -156,6 +156,13 @@ fn mount_modules(setup: &Setup, mods: &[u8]) -> Result<(), String> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map_err(|e| format!("reading the kernel release: {e}"))?;
     let target = Path::new(NEWROOT).join("lib/modules").join(release.trim());
+    // The host may have this release installed, or a symlink there whose
+    // absolute target does not resolve before the root switch: replace the
+    // link (in the overlay only) with a directory to mount on.
+    if std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
+        std::fs::remove_file(&target)
+            .map_err(|e| format!("replacing the link {}: {e}", target.display()))?;
+    }
     std::fs::create_dir_all(&target).map_err(|e| format!("creating {}: {e}", target.display()))?;
     let tree = in_newroot(mods);
     let lower = match &setup.module_index {
