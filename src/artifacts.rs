@@ -80,16 +80,23 @@ pub fn prepare(
     interactive: bool,
 ) -> Result<BootArtifacts, PrepareError> {
     let mut notes = Vec::new();
-    let data = std::fs::read(&kernel.image).map_err(|source| PrepareError::Io {
-        path: kernel.image.clone(),
-        source,
-    })?;
-    let image_hash = hash_parts(&[FORMAT, &data]);
+    // The image is read again only when something must be made from it.
+    let read_image = || {
+        std::fs::read(&kernel.image).map_err(|source| PrepareError::Io {
+            path: kernel.image.clone(),
+            source,
+        })
+    };
+    let image_hash = hash_parts(&[FORMAT, kernel.content_hash.as_bytes()]);
 
     // The uncompressed kernel, for PVH entry (no decompression at boot). An
     // empty entry records that this kernel has no usable PVH entry.
     let (boot_kernel, pvh, vmlinux_data) = match &kernel.info.kind {
-        ImageKind::Elf => (kernel.image.clone(), image::has_pvh_entry(&data), None),
+        ImageKind::Elf => (
+            kernel.image.clone(),
+            image::has_pvh_entry(&read_image()?),
+            None,
+        ),
         ImageKind::BzImage { .. } => {
             let entry = cache.entry("vmlinux", &image_hash);
             if entry.exists() {
@@ -100,7 +107,7 @@ pub fn prepare(
                     (kernel.image.clone(), false, None)
                 }
             } else {
-                let extracted = image::extract_vmlinux(&data);
+                let extracted = image::extract_vmlinux(&read_image()?);
                 match extracted {
                     Ok(elf) if image::has_pvh_entry(&elf) => {
                         cache.write(&entry, &elf)?;

@@ -141,6 +141,7 @@ mod tests {
             },
             modules: None,
             config: Some("/boot/config-x".into()),
+            content_hash: String::new(),
         }
     }
 

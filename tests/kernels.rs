@@ -60,13 +60,7 @@ fn build_tree_with_separate_modules() {
     std::fs::create_dir_all(&boot).unwrap();
     let image = kernel("6.12");
     std::fs::copy(&image, boot.join("bzImage")).unwrap();
-    let rel = image
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .trim_start_matches("vmlinuz-")
-        .to_string();
+    let rel = release_of(&image);
     std::fs::copy(
         image.with_file_name(format!("config-{rel}")),
         tree.path().join(".config"),
@@ -100,13 +94,7 @@ fn host_with_a_module_symlink_for_the_same_release() {
         return;
     }
     let image = kernel("6.12");
-    let rel = image
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .trim_start_matches("vmlinuz-")
-        .to_string();
+    let rel = release_of(&image);
     let link = std::path::Path::new("/lib/modules").join(&rel);
     if link.symlink_metadata().is_ok() {
         eprintln!("skipped: {} already exists", link.display());

@@ -261,10 +261,10 @@ fn event_loop(
         if !errs.is_empty() {
             msg.push_str(&format!("\nQEMU said:\n{errs}"));
         }
+        // The console tail explains a panic or a silent death; an agent
+        // error already says what went wrong.
         let lines = tail.last(25);
-        if !lines.is_empty() && panic_line.is_some()
-            || tail.agent_errors().is_empty() && !lines.is_empty()
-        {
+        if !lines.is_empty() && (panic_line.is_some() || tail.agent_errors().is_empty()) {
             msg.push_str("\nlast console lines:\n");
             msg.push_str(&lines.join("\n"));
         }
@@ -289,7 +289,7 @@ fn event_loop(
                     qemu_status.unwrap_or_default()
                 ));
             }
-            return failure(&panic_line, qemu_status).pipe(Outcome::Failed);
+            return Outcome::Failed(failure(&panic_line, qemu_status));
         }
         let ev = match deadline {
             Some(d) => match rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
@@ -299,7 +299,7 @@ fn event_loop(
                         return Outcome::Interrupted(sig);
                     }
                     if qemu_status.is_some() || ctl_closed || panic_line.is_some() {
-                        return failure(&panic_line, qemu_status).pipe(Outcome::Failed);
+                        return Outcome::Failed(failure(&panic_line, qemu_status));
                     }
                     return match phase {
                         Phase::Booting if p.kvm_probe.is_some() => Outcome::KvmBroken(format!(
@@ -315,12 +315,12 @@ fn event_loop(
                     };
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    return failure(&panic_line, qemu_status).pipe(Outcome::Failed);
+                    return Outcome::Failed(failure(&panic_line, qemu_status));
                 }
             },
             None => match rx.recv() {
                 Ok(ev) => ev,
-                Err(_) => return failure(&panic_line, qemu_status).pipe(Outcome::Failed),
+                Err(_) => return Outcome::Failed(failure(&panic_line, qemu_status)),
             },
         };
         match ev {
@@ -388,11 +388,3 @@ fn event_loop(
         }
     }
 }
-
-/// `x.pipe(f)` is `f(x)`; keeps the failure paths readable.
-trait Pipe: Sized {
-    fn pipe<R>(self, f: impl FnOnce(Self) -> R) -> R {
-        f(self)
-    }
-}
-impl<T> Pipe for T {}

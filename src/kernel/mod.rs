@@ -23,6 +23,9 @@ pub struct Kernel {
     pub modules: Option<PathBuf>,
     /// A `.config` file for this kernel, when one was found.
     pub config: Option<PathBuf>,
+    /// Hex digest of the image's content, taken when it was read to be
+    /// inspected, so later steps key their caches without reading it again.
+    pub content_hash: String,
 }
 
 impl Kernel {

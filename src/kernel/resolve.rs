@@ -122,6 +122,7 @@ fn from_image(path: &Path, build_tree: Option<&Path>) -> Result<Kernel, ResolveE
         path: path.to_path_buf(),
         source,
     })?;
+    let content_hash = blake3::hash(&data).to_hex()[..32].to_string();
     let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let rel = info.release.clone();
     let dir = path.parent().unwrap_or(Path::new("/"));
@@ -154,6 +155,7 @@ fn from_image(path: &Path, build_tree: Option<&Path>) -> Result<Kernel, ResolveE
         info,
         modules,
         config,
+        content_hash,
     })
 }
 

@@ -40,6 +40,12 @@ pub fn kernel(name: &str) -> PathBuf {
         })
 }
 
+/// The release of a test kernel image, from its `vmlinuz-REL` file name.
+pub fn release_of(image: &Path) -> String {
+    let name = image.file_name().unwrap().to_str().unwrap();
+    name.trim_start_matches("vmlinuz-").to_string()
+}
+
 /// A shared cache for all tests, so boot artifacts are built once.
 pub fn cache_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vexec-cache")
