@@ -10,12 +10,23 @@ for tool in qemu-system-x86_64 apt-get dpkg-deb; do
   command -v "$tool" >/dev/null || missing="$missing $tool"
 done
 if [ -n "$missing" ]; then
-  echo "scripts/test.sh: missing:$missing (Debian/Ubuntu: sudo apt-get install qemu-system-x86 kmod)" >&2
+  echo "scripts/test.sh: missing:$missing (Debian/Ubuntu: sudo apt-get install qemu-system-x86 kmod libcap-ng-dev libseccomp-dev)" >&2
   exit 1
 fi
 
 export VEXEC_TEST_KERNELS="${VEXEC_TEST_KERNELS:-${XDG_CACHE_HOME:-$HOME/.cache}/vexec-test-kernels}"
 scripts/fetch-test-kernels.sh "$VEXEC_TEST_KERNELS" >&2
+
+# The Rust virtiofsd (crates.io), beside the kernels so that the
+# unprivileged-user test can run it too.
+if [ -z "${VEXEC_TEST_VIRTIOFSD:-}" ]; then
+  export VEXEC_TEST_VIRTIOFSD="$VEXEC_TEST_KERNELS/tools/bin/virtiofsd"
+  if [ ! -x "$VEXEC_TEST_VIRTIOFSD" ]; then
+    echo "scripts/test.sh: installing the Rust virtiofsd (needs libcap-ng-dev and libseccomp-dev)" >&2
+    cargo install --quiet --locked --root "$VEXEC_TEST_KERNELS/tools" virtiofsd >&2
+    chmod -R a+rX "$VEXEC_TEST_KERNELS/tools"
+  fi
+fi
 
 if cargo nextest --version >/dev/null 2>&1; then
   exec cargo nextest run --no-fail-fast "$@"

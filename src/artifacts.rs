@@ -12,9 +12,10 @@ use crate::kernel::image;
 use crate::kernel::kconfig::KernelConfig;
 use crate::kernel::modules::{self, ModuleError, ModuleTree};
 use crate::kernel::{ImageKind, Kernel};
+use crate::protocol::Transport;
 
 /// Bumped whenever the layout of an artifact changes.
-const FORMAT: &[u8] = b"vexec-artifacts-1";
+const FORMAT: &[u8] = b"vexec-artifacts-2";
 
 /// What QEMU boots.
 #[derive(Debug, Clone)]
@@ -69,16 +70,45 @@ fn file_identity(p: &Path) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Prepares (or finds in the cache) everything needed to boot `kernel`
-/// with `agent` (normally vexec's own executable) as the guest's init.
-///
-/// `interactive` allows a progress notice for slow one-time steps.
-pub fn prepare(
-    cache: &Cache,
-    kernel: &Kernel,
-    agent: &Path,
-    interactive: bool,
-) -> Result<BootArtifacts, PrepareError> {
+/// What a kernel offers vexec's guest, found once per kernel and cached.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Support {
+    /// Why 9p cannot be used, or None when it can.
+    pub ninep: Option<String>,
+    /// Why virtio-fs cannot be used, or None when it can.
+    pub virtiofs: Option<String>,
+    /// Features assumed built in for lack of a kernel config.
+    pub unknown: Vec<String>,
+}
+
+impl Support {
+    /// Why `t` cannot be used with this kernel, if it cannot.
+    pub fn missing(&self, t: Transport) -> Option<&str> {
+        match t {
+            Transport::NineP => self.ninep.as_deref(),
+            Transport::Virtiofs => self.virtiofs.as_deref(),
+        }
+    }
+}
+
+/// The kernel as vexec will boot it, and what it supports.
+#[derive(Debug, Clone)]
+pub struct Inspected {
+    /// An ELF vmlinux (PVH entry) or the original bzImage.
+    pub boot_kernel: PathBuf,
+    /// True when `boot_kernel` is entered through PVH.
+    pub pvh: bool,
+    pub support: Support,
+    /// Notes for `-v`.
+    pub notes: Vec<String>,
+    image_hash: String,
+    modules_id: Vec<u8>,
+    config_id: Vec<u8>,
+}
+
+/// Finds (or extracts and caches) the image to boot, and what the kernel
+/// supports. Fails when it lacks something every guest needs.
+pub fn inspect(cache: &Cache, kernel: &Kernel) -> Result<Inspected, PrepareError> {
     let mut notes = Vec::new();
     // The image is read again only when something must be made from it.
     let read_image = || {
@@ -129,7 +159,6 @@ pub fn prepare(
         }
     };
 
-    let agent_id = file_identity(agent);
     let modules_id = kernel
         .modules
         .as_deref()
@@ -140,12 +169,100 @@ pub fn prepare(
         .as_deref()
         .map(file_identity)
         .unwrap_or_default();
+    let support_entry = cache.entry(
+        "support",
+        &hash_parts(&[FORMAT, image_hash.as_bytes(), &modules_id, &config_id]),
+    );
+    let cached = std::fs::read(&support_entry)
+        .ok()
+        .and_then(|b| postcard::from_bytes::<Support>(&b).ok());
+    let support = match cached {
+        Some(s) => s,
+        None => {
+            let tree = scan_tree(kernel)?;
+            let config = load_config(kernel, vmlinux_data.as_deref(), &boot_kernel, pvh);
+            let base = caps::check(kernel, config.as_ref(), tree.as_ref(), caps::BASE)?;
+            let why_not = |t| {
+                caps::check(
+                    kernel,
+                    config.as_ref(),
+                    tree.as_ref(),
+                    caps::transport_features(t),
+                )
+                .err()
+                .map(|e| e.to_string())
+            };
+            let mut unknown: Vec<String> = base.unknown.iter().map(|s| s.to_string()).collect();
+            for t in [Transport::NineP, Transport::Virtiofs] {
+                if let Ok(p) = caps::check(
+                    kernel,
+                    config.as_ref(),
+                    tree.as_ref(),
+                    caps::transport_features(t),
+                ) {
+                    unknown.extend(p.unknown.iter().map(|s| s.to_string()));
+                }
+            }
+            let s = Support {
+                ninep: why_not(Transport::NineP),
+                virtiofs: why_not(Transport::Virtiofs),
+                unknown,
+            };
+            let bytes = postcard::to_allocvec(&s).map_err(|e| PrepareError::Io {
+                path: support_entry.clone(),
+                source: std::io::Error::other(e),
+            })?;
+            cache.write(&support_entry, &bytes)?;
+            s
+        }
+    };
+    if !support.unknown.is_empty() {
+        notes.push(format!(
+            "no kernel config found; assuming built in: {}",
+            support.unknown.join(", ")
+        ));
+    }
+    Ok(Inspected {
+        boot_kernel,
+        pvh,
+        support,
+        notes,
+        image_hash,
+        modules_id,
+        config_id,
+    })
+}
+
+fn scan_tree(kernel: &Kernel) -> Result<Option<ModuleTree>, PrepareError> {
+    Ok(kernel
+        .modules
+        .as_deref()
+        .map(ModuleTree::scan)
+        .transpose()?)
+}
+
+/// Prepares (or finds in the cache) the initramfs and module index to boot
+/// the inspected kernel with `agent` (normally vexec's own executable) as
+/// the guest's init, carrying the modules `transport` needs.
+///
+/// `interactive` allows a progress notice for slow one-time steps.
+pub fn prepare(
+    cache: &Cache,
+    kernel: &Kernel,
+    inspected: &Inspected,
+    transport: Transport,
+    agent: &Path,
+    interactive: bool,
+) -> Result<BootArtifacts, PrepareError> {
+    let mut notes = inspected.notes.clone();
+    let agent_id = file_identity(agent);
     let key = hash_parts(&[
         FORMAT,
-        image_hash.as_bytes(),
+        inspected.image_hash.as_bytes(),
         &agent_id,
-        &modules_id,
-        &config_id,
+        &inspected.modules_id,
+        &inspected.config_id,
+        transport.name().as_bytes(),
     ]);
     let initramfs = cache.entry("initramfs", &key);
     // Debian's packages ship no modules.dep; generate one (once) so that
@@ -154,41 +271,41 @@ pub fn prepare(
         .modules
         .as_deref()
         .filter(|m| !m.join("modules.dep.bin").exists())
-        .map(|_| cache.entry("modindex", &hash_parts(&[FORMAT, &modules_id])));
+        .map(|_| cache.entry("modindex", &hash_parts(&[FORMAT, &inspected.modules_id])));
     let need_index = module_index
         .as_ref()
         .is_some_and(|i| !i.join("modules.dep.bin").exists());
+    let done = |module_index, notes| BootArtifacts {
+        kernel: inspected.boot_kernel.clone(),
+        pvh: inspected.pvh,
+        initramfs: initramfs.clone(),
+        modules: kernel.modules.clone(),
+        module_index,
+        notes,
+    };
     if initramfs.exists() && !need_index {
-        return Ok(BootArtifacts {
-            kernel: boot_kernel,
-            pvh,
-            initramfs,
-            modules: kernel.modules.clone(),
-            module_index,
-            notes,
-        });
+        return Ok(done(module_index, notes));
     }
-    let tree = kernel
-        .modules
-        .as_deref()
-        .map(ModuleTree::scan)
-        .transpose()?;
+    let tree = scan_tree(kernel)?;
     if !initramfs.exists() {
-        let config = load_config(kernel, vmlinux_data.as_deref(), &boot_kernel, pvh);
-        let plan = caps::check(kernel, config.as_ref(), tree.as_ref(), caps::CORE)?;
-        if !plan.unknown.is_empty() {
-            notes.push(format!(
-                "no kernel config found; assuming built in: {}",
-                plan.unknown.join(", ")
-            ));
-        }
-        let modules = match (&tree, plan.modules.is_empty()) {
+        let config = load_config(kernel, None, &inspected.boot_kernel, inspected.pvh);
+        let mut wanted = caps::check(kernel, config.as_ref(), tree.as_ref(), caps::BASE)?.modules;
+        wanted.extend(
+            caps::check(
+                kernel,
+                config.as_ref(),
+                tree.as_ref(),
+                caps::transport_features(transport),
+            )?
+            .modules,
+        );
+        let modules = match (&tree, wanted.is_empty()) {
             (_, true) => Vec::new(),
-            (Some(t), false) => t.load_order(&plan.modules)?,
+            (Some(t), false) => t.load_order(&wanted)?,
             (None, false) => {
                 return Err(PrepareError::NoModuleTree {
                     release: kernel.release().to_string(),
-                    modules: plan.modules.join(", "),
+                    modules: wanted.join(", "),
                     searched: format!(
                         "lib/modules/{0} beside the image, /lib/modules/{0}, /usr/lib/modules/{0}",
                         kernel.release()
@@ -226,14 +343,7 @@ pub fn prepare(
             }
         }
     }
-    Ok(BootArtifacts {
-        kernel: boot_kernel,
-        pvh,
-        initramfs,
-        modules: kernel.modules.clone(),
-        module_index,
-        notes,
-    })
+    Ok(done(module_index, notes))
 }
 
 /// The kernel's configuration: its .config file, else IKCONFIG.

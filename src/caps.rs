@@ -7,6 +7,7 @@
 use crate::kernel::Kernel;
 use crate::kernel::kconfig::{KernelConfig, Tristate};
 use crate::kernel::modules::ModuleTree;
+use crate::protocol::Transport;
 
 /// One thing the guest needs from the kernel.
 #[derive(Debug, Clone, Copy)]
@@ -17,9 +18,9 @@ pub struct Feature {
     pub options: &'static [(&'static str, Option<&'static str>)],
 }
 
-/// What the core guest needs: initramfs, devtmpfs, tmpfs, virtio-pci, the
-/// virtio-serial control port, 9p for the host's files and overlayfs.
-pub const CORE: &[Feature] = &[
+/// What every guest needs: initramfs, devtmpfs, tmpfs, virtio-pci, the
+/// virtio-serial control port and overlayfs. A transport comes on top.
+pub const BASE: &[Feature] = &[
     Feature {
         what: "initramfs support",
         options: &[("CONFIG_BLK_DEV_INITRD", None)],
@@ -44,18 +45,37 @@ pub const CORE: &[Feature] = &[
         options: &[("CONFIG_VIRTIO_CONSOLE", Some("virtio_console"))],
     },
     Feature {
-        what: "9p file sharing over virtio",
-        options: &[
-            ("CONFIG_NET_9P", Some("9pnet")),
-            ("CONFIG_NET_9P_VIRTIO", Some("9pnet_virtio")),
-            ("CONFIG_9P_FS", Some("9p")),
-        ],
-    },
-    Feature {
         what: "overlayfs",
         options: &[("CONFIG_OVERLAY_FS", Some("overlay"))],
     },
 ];
+
+/// The 9p transport.
+pub const NINEP: &[Feature] = &[Feature {
+    what: "9p file sharing over virtio",
+    options: &[
+        ("CONFIG_NET_9P", Some("9pnet")),
+        ("CONFIG_NET_9P_VIRTIO", Some("9pnet_virtio")),
+        ("CONFIG_9P_FS", Some("9p")),
+    ],
+}];
+
+/// The virtio-fs transport.
+pub const VIRTIOFS: &[Feature] = &[Feature {
+    what: "virtio-fs file sharing",
+    options: &[
+        ("CONFIG_FUSE_FS", Some("fuse")),
+        ("CONFIG_VIRTIO_FS", Some("virtiofs")),
+    ],
+}];
+
+/// The features a transport needs.
+pub fn transport_features(t: Transport) -> &'static [Feature] {
+    match t {
+        Transport::NineP => NINEP,
+        Transport::Virtiofs => VIRTIOFS,
+    }
+}
 
 /// A kernel that cannot run vexec's guest.
 #[derive(Debug, thiserror::Error)]
@@ -150,25 +170,23 @@ mod tests {
     #[test]
     fn modules_for_m_options() {
         let c = KernelConfig::parse(ALL);
-        let plan = check(&kernel(), Some(&c), None, CORE).unwrap();
-        assert_eq!(
-            plan.modules,
-            [
-                "virtio",
-                "virtio_pci",
-                "9pnet",
-                "9pnet_virtio",
-                "9p",
-                "overlay"
-            ]
-        );
+        let plan = check(&kernel(), Some(&c), None, BASE).unwrap();
+        assert_eq!(plan.modules, ["virtio", "virtio_pci", "overlay"]);
+        let plan = check(&kernel(), Some(&c), None, NINEP).unwrap();
+        assert_eq!(plan.modules, ["9pnet", "9pnet_virtio", "9p"]);
     }
 
     #[test]
     fn names_missing_options() {
         let c = KernelConfig::parse(&ALL.replace("CONFIG_9P_FS=m", "# CONFIG_9P_FS is not set"));
-        let e = check(&kernel(), Some(&c), None, CORE).unwrap_err();
+        let e = check(&kernel(), Some(&c), None, NINEP).unwrap_err();
         assert!(e.to_string().contains("CONFIG_9P_FS"), "{e}");
         assert!(e.to_string().contains("9p file sharing"), "{e}");
+        // Neither FUSE nor virtio-fs is in ALL.
+        let e = check(&kernel(), Some(&c), None, VIRTIOFS).unwrap_err();
+        assert!(
+            e.to_string().contains("CONFIG_FUSE_FS, CONFIG_VIRTIO_FS"),
+            "{e}"
+        );
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::transport::TransportChoice;
 use crate::vm::accel::AccelChoice;
 
 /// Run a command inside a throwaway VM booted with the Linux kernel of your
@@ -60,6 +61,30 @@ pub struct Cli {
     /// with the VM like writes anywhere else).
     #[arg(long)]
     pub no_cwd: bool,
+
+    /// Share DIR read-write at the same path in the guest (repeatable).
+    #[arg(long = "rw", value_name = "DIR")]
+    pub rw: Vec<PathBuf>,
+
+    /// Share DIR read-only at the same path: a live view of the host that
+    /// the guest cannot write (repeatable).
+    #[arg(long = "ro", value_name = "DIR")]
+    pub ro: Vec<PathBuf>,
+
+    /// Share DIR writable in the guest, with its changes discarded when the
+    /// VM ends (repeatable).
+    #[arg(long = "overlay", value_name = "DIR")]
+    pub overlay: Vec<PathBuf>,
+
+    /// How host files reach the guest: auto picks virtio-fs when the kernel
+    /// has it and a virtiofsd is found, else 9p.
+    #[arg(long, value_enum, default_value_t = TransportChoice::Auto)]
+    pub transport: TransportChoice,
+
+    /// virtiofsd to use (default: PATH, then /usr/libexec and /usr/lib/qemu,
+    /// then QEMU's vhost-user descriptors).
+    #[arg(long, value_name = "PATH")]
+    pub virtiofsd: Option<PathBuf>,
 
     /// Append ARG to the kernel command line (repeatable).
     #[arg(long = "kernel-arg", value_name = "ARG")]

@@ -12,7 +12,9 @@ mod initramfs;
 mod kernel;
 mod protocol;
 mod run;
+mod shares;
 mod spec;
+mod transport;
 mod vm;
 
 use clap::Parser;
@@ -71,6 +73,20 @@ fn spec_from_cli(cli: cli::Cli) -> spec::RunSpec {
         groups,
         hostname,
         share_cwd: !cli.no_cwd,
+        shares: [
+            (cli.rw, protocol::ShareMode::ReadWrite),
+            (cli.ro, protocol::ShareMode::ReadOnly),
+            (cli.overlay, protocol::ShareMode::Overlay),
+        ]
+        .into_iter()
+        .flat_map(|(paths, mode)| {
+            paths
+                .into_iter()
+                .map(move |path| shares::ShareRequest { path, mode })
+        })
+        .collect(),
+        transport: cli.transport,
+        virtiofsd: cli.virtiofsd,
         memory: cli.memory,
         cpus: cli.cpus,
         accel: cli.accel,

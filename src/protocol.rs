@@ -11,7 +11,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change; both ends refuse a mismatch.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Name of the virtio-serial port carrying the protocol.
 pub const PORT_NAME: &str = "vexec.ctl";
@@ -19,22 +19,54 @@ pub const PORT_NAME: &str = "vexec.ctl";
 /// Frames larger than this are refused as corrupt.
 pub const MAX_FRAME: usize = 16 << 20;
 
-/// A 9p share to mount in the guest.
+/// How the host's files reach the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Transport {
+    /// virtio-9p, served by QEMU itself.
+    NineP,
+    /// virtio-fs, served by a virtiofsd per share.
+    Virtiofs,
+}
+
+impl Transport {
+    /// The name users write (`--transport`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::NineP => "9p",
+            Transport::Virtiofs => "virtiofs",
+        }
+    }
+}
+
+/// What the guest may do with a share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShareMode {
+    /// Writes reach the host.
+    ReadWrite,
+    /// Writes fail (EROFS).
+    ReadOnly,
+    /// Writes succeed in the guest and are discarded with the VM.
+    Overlay,
+}
+
+/// A host directory to mount in the guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Share {
-    /// The 9p mount tag QEMU exports it under.
+    /// The mount tag the device exports it under.
     pub tag: String,
     /// Where it appears in the guest (same as the host path).
     pub path: Vec<u8>,
-    pub writable: bool,
+    pub mode: ShareMode,
 }
 
 /// How the guest should set itself up before running the command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Setup {
-    /// 9p tag of the host's root directory (mounted read-only, overlaid).
+    /// How every share, the root included, is mounted.
+    pub transport: Transport,
+    /// Tag of the host's root directory (mounted read-only, overlaid).
     pub root_tag: String,
-    /// Further shares mounted over the overlay.
+    /// Further shares mounted over the overlay, parents before children.
     pub shares: Vec<Share>,
     /// Host path of the kernel's module tree, shown at /lib/modules/REL.
     pub modules: Option<Vec<u8>>,

@@ -10,10 +10,13 @@ use crate::artifacts::{self, PrepareError};
 use crate::cache::{Cache, CacheError};
 use crate::host::session::{self, Outcome, Params, SignalRelay, Timings};
 use crate::kernel::{self, ResolveError, resolve::Defaults};
-use crate::protocol::{Exec, Exit, Setup, Share};
+use crate::protocol::{Exec, Exit, Setup, Share, ShareMode, Transport};
+use crate::shares::{self, ShareError};
 use crate::spec::RunSpec;
+use crate::transport::{self, TransportError};
 use crate::vm::accel::{self, Accel, AccelChoice};
-use crate::vm::qemu::{self, NinePShare, QemuConfig};
+use crate::vm::qemu::{self, Backend, QemuConfig, ShareDevice};
+use crate::vm::virtiofsd::{self, DaemonSpec};
 use crate::vm::{self as vmmod, VmError};
 
 /// Exit status for vexec's own failures.
@@ -32,6 +35,10 @@ pub enum RunError {
     Cache(#[from] CacheError),
     #[error(transparent)]
     Vm(#[from] VmError),
+    #[error(transparent)]
+    Share(#[from] ShareError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
     #[error("no command given; usage: vexec [OPTIONS] [--] COMMAND [ARGS...]")]
     NoCommand,
     #[error("cannot find vexec's own executable to use as the guest's init: {0}")]
@@ -55,6 +62,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         return Err(RunError::NoCommand);
     }
     let qemu_bin = vmmod::find_qemu(spec.qemu.as_deref(), spec.path_var.clone())?;
+    let shares = shares::resolve(&spec.shares, &spec.cwd, spec.share_cwd)?;
     let cache = Cache::open(spec.cache_dir.clone())?;
     let defaults = Defaults {
         running: spec.running_release.clone(),
@@ -62,10 +70,30 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         store: Some(cache.root().join("kernels")),
     };
     let kernel = kernel::resolve(spec.kernel.as_deref(), spec.modules.as_deref(), &defaults)?;
+    let inspected = artifacts::inspect(&cache, &kernel)?;
+    let chosen = transport::choose(spec.transport, &inspected.support, || {
+        let dirs: Vec<PathBuf> = virtiofsd::DESCRIPTOR_DIRS
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        virtiofsd::find(
+            spec.virtiofsd.as_deref(),
+            spec.path_var.as_deref(),
+            &dirs,
+            spec.uid == 0,
+        )
+    })?;
     let agent = std::env::current_exe().map_err(RunError::SelfExe)?;
     // SAFETY: isatty only queries fd 2.
     let interactive = !spec.quiet && unsafe { libc::isatty(2) } == 1;
-    let art = artifacts::prepare(&cache, &kernel, &agent, interactive)?;
+    let art = artifacts::prepare(
+        &cache,
+        &kernel,
+        &inspected,
+        chosen.transport,
+        &agent,
+        interactive,
+    )?;
     if spec.verbose {
         eprintln!(
             "vexec: kernel {} ({}), booted as {}, modules {}",
@@ -84,27 +112,65 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         for n in &art.notes {
             eprintln!("vexec: {n}");
         }
+        eprintln!(
+            "vexec: transport {}{}; shares: / read-only with overlay{}{}",
+            chosen.transport.name(),
+            chosen
+                .virtiofsd
+                .as_ref()
+                .map(|v| format!(" ({}, {:?})", v.path.display(), v.flavour))
+                .unwrap_or_default(),
+            if shares.is_empty() { "" } else { ", " },
+            shares::describe(&shares)
+        );
+        if let Some(n) = &chosen.note {
+            eprintln!("vexec: {n}");
+        }
     }
 
-    let mut shares = vec![NinePShare {
-        tag: ROOT_TAG.into(),
-        path: "/".into(),
-        readonly: true,
-    }];
-    let mut guest_shares = Vec::new();
-    if spec.share_cwd && spec.cwd != Path::new("/") {
-        shares.push(NinePShare {
-            tag: "vexec-cwd".into(),
-            path: spec.cwd.clone(),
-            readonly: false,
+    // Every share, the root first, as devices (and daemons for virtio-fs).
+    let mut devices = Vec::new();
+    let mut daemons = Vec::new();
+    let mut add = |tag: String, path: PathBuf, mode: ShareMode, cache: &'static str| {
+        let readonly = mode != ShareMode::ReadWrite;
+        let backend = match (&chosen.virtiofsd, chosen.transport) {
+            (Some(v), Transport::Virtiofs) => {
+                daemons.push((
+                    devices.len(),
+                    DaemonSpec {
+                        virtiofsd: v.clone(),
+                        source: path.clone(),
+                        readonly,
+                        cache,
+                        submounts: mode != ShareMode::Overlay,
+                    },
+                ));
+                // The real descriptor is known once the daemon runs.
+                Backend::Virtiofs { fd: -1 }
+            }
+            _ => Backend::NineP,
+        };
+        devices.push(ShareDevice {
+            tag,
+            path,
+            readonly,
+            backend,
         });
+    };
+    // The root is read-only and rarely changes under a run: cache it all.
+    add(ROOT_TAG.into(), "/".into(), ShareMode::Overlay, "always");
+    let mut guest_shares = Vec::new();
+    for (i, s) in shares.iter().enumerate() {
+        let tag = format!("vexec-s{i}");
+        add(tag.clone(), s.path.clone(), s.mode, "auto");
         guest_shares.push(Share {
-            tag: "vexec-cwd".into(),
-            path: bytes(&spec.cwd),
-            writable: true,
+            tag,
+            path: bytes(&s.path),
+            mode: s.mode,
         });
     }
     let setup = Setup {
+        transport: chosen.transport,
         root_tag: ROOT_TAG.into(),
         shares: guest_shares,
         modules: art.modules.as_deref().map(bytes),
@@ -138,12 +204,17 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         kernel: art.kernel.clone(),
         initrd: art.initramfs.clone(),
         cmdline: qemu::cmdline(spec.verbose, &spec.kernel_args),
-        shares,
+        shares: devices,
         console_fd: 3,
         control_fd: 4,
         extra: spec.qemu_args.clone(),
     };
     if spec.dry_run {
+        // Each daemon's socket is passed as an inherited descriptor, shown
+        // here as -1 (its number is known only at run time).
+        for (_, d) in &daemons {
+            println!("{}", qemu::shell_line(&d.virtiofsd.path, &d.args(-1)));
+        }
         println!("{}", qemu::shell_line(&config.binary, &qemu::argv(&config)));
         return Ok(0);
     }
@@ -158,6 +229,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         let probing = spec.accel == AccelChoice::Auto && accel == Accel::Kvm;
         let params = Params {
             qemu: config.clone(),
+            daemons: daemons.clone(),
             setup: setup.clone(),
             exec: exec.clone(),
             timeout: spec.timeout,

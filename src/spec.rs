@@ -6,6 +6,8 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::shares::ShareRequest;
+use crate::transport::TransportChoice;
 use crate::vm::accel::AccelChoice;
 
 /// One run, fully described.
@@ -22,6 +24,11 @@ pub struct RunSpec {
     pub hostname: String,
     /// Share the working directory read-write.
     pub share_cwd: bool,
+    /// Further shares, in the order given.
+    pub shares: Vec<ShareRequest>,
+    pub transport: TransportChoice,
+    /// An explicit virtiofsd.
+    pub virtiofsd: Option<PathBuf>,
     pub memory: String,
     pub cpus: u32,
     pub accel: AccelChoice,

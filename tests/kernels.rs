@@ -40,18 +40,6 @@ fn debian_6_12() {
 }
 
 #[test]
-fn cloud_kernel_without_9p_is_refused_before_booting() {
-    let mut c = vexec("6.1-cloud");
-    c.arg("true");
-    let start = std::time::Instant::now();
-    let out = run(c);
-    assert_eq!(out.status.code(), Some(125));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("CONFIG_9P_FS"), "{err}");
-    assert!(start.elapsed().as_secs() < 10, "should fail before booting");
-}
-
-#[test]
 fn build_tree_with_separate_modules() {
     // A kernel build tree layout (arch/x86/boot/bzImage + .config) holding
     // Debian's 6.12 image, its modules given with --modules.

@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use crate::protocol::Setup;
+use crate::protocol::{Setup, ShareMode, Transport};
 
 use super::sys::{self, mount, move_mount};
 
@@ -59,6 +59,38 @@ fn p9_options(msize: u32, cache: &str, ro: bool) -> String {
     )
 }
 
+/// Mounts the share `tag` at `target` over the run's transport. `cached`
+/// lets a 9p guest cache metadata and data (virtiofsd sets its own policy).
+fn mount_share(
+    setup: &Setup,
+    tag: &str,
+    target: &Path,
+    ro: bool,
+    cached: bool,
+) -> std::io::Result<()> {
+    let flags = if ro { libc::MS_RDONLY } else { 0 };
+    match setup.transport {
+        Transport::NineP => {
+            let cache = if cached { "loose" } else { "mmap" };
+            mount(
+                tag,
+                target,
+                "9p",
+                flags,
+                Some(&p9_options(setup.msize, cache, ro)),
+            )
+        }
+        Transport::Virtiofs => mount(tag, target, "virtiofs", flags, None),
+    }
+}
+
+fn transport_hint(t: Transport) -> &'static str {
+    match t {
+        Transport::NineP => "kernel needs CONFIG_9P_FS and CONFIG_NET_9P_VIRTIO",
+        Transport::Virtiofs => "kernel needs CONFIG_VIRTIO_FS and CONFIG_FUSE_FS",
+    }
+}
+
 fn in_newroot(host_path: &[u8]) -> PathBuf {
     Path::new(NEWROOT).join(
         Path::new(OsStr::from_bytes(host_path))
@@ -74,14 +106,13 @@ pub fn build_root(setup: &Setup) -> Result<(), String> {
     }
     // The root is read-only and host edits under it are rare during a run,
     // so let the guest cache it (the rw shares below are not cached).
-    mount(
-        &setup.root_tag,
-        LOWER,
-        "9p",
-        libc::MS_RDONLY,
-        Some(&p9_options(setup.msize, "loose", true)),
-    )
-    .map_err(|e| format!("mounting the host root over 9p: {e} (kernel needs CONFIG_9P_FS and CONFIG_NET_9P_VIRTIO)"))?;
+    mount_share(setup, &setup.root_tag, Path::new(LOWER), true, true).map_err(|e| {
+        format!(
+            "mounting the host root over {}: {e} ({})",
+            setup.transport.name(),
+            transport_hint(setup.transport)
+        )
+    })?;
     mount("tmpfs", RW, "tmpfs", 0, Some("mode=0755"))
         .map_err(|e| format!("mounting tmpfs for the overlay: {e}"))?;
     for d in ["upper", "work"] {
@@ -115,20 +146,39 @@ pub fn build_root(setup: &Setup) -> Result<(), String> {
     )
     .map_err(|e| format!("mounting /run: {e}"))?;
 
-    for share in &setup.shares {
+    for (i, share) in setup.shares.iter().enumerate() {
         let target = in_newroot(&share.path);
         std::fs::create_dir_all(&target)
             .map_err(|e| format!("creating mount point {}: {e}", target.display()))?;
-        let flags = if share.writable { 0 } else { libc::MS_RDONLY };
-        // No guest caching on shares: host and guest see each other's writes.
-        mount(
-            &share.tag,
-            &target,
-            "9p",
-            flags,
-            Some(&p9_options(setup.msize, "mmap", !share.writable)),
-        )
-        .map_err(|e| format!("mounting share {}: {e}", target.display()))?;
+        let err = |e: std::io::Error| format!("mounting share {}: {e}", target.display());
+        match share.mode {
+            // No guest caching on live shares: host and guest see each
+            // other's writes.
+            ShareMode::ReadWrite => mount_share(setup, &share.tag, &target, false, false),
+            ShareMode::ReadOnly => mount_share(setup, &share.tag, &target, true, false),
+            ShareMode::Overlay => {
+                // Read-only on the host side, writable through a tmpfs layer.
+                let base = Path::new(RW).join(format!("share{i}"));
+                let lower = base.join("lower");
+                for d in ["lower", "upper", "work"] {
+                    std::fs::create_dir_all(base.join(d)).map_err(err)?;
+                }
+                mount_share(setup, &share.tag, &lower, true, true).map_err(err)?;
+                mount(
+                    "overlay",
+                    &target,
+                    "overlay",
+                    0,
+                    Some(&format!(
+                        "lowerdir={},upperdir={}/upper,workdir={}/work",
+                        lower.display(),
+                        base.display(),
+                        base.display()
+                    )),
+                )
+            }
+        }
+        .map_err(err)?;
     }
 
     super::step("overlay and shares mounted");

@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::protocol::{self, Exec, Exit, GuestMsg, HostMsg, Setup, VERSION};
-use crate::vm::qemu::{self, QemuConfig};
+use crate::vm::qemu::{self, Backend, QemuConfig};
+use crate::vm::virtiofsd::{Daemon, DaemonSpec};
 use crate::vm::{Vm, VmError};
 
 use super::console::{self, ConsoleEvent};
@@ -67,6 +68,8 @@ impl SignalRelay {
 /// What a session needs.
 pub struct Params {
     pub qemu: QemuConfig,
+    /// The virtiofsd for each virtio-fs share, by index into `qemu.shares`.
+    pub daemons: Vec<(usize, DaemonSpec)>,
     pub setup: Setup,
     pub exec: Exec,
     pub timeout: Option<Duration>,
@@ -119,22 +122,21 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
     let (host_ctl, guest_ctl) = UnixStream::pair().map_err(spawn_err(&p))?;
     p.qemu.console_fd = guest_con.as_raw_fd();
     p.qemu.control_fd = guest_ctl.as_raw_fd();
+    let mut inherit = vec![guest_con.as_raw_fd(), guest_ctl.as_raw_fd()];
+    let (daemons, daemon_fds) = start_daemons(&mut p)?;
+    inherit.extend(daemon_fds.iter().map(|f| f.as_raw_fd()));
     let args = qemu::argv(&p.qemu);
     if p.print_qemu {
         eprintln!("vexec: {}", qemu::shell_line(&p.qemu.binary, &args));
     }
     let exit_tx = tx.clone();
-    let mut vm = Vm::spawn(
-        &p.qemu.binary,
-        &args,
-        &[guest_con.as_raw_fd(), guest_ctl.as_raw_fd()],
-        move |status| {
-            let _ = exit_tx.send(Event::QemuExited(status));
-        },
-    )?;
+    let mut vm = Vm::spawn(&p.qemu.binary, &args, &inherit, daemons, move |status| {
+        let _ = exit_tx.send(Event::QemuExited(status));
+    })?;
     t.spawned = Some(Instant::now());
     drop(guest_con);
     drop(guest_ctl);
+    drop(daemon_fds);
     relay.attach(Some(tx.clone()));
 
     let qemu_errors = Arc::new(Mutex::new(String::new()));
@@ -178,12 +180,35 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
     }
     drop(tx);
 
-    let outcome = event_loop(&mut p, &rx, &ctl_writer, &mut t, &tail, &qemu_errors);
+    let outcome = event_loop(&mut p, &rx, &ctl_writer, &mut t, &tail, &qemu_errors, &vm);
     relay.attach(None);
     t.qemu_peak_rss_kib = vm.peak_rss_kib();
     drop(vm);
     t.ended = Some(Instant::now());
     Ok((outcome, t))
+}
+
+/// Starts the virtiofsd of every virtio-fs share and points its device at
+/// the daemon's connection.
+fn start_daemons(p: &mut Params) -> Result<(Vec<Daemon>, Vec<std::os::fd::OwnedFd>), VmError> {
+    if p.daemons.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    // Private (0700) and gone before QEMU starts: sockets live in it only
+    // for as long as it takes to connect to them.
+    let dir = tempfile::Builder::new()
+        .prefix("vexec-")
+        .tempdir()
+        .map_err(spawn_err(p))?;
+    let mut daemons = Vec::new();
+    let mut fds = Vec::new();
+    for (i, spec) in &p.daemons {
+        let (d, fd) = Daemon::spawn(spec, dir.path())?;
+        p.qemu.shares[*i].backend = Backend::Virtiofs { fd: fd.as_raw_fd() };
+        daemons.push(d);
+        fds.push(fd);
+    }
+    Ok((daemons, fds))
 }
 
 fn spawn_err(p: &Params) -> impl Fn(std::io::Error) -> VmError + '_ {
@@ -233,6 +258,7 @@ fn event_loop(
     t: &mut Timings,
     tail: &console::ConsoleTail,
     qemu_errors: &Mutex<String>,
+    vm: &Vm,
 ) -> Outcome {
     let start = t.spawned.unwrap_or_else(Instant::now);
     let boot_limit = p.kvm_probe.unwrap_or(p.boot_timeout);
@@ -261,6 +287,9 @@ fn event_loop(
         if !errs.is_empty() {
             msg.push_str(&format!("\nQEMU said:\n{errs}"));
         }
+        for e in vm.daemon_errors() {
+            msg.push_str(&format!("\n{e}"));
+        }
         // The console tail explains a panic or a silent death; an agent
         // error already says what went wrong.
         let lines = tail.last(25);
@@ -277,7 +306,11 @@ fn event_loop(
             // Under a KVM probe, QEMU dying before init reports in (an
             // assertion on MSRs, an emulation failure) condemns KVM, not
             // the kernel; a panic is the kernel's own doing.
-            if p.kvm_probe.is_some() && phase == Phase::Booting && panic_line.is_none() {
+            if p.kvm_probe.is_some()
+                && phase == Phase::Booting
+                && panic_line.is_none()
+                && vm.daemon_errors().is_empty()
+            {
                 let errs = qemu_errors.lock().unwrap_or_else(|p| p.into_inner());
                 let last = errs
                     .lines()

@@ -3,6 +3,7 @@
 
 pub mod accel;
 pub mod qemu;
+pub mod virtiofsd;
 
 use std::ffi::OsString;
 use std::os::fd::RawFd;
@@ -22,6 +23,8 @@ pub enum VmError {
         binary: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Virtiofsd(#[from] virtiofsd::VirtiofsdError),
 }
 
 /// Finds the QEMU binary: an explicit path, else `name` on `PATH`.
@@ -46,22 +49,27 @@ pub fn find_qemu(explicit: Option<&Path>, path_var: Option<OsString>) -> Result<
         .ok_or_else(|| VmError::QemuMissing(name.into()))
 }
 
-/// A running QEMU. Dropping it kills and reaps the process.
+/// A running QEMU and the daemons serving its shares. Dropping it kills and
+/// reaps QEMU, then the daemons.
 pub struct Vm {
     pid: libc::pid_t,
     waiter: Option<std::thread::JoinHandle<()>>,
     /// QEMU's own stderr (errors about devices, KVM), to be drained.
     pub stderr: Option<std::process::ChildStderr>,
+    /// Dropped after QEMU is gone (fields drop after `Drop::drop`).
+    daemons: Vec<virtiofsd::Daemon>,
 }
 
 impl Vm {
     /// Starts QEMU with `args`; `inherit` are descriptors QEMU receives under
-    /// the same numbers. `on_exit` is called from a watcher thread with the
-    /// exit status (or 128+signal) once QEMU ends, before it is reaped.
+    /// the same numbers; `daemons` serve its shares and end with it.
+    /// `on_exit` is called from a watcher thread with the exit status (or
+    /// 128+signal) once QEMU ends, before it is reaped.
     pub fn spawn(
         binary: &Path,
         args: &[OsString],
         inherit: &[RawFd],
+        daemons: Vec<virtiofsd::Daemon>,
         on_exit: impl FnOnce(i32) + Send + 'static,
     ) -> Result<Vm, VmError> {
         let mut cmd = Command::new(binary);
@@ -132,6 +140,7 @@ impl Vm {
             pid,
             waiter: Some(waiter),
             stderr,
+            daemons,
         })
     }
 
@@ -139,6 +148,11 @@ impl Vm {
     #[cfg(test)]
     pub fn pid(&self) -> libc::pid_t {
         self.pid
+    }
+
+    /// What the share daemons reported, one line per daemon that spoke.
+    pub fn daemon_errors(&self) -> Vec<String> {
+        self.daemons.iter().filter_map(|d| d.errors()).collect()
     }
 
     /// QEMU's peak resident memory so far (VmHWM), in KiB.
@@ -190,9 +204,15 @@ mod tests {
     #[test]
     fn drop_kills_and_reaps() {
         let (tx, rx) = std::sync::mpsc::channel();
-        let vm = Vm::spawn(Path::new("/bin/sleep"), &["30".into()], &[], move |s| {
-            let _ = tx.send(s);
-        })
+        let vm = Vm::spawn(
+            Path::new("/bin/sleep"),
+            &["30".into()],
+            &[],
+            Vec::new(),
+            move |s| {
+                let _ = tx.send(s);
+            },
+        )
         .unwrap();
         let pid = vm.pid();
         drop(vm);

@@ -6,12 +6,24 @@ use std::path::PathBuf;
 
 use super::accel::Accel;
 
-/// A directory exported to the guest over 9p.
+/// A directory exported to the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NinePShare {
+pub struct ShareDevice {
     pub tag: String,
     pub path: PathBuf,
+    /// Enforced by QEMU (9p) or by the daemon (virtio-fs).
     pub readonly: bool,
+    pub backend: Backend,
+}
+
+/// What serves a share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// QEMU's own 9p server.
+    NineP,
+    /// A virtiofsd, reached through an inherited connected socket; the
+    /// number is filled in when the daemon starts.
+    Virtiofs { fd: i32 },
 }
 
 /// Everything the QEMU command line depends on.
@@ -26,7 +38,7 @@ pub struct QemuConfig {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub cmdline: String,
-    pub shares: Vec<NinePShare>,
+    pub shares: Vec<ShareDevice>,
     /// Inherited socket for the serial console.
     pub console_fd: i32,
     /// Inherited socket for the control port.
@@ -80,17 +92,40 @@ pub fn argv(c: &QemuConfig) -> Vec<OsString> {
             crate::protocol::PORT_NAME
         ),
     ]);
-    for (i, s) in c.shares.iter().enumerate() {
+    // vhost-user devices access guest memory directly: it must be shared.
+    if c.shares
+        .iter()
+        .any(|s| matches!(s.backend, Backend::Virtiofs { .. }))
+    {
         a.extend([
-            "-fsdev".into(),
-            format!(
-                "local,id=fs{i},path={},security_model=none,multidevs=remap{}",
-                escape(&s.path.to_string_lossy()),
-                if s.readonly { ",readonly=on" } else { "" }
-            ),
-            "-device".into(),
-            format!("virtio-9p-pci,fsdev=fs{i},mount_tag={}", escape(&s.tag)),
+            "-object".into(),
+            format!("memory-backend-memfd,id=mem,size={},share=on", c.memory),
+            "-numa".into(),
+            "node,memdev=mem".into(),
         ]);
+    }
+    for (i, s) in c.shares.iter().enumerate() {
+        match s.backend {
+            Backend::NineP => a.extend([
+                "-fsdev".into(),
+                format!(
+                    "local,id=fs{i},path={},security_model=none,multidevs=remap{}",
+                    escape(&s.path.to_string_lossy()),
+                    if s.readonly { ",readonly=on" } else { "" }
+                ),
+                "-device".into(),
+                format!("virtio-9p-pci,fsdev=fs{i},mount_tag={}", escape(&s.tag)),
+            ]),
+            Backend::Virtiofs { fd } => a.extend([
+                "-chardev".into(),
+                format!("socket,id=vfs{i},fd={fd}"),
+                "-device".into(),
+                format!(
+                    "vhost-user-fs-pci,chardev=vfs{i},tag={},queue-size=1024",
+                    escape(&s.tag)
+                ),
+            ]),
+        }
     }
     let mut out: Vec<OsString> = a.into_iter().map(OsString::from).collect();
     out.extend(c.extra.iter().cloned());
@@ -160,15 +195,17 @@ mod tests {
             initrd: "/c/initrd".into(),
             cmdline: "console=ttyS0".into(),
             shares: vec![
-                NinePShare {
+                ShareDevice {
                     tag: "vexec-root".into(),
                     path: "/".into(),
                     readonly: true,
+                    backend: Backend::NineP,
                 },
-                NinePShare {
+                ShareDevice {
                     tag: "vexec-1".into(),
                     path: "/home/a,b c".into(),
                     readonly: false,
+                    backend: Backend::NineP,
                 },
             ],
             console_fd: 5,
@@ -203,6 +240,24 @@ mod tests {
             .collect::<Vec<_>>()
             .join(" ");
         assert!(joined.contains("-accel kvm -cpu host"));
+    }
+
+    #[test]
+    fn virtiofs_shares_memory() {
+        let mut c = config();
+        c.shares[1].backend = Backend::Virtiofs { fd: 9 };
+        let joined = argv(&c)
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            joined.contains("memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem")
+        );
+        assert!(joined.contains(
+            "-chardev socket,id=vfs1,fd=9 -device vhost-user-fs-pci,chardev=vfs1,tag=vexec-1"
+        ));
+        assert!(joined.contains("virtio-9p-pci,fsdev=fs0,mount_tag=vexec-root"));
     }
 
     #[test]

@@ -129,3 +129,52 @@ pub fn world_reachable(p: &Path) -> bool {
         .skip(1)
         .all(|a| std::fs::metadata(a).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
 }
+
+/// The Rust virtiofsd that scripts/test.sh installs (or `$VEXEC_TEST_VIRTIOFSD`).
+pub fn rust_virtiofsd() -> PathBuf {
+    let p = std::env::var_os("VEXEC_TEST_VIRTIOFSD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| kernels_dir().join("tools/bin/virtiofsd"));
+    assert!(
+        p.is_file(),
+        "the Rust virtiofsd is missing at {}; run scripts/test.sh (it installs it) or set VEXEC_TEST_VIRTIOFSD",
+        p.display()
+    );
+    p
+}
+
+/// QEMU 7.2's C virtiofsd, where the QEMU package ships it.
+pub fn c_virtiofsd() -> Option<PathBuf> {
+    let p = PathBuf::from("/usr/lib/qemu/virtiofsd");
+    p.is_file().then_some(p)
+}
+
+/// The options that select each transport (and daemon) to test.
+pub fn transport_args(which: &str) -> Option<Vec<std::ffi::OsString>> {
+    let v = |d: PathBuf| {
+        vec![
+            "--transport".into(),
+            "virtiofs".into(),
+            "--virtiofsd".into(),
+            d.into_os_string(),
+        ]
+    };
+    match which {
+        "9p" => Some(vec!["--transport".into(), "9p".into()]),
+        "virtiofs-rust" => Some(v(rust_virtiofsd())),
+        "virtiofs-c" => {
+            if !is_root() {
+                eprintln!("skipped: QEMU's C virtiofsd runs only as root");
+                return None;
+            }
+            match c_virtiofsd() {
+                Some(d) => Some(v(d)),
+                None => {
+                    eprintln!("skipped: this QEMU ships no C virtiofsd");
+                    None
+                }
+            }
+        }
+        other => panic!("unknown transport {other}"),
+    }
+}
