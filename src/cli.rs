@@ -24,7 +24,7 @@ use crate::vm::accel::AccelChoice;
     name = "vexec",
     version,
     trailing_var_arg = true,
-    after_help = "Examples:\n  vexec -k /boot/vmlinuz-6.1.0-56-amd64 -- uname -r\n  vexec -k 6.1.0-56-amd64 -- make check\n  vexec -k ~/src/linux -- ./run-tests.sh\n  go test -exec vexec ./..."
+    after_help = "Examples:\n  vexec -k /boot/vmlinuz-6.1.0-56-amd64 -- uname -r\n  vexec -k 6.1.0-56-amd64 -- make check\n  vexec -k ~/src/linux -- ./run-tests.sh\n  go test -exec vexec ./...\n\nAlso:\n  vexec completions bash|zsh|fish|elvish|powershell   print shell completions\n  vexec manpage                                      print the man page (roff)"
 )]
 pub struct Cli {
     /// Kernel to boot: an image file (bzImage/vmlinuz/vmlinux), a kernel build
@@ -37,17 +37,18 @@ pub struct Cli {
     #[arg(long, value_name = "DIR")]
     pub modules: Option<PathBuf>,
 
-    /// Guest memory (e.g. 512M, 2G).
-    #[arg(short, long, default_value = "1G", value_parser = parse_memory)]
-    pub memory: String,
+    /// Guest memory (e.g. 512M, 2G) [default: 1G].
+    #[arg(short, long, value_parser = parse_memory)]
+    pub memory: Option<String>,
 
-    /// Guest CPUs.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
-    pub cpus: u32,
+    /// Guest CPUs [default: 2].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub cpus: Option<u32>,
 
-    /// Accelerator: auto uses KVM only where it is proven to work.
-    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
-    pub accel: AccelChoice,
+    /// Accelerator: auto uses KVM only where it is proven to work [default:
+    /// auto].
+    #[arg(long, value_enum)]
+    pub accel: Option<AccelChoice>,
 
     /// Stop the command and the VM after this long (e.g. 30s, 5m); exit 124.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -61,6 +62,20 @@ pub struct Cli {
     /// with the VM like writes anywhere else).
     #[arg(long)]
     pub no_cwd: bool,
+
+    /// Share the working directory read-write even if the config file says
+    /// `cwd = false`.
+    #[arg(long, conflicts_with = "no_cwd")]
+    pub cwd: bool,
+
+    /// Read settings from FILE instead of the nearest .vexec.toml (in the
+    /// working directory or up to the VCS root).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Ignore .vexec.toml files.
+    #[arg(long, conflicts_with = "config")]
+    pub no_config: bool,
 
     /// Share DIR read-write at the same path in the guest (repeatable).
     #[arg(long = "rw", value_name = "DIR")]
@@ -77,14 +92,38 @@ pub struct Cli {
     pub overlay: Vec<PathBuf>,
 
     /// How host files reach the guest: auto picks virtio-fs when the kernel
-    /// has it and a virtiofsd is found, else 9p.
-    #[arg(long, value_enum, default_value_t = TransportChoice::Auto)]
-    pub transport: TransportChoice,
+    /// has it and a virtiofsd is found, else 9p [default: auto].
+    #[arg(long, value_enum)]
+    pub transport: Option<TransportChoice>,
 
     /// virtiofsd to use (default: PATH, then /usr/libexec and /usr/lib/qemu,
     /// then QEMU's vhost-user descriptors).
     #[arg(long, value_name = "PATH")]
     pub virtiofsd: Option<PathBuf>,
+
+    /// Set KEY to VALUE in the command's environment (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<(OsString, OsString)>,
+
+    /// Remove KEY from the command's environment (repeatable).
+    #[arg(long = "unset-env", value_name = "KEY")]
+    pub unset_env: Vec<OsString>,
+
+    /// Run the command as root in the guest, keeping your environment (like
+    /// `sudo --preserve-env`). Needs no rights on the host: only the guest's
+    /// root, and host files outside rw shares stay unwritable.
+    #[arg(long)]
+    pub sudo: bool,
+
+    /// Run the command on a pseudo-terminal (stdin, stdout and stderr), as
+    /// if typed at a terminal. Default: each of them is a terminal in the
+    /// guest when it is one here.
+    #[arg(short = 't', long)]
+    pub tty: bool,
+
+    /// Never use a pseudo-terminal: plain pipes.
+    #[arg(short = 'T', long, conflicts_with = "tty")]
+    pub no_tty: bool,
 
     /// Append ARG to the kernel command line (repeatable).
     #[arg(long = "kernel-arg", value_name = "ARG")]
@@ -114,9 +153,39 @@ pub struct Cli {
     #[arg(long)]
     pub dry_run: bool,
 
-    /// The command to run and its arguments.
+    /// The command to run and its arguments. Without one (or with the word
+    /// `shell`), your login shell runs in the guest; `-- shell` runs a
+    /// program called shell.
     #[arg(value_name = "COMMAND", allow_hyphen_values = true)]
     pub command: Vec<OsString>,
+}
+
+/// Handles `vexec completions SHELL` and `vexec manpage`, which print
+/// generated text on stdout. Returns false for a normal run. (Not clap
+/// subcommands: any other first word is the command to run.)
+pub fn generated_output(args: &[OsString], out: &mut dyn std::io::Write) -> Result<bool, String> {
+    use clap::CommandFactory;
+    let first = args.get(1).and_then(|a| a.to_str());
+    match first {
+        Some("completions") => {
+            let shell = args
+                .get(2)
+                .and_then(|a| a.to_str())
+                .ok_or("usage: vexec completions bash|zsh|fish|elvish|powershell")?;
+            let shell: clap_complete::Shell = shell.parse().map_err(|_| {
+                format!("unknown shell `{shell}`; use bash, zsh, fish, elvish or powershell")
+            })?;
+            clap_complete::generate(shell, &mut Cli::command(), "vexec", out);
+            Ok(true)
+        }
+        Some("manpage") => {
+            clap_mangen::Man::new(Cli::command())
+                .render(out)
+                .map_err(|e| format!("writing the man page: {e}"))?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
 }
 
 /// Accepts QEMU-style sizes: a number of MiB, or with a K/M/G/T suffix.
@@ -146,6 +215,14 @@ pub fn parse_memory(s: &str) -> Result<String, String> {
         ));
     }
     Ok(format!("{mib}M"))
+}
+
+/// Accepts `KEY=VALUE` (the value may be empty or contain `=`).
+pub fn parse_env(s: &str) -> Result<(OsString, OsString), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.into(), v.into())),
+        _ => Err(format!("`{s}` is not KEY=VALUE")),
+    }
 }
 
 /// Accepts `30`, `30s`, `1.5s`, `5m`, `1h30m`.
@@ -191,6 +268,33 @@ mod tests {
         assert_eq!(parse_memory("2GiB").unwrap(), "2048M");
         assert!(parse_memory("lots").is_err());
         assert!(parse_memory("16M").is_err());
+    }
+
+    #[test]
+    fn completions_and_man_page() {
+        let generate = |args: &[&str]| {
+            let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+            let mut out = Vec::new();
+            let r = generated_output(&args, &mut out);
+            (r, String::from_utf8(out).unwrap())
+        };
+        let (r, text) = generate(&["vexec", "completions", "bash"]);
+        assert!(r.unwrap());
+        assert!(text.contains("--transport"), "{text}");
+        let (r, text) = generate(&["vexec", "manpage"]);
+        assert!(r.unwrap());
+        assert!(text.contains(".TH vexec"), "{text}");
+        assert!(generate(&["vexec", "completions", "tcsh"]).0.is_err());
+        assert!(!generate(&["vexec", "--", "completions"]).0.unwrap());
+        assert!(!generate(&["vexec", "ls"]).0.unwrap());
+    }
+
+    #[test]
+    fn env_pairs() {
+        assert_eq!(parse_env("A=b=c").unwrap(), ("A".into(), "b=c".into()));
+        assert_eq!(parse_env("A=").unwrap(), ("A".into(), "".into()));
+        assert!(parse_env("A").is_err());
+        assert!(parse_env("=x").is_err());
     }
 
     #[test]

@@ -6,16 +6,20 @@ mod artifacts;
 mod cache;
 mod caps;
 mod cli;
+mod config;
 mod guest;
 mod host;
 mod initramfs;
 mod kernel;
 mod protocol;
 mod run;
+mod settings;
 mod shares;
 mod spec;
 mod transport;
 mod vm;
+
+use std::ffi::OsString;
 
 use clap::Parser;
 
@@ -23,7 +27,17 @@ fn main() {
     if std::process::id() == 1 {
         guest::run();
     }
-    let cli = cli::Cli::parse();
+    let args: Vec<OsString> = std::env::args_os().collect();
+    match cli::generated_output(&args, &mut std::io::stdout().lock()) {
+        Ok(true) => std::process::exit(0),
+        Ok(false) => {}
+        Err(e) => {
+            eprintln!("vexec: error: {e}");
+            std::process::exit(2);
+        }
+    }
+    let separator = args.iter().any(|a| a == "--");
+    let cli = cli::Cli::parse_from(args);
     let relay = match host::session::SignalRelay::install() {
         Ok(r) => r,
         Err(e) => {
@@ -31,7 +45,16 @@ fn main() {
             std::process::exit(run::STATUS_FAILED);
         }
     };
-    let spec = spec_from_cli(cli);
+    let host = host_facts();
+    let spec = load_config(&cli, &host.cwd)
+        .and_then(|c| settings::build(cli, c.as_ref(), host, separator));
+    let spec = match spec {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vexec: error: {e}");
+            std::process::exit(run::STATUS_FAILED);
+        }
+    };
     match run::run(&spec, &relay) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
@@ -41,8 +64,8 @@ fn main() {
     }
 }
 
-/// The only place that reads the process environment.
-fn spec_from_cli(cli: cli::Cli) -> spec::RunSpec {
+/// The only place that reads the process environment and host facts.
+fn host_facts() -> settings::Host {
     // SAFETY: plain queries of the process's credentials and hostname.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let groups = {
@@ -58,52 +81,35 @@ fn spec_from_cli(cli: cli::Cli) -> spec::RunSpec {
         let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
         String::from_utf8_lossy(&buf[..end]).into_owned()
     };
-    let running_release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .ok()
-        .map(|s| s.trim().to_string());
-    let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
-    spec::RunSpec {
-        kernel: cli.kernel,
-        modules: cli.modules,
-        argv: cli.command,
-        env: std::env::vars_os().collect(),
-        cwd,
+    settings::Host {
         uid,
         gid,
         groups,
         hostname,
-        share_cwd: !cli.no_cwd,
-        shares: [
-            (cli.rw, protocol::ShareMode::ReadWrite),
-            (cli.ro, protocol::ShareMode::ReadOnly),
-            (cli.overlay, protocol::ShareMode::Overlay),
-        ]
-        .into_iter()
-        .flat_map(|(paths, mode)| {
-            paths
-                .into_iter()
-                .map(move |path| shares::ShareRequest { path, mode })
-        })
-        .collect(),
-        transport: cli.transport,
-        virtiofsd: cli.virtiofsd,
-        memory: cli.memory,
-        cpus: cli.cpus,
-        accel: cli.accel,
-        timeout: cli.timeout,
-        boot_timeout: cli.boot_timeout,
-        qemu: cli.qemu,
-        kernel_args: cli.kernel_args,
-        qemu_args: cli.qemu_args,
-        console_log: cli.console_log,
-        verbose: cli.verbose,
-        quiet: cli.quiet,
-        dry_run: cli.dry_run,
+        cwd: std::env::current_dir().unwrap_or_else(|_| "/".into()),
+        env: std::env::vars_os().collect(),
         cache_dir: cache::Cache::default_root(
             std::env::var_os("XDG_CACHE_HOME").map(Into::into),
             std::env::var_os("HOME").map(Into::into),
         ),
-        running_release,
+        running_release: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .ok()
+            .map(|s| s.trim().to_string()),
         path_var: std::env::var_os("PATH"),
+    }
+}
+
+/// The config file in force: `--config`, else the nearest `.vexec.toml`,
+/// unless `--no-config`.
+fn load_config(
+    cli: &cli::Cli,
+    cwd: &std::path::Path,
+) -> Result<Option<config::Loaded>, config::ConfigError> {
+    if cli.no_config {
+        return Ok(None);
+    }
+    match cli.config.clone().or_else(|| config::find(cwd)) {
+        Some(p) => config::load(&p).map(Some),
+        None => Ok(None),
     }
 }

@@ -80,6 +80,22 @@ pub struct Setup {
     pub verbose: bool,
 }
 
+/// Which of the command's standard descriptors are a pseudo-terminal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tty {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    pub rows: u16,
+    pub cols: u16,
+    /// An interactive shell: keep the suspend key (Ctrl-Z). For a plain
+    /// command it is disabled, since nothing in the guest could resume it.
+    pub job_control: bool,
+    /// The host terminal is in raw mode, so the guest's terminal does the
+    /// output processing (\n to \r\n); otherwise the host's does.
+    pub host_raw: bool,
+}
+
 /// The command to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Exec {
@@ -89,6 +105,13 @@ pub struct Exec {
     pub uid: u32,
     pub gid: u32,
     pub groups: Vec<u32>,
+    /// Shell commands run as root before the command (any failure stops
+    /// the run with status 125).
+    pub setup: Vec<Vec<u8>>,
+    /// Shell commands run as root after the command.
+    pub teardown: Vec<Vec<u8>>,
+    /// Run on a pseudo-terminal (None: pipes only).
+    pub tty: Option<Tty>,
 }
 
 /// Host → guest.

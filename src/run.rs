@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use crate::artifacts::{self, PrepareError};
 use crate::cache::{Cache, CacheError};
 use crate::host::session::{self, Outcome, Params, SignalRelay, Timings};
+use crate::host::terminal;
 use crate::kernel::{self, ResolveError, resolve::Defaults};
-use crate::protocol::{Exec, Exit, Setup, Share, ShareMode, Transport};
+use crate::protocol::{Exec, Exit, Setup, Share, ShareMode, Transport, Tty};
 use crate::shares::{self, ShareError};
-use crate::spec::RunSpec;
+use crate::spec::{RunSpec, TtyMode};
 use crate::transport::{self, TransportError};
 use crate::vm::accel::{self, Accel, AccelChoice};
 use crate::vm::qemu::{self, Backend, QemuConfig, ShareDevice};
@@ -58,7 +59,7 @@ fn bytes(p: &Path) -> Vec<u8> {
 /// Runs the spec; returns vexec's exit status.
 pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
     let t0 = Instant::now();
-    if spec.argv.is_empty() && !spec.dry_run {
+    if spec.argv.is_empty() {
         return Err(RunError::NoCommand);
     }
     let qemu_bin = vmmod::find_qemu(spec.qemu.as_deref(), spec.path_var.clone())?;
@@ -179,18 +180,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         msize: MSIZE,
         verbose: spec.verbose,
     };
-    let exec = Exec {
-        argv: spec.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
-        env: spec
-            .env
-            .iter()
-            .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
-            .collect(),
-        cwd: bytes(&spec.cwd),
-        uid: spec.uid,
-        gid: spec.gid,
-        groups: spec.groups.clone(),
-    };
+    let exec = exec_for(spec);
 
     let (mut accel, why_not_kvm) = accel::choose(spec.accel, cache.root());
     if let (Some(why), false) = (&why_not_kvm, spec.quiet) {
@@ -259,6 +249,76 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         }
         return Ok(status_of(outcome));
     }
+}
+
+/// The command as the guest runs it: as the caller, or with `--sudo` as
+/// root with the caller's environment plus what sudo adds.
+fn exec_for(spec: &RunSpec) -> Exec {
+    let mut env: Vec<(Vec<u8>, Vec<u8>)> = spec
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+        .collect();
+    let (uid, gid, groups) = if spec.sudo {
+        let user = env
+            .iter()
+            .find(|(k, _)| k == b"USER")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| spec.uid.to_string().into_bytes());
+        let set: [(&[u8], Vec<u8>); 5] = [
+            (b"SUDO_USER", user),
+            (b"SUDO_UID", spec.uid.to_string().into_bytes()),
+            (b"SUDO_GID", spec.gid.to_string().into_bytes()),
+            (b"USER", b"root".to_vec()),
+            (b"LOGNAME", b"root".to_vec()),
+        ];
+        env.retain(|(k, _)| !set.iter().any(|(s, _)| k == s));
+        env.extend(set.into_iter().map(|(k, v)| (k.to_vec(), v)));
+        (0, 0, vec![0])
+    } else {
+        (spec.uid, spec.gid, spec.groups.clone())
+    };
+    Exec {
+        argv: spec.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        env,
+        cwd: bytes(&spec.cwd),
+        uid,
+        gid,
+        groups,
+        setup: spec.setup.iter().map(|c| c.as_bytes().to_vec()).collect(),
+        teardown: spec
+            .teardown
+            .iter()
+            .map(|c| c.as_bytes().to_vec())
+            .collect(),
+        tty: tty_for(spec),
+    }
+}
+
+/// Which of the command's descriptors are a terminal in the guest.
+fn tty_for(spec: &RunSpec) -> Option<Tty> {
+    let (stdin, stdout, stderr) = match spec.tty {
+        TtyMode::Never => return None,
+        TtyMode::Always => (true, true, true),
+        TtyMode::Auto => (
+            terminal::is_tty(0),
+            terminal::is_tty(1),
+            terminal::is_tty(2),
+        ),
+    };
+    if !(stdin || stdout || stderr) {
+        return None;
+    }
+    let (rows, cols) = terminal::window_size(&[0, 1, 2]).unwrap_or((24, 80));
+    Some(Tty {
+        stdin,
+        stdout,
+        stderr,
+        rows,
+        cols,
+        job_control: spec.shell,
+        host_raw: stdin && terminal::is_tty(0),
+    })
 }
 
 /// Maps how the session ended to vexec's exit status, telling the user why

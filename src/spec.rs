@@ -10,6 +10,17 @@ use crate::shares::ShareRequest;
 use crate::transport::TransportChoice;
 use crate::vm::accel::AccelChoice;
 
+/// When the command gets a pseudo-terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TtyMode {
+    /// Each standard descriptor that is a terminal on the host.
+    Auto,
+    /// All three (`-t`).
+    Always,
+    /// None (`-T`).
+    Never,
+}
+
 /// One run, fully described.
 #[derive(Debug, Clone)]
 pub struct RunSpec {
@@ -21,6 +32,15 @@ pub struct RunSpec {
     pub uid: u32,
     pub gid: u32,
     pub groups: Vec<u32>,
+    pub tty: TtyMode,
+    /// No command was given: run the login shell.
+    pub shell: bool,
+    /// Run the command as the guest's root (`--sudo`).
+    pub sudo: bool,
+    /// Shell commands run as root in the guest before the command.
+    pub setup: Vec<String>,
+    /// Shell commands run as root in the guest after the command.
+    pub teardown: Vec<String>,
     pub hostname: String,
     /// Share the working directory read-write.
     pub share_cwd: bool,

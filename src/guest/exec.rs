@@ -5,6 +5,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -33,9 +34,59 @@ fn os(b: &[u8]) -> &OsStr {
     OsStr::from_bytes(b)
 }
 
-/// Runs `exec` to completion and returns how it ended. `reader` yields the
-/// host's further messages (stdin, signals).
-pub fn run(port: &PortWriter, mut reader: File, exec: &Exec) -> Exit {
+/// Runs the setup commands, the command and the teardown commands.
+pub fn run(port: &PortWriter, reader: File, exec: &Exec) -> Exit {
+    if let Err(message) = hooks(port, exec, &exec.setup, "setup") {
+        return Exit::NotStarted {
+            status: 125,
+            message,
+        };
+    }
+    let exit = command(port, reader, exec);
+    if let Err(message) = hooks(port, exec, &exec.teardown, "teardown") {
+        let _ = send(port, &GuestMsg::Stderr(format!("{message}\n").into_bytes()));
+    }
+    exit
+}
+
+/// Runs `cmds` one by one with `/bin/sh -c` as root, in the command's
+/// environment and directory; their output goes to the host's stderr
+/// (stdout belongs to the command under test).
+fn hooks(port: &PortWriter, exec: &Exec, cmds: &[Vec<u8>], what: &str) -> Result<(), String> {
+    for c in cmds {
+        let out = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(os(c))
+            .env_clear()
+            .envs(exec.env.iter().map(|(k, v)| (os(k), os(v))))
+            .current_dir(os(&exec.cwd))
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| {
+                format!(
+                    "vexec: {what} command `{}`: {e}",
+                    String::from_utf8_lossy(c)
+                )
+            })?;
+        for data in [out.stdout, out.stderr] {
+            if !data.is_empty() {
+                let _ = send(port, &GuestMsg::Stderr(data));
+            }
+        }
+        if !out.status.success() {
+            return Err(format!(
+                "vexec: {what} command `{}` failed ({})",
+                String::from_utf8_lossy(c),
+                out.status
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runs the command to completion and returns how it ended. `reader`
+/// yields the host's further messages (stdin, signals).
+fn command(port: &PortWriter, mut reader: File, exec: &Exec) -> Exit {
     let Some((prog, args)) = exec.argv.split_first() else {
         return Exit::NotStarted {
             status: 127,
@@ -52,20 +103,48 @@ pub fn run(port: &PortWriter, mut reader: File, exec: &Exec) -> Exit {
             ),
         };
     }
+    let pty = match &exec.tty {
+        Some(t) => match sys::open_pty(t.rows, t.cols, t.job_control, t.host_raw) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                return Exit::NotStarted {
+                    status: 125,
+                    message: format!("vexec: cannot allocate a pseudo-terminal in the guest: {e}"),
+                };
+            }
+        },
+        None => None,
+    };
+    let tty = exec.tty.clone();
+    let on_tty = |want: bool| -> Option<Stdio> {
+        let (_, slave) = pty.as_ref()?;
+        want.then(|| slave.try_clone().ok().map(Stdio::from))?
+    };
     let mut cmd = Command::new(os(prog));
     cmd.args(args.iter().map(|a| os(a)))
         .env_clear()
         .envs(exec.env.iter().map(|(k, v)| (os(k), os(v))))
         .current_dir(cwd)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stdin(on_tty(tty.as_ref().is_some_and(|t| t.stdin)).unwrap_or(Stdio::piped()))
+        .stdout(on_tty(tty.as_ref().is_some_and(|t| t.stdout)).unwrap_or(Stdio::piped()))
+        .stderr(on_tty(tty.as_ref().is_some_and(|t| t.stderr)).unwrap_or(Stdio::piped()));
     let (uid, gid, groups) = (exec.uid, exec.gid, exec.groups.clone());
+    // The descriptor that becomes the controlling terminal, if any.
+    let ctty: Option<i32> = tty.as_ref().and_then(|t| {
+        [(t.stdin, 0), (t.stdout, 1), (t.stderr, 2)]
+            .into_iter()
+            .find_map(|(on, fd)| on.then_some(fd))
+    });
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            // Its own process group, so signals reach everything it started.
-            if libc::setpgid(0, 0) < 0
+            // Its own process group (a session, on a terminal), so signals
+            // reach everything it started.
+            let grouped = match ctty {
+                Some(fd) => libc::setsid() >= 0 && libc::ioctl(fd, libc::TIOCSCTTY, 0) >= 0,
+                None => libc::setpgid(0, 0) >= 0,
+            };
+            if !grouped
                 || libc::setgroups(groups.len(), groups.as_ptr()) < 0
                 || libc::setgid(gid) < 0
                 || libc::setuid(uid) < 0
@@ -75,7 +154,12 @@ pub fn run(port: &PortWriter, mut reader: File, exec: &Exec) -> Exit {
             Ok(())
         });
     }
-    let mut child = match cmd.spawn() {
+    let spawned = cmd.spawn();
+    // The command's copies of the terminal's slave side close with `cmd`:
+    // the master then reads EOF once the command and its children are gone.
+    drop(cmd);
+    let master = pty.map(|(m, _)| m);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             let name = String::from_utf8_lossy(prog);
@@ -99,10 +183,26 @@ pub fn run(port: &PortWriter, mut reader: File, exec: &Exec) -> Exit {
 
     // stdin: a writer thread, so a command that never reads its input does
     // not stall the handling of signals.
-    let mut stdin = child.stdin.take();
+    let mut stdin: Option<Box<dyn Write + Send>> = match (&master, &tty) {
+        (Some(m), Some(t)) if t.stdin => m
+            .try_clone()
+            .ok()
+            .map(|f| Box::new(File::from(f)) as Box<dyn Write + Send>),
+        _ => child
+            .stdin
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Write + Send>),
+    };
+    let stdin_is_tty = tty.as_ref().is_some_and(|t| t.stdin);
     let (stdin_tx, stdin_rx) = mpsc::channel::<Option<Vec<u8>>>();
     std::thread::spawn(move || {
-        while let Ok(Some(data)) = stdin_rx.recv() {
+        while let Ok(msg) = stdin_rx.recv() {
+            let data = match msg {
+                Some(d) => d,
+                // End of input on a terminal is its EOF character.
+                None if stdin_is_tty => vec![4],
+                None => break,
+            };
             if let Some(s) = stdin.as_mut()
                 && s.write_all(&data).is_err()
             {
@@ -111,6 +211,7 @@ pub fn run(port: &PortWriter, mut reader: File, exec: &Exec) -> Exit {
         }
         drop(stdin);
     });
+    let winsize_fd = master.as_ref().map(|m| m.as_raw_fd());
     std::thread::spawn(move || {
         while let Ok(Some(msg)) = protocol::read_frame::<HostMsg>(&mut reader) {
             match msg {
@@ -123,6 +224,11 @@ pub fn run(port: &PortWriter, mut reader: File, exec: &Exec) -> Exit {
                 HostMsg::Signal(n) => {
                     // SAFETY: plain kill(2) to the command's process group.
                     unsafe { libc::kill(-pid, n) };
+                }
+                HostMsg::WindowSize { rows, cols } => {
+                    if let Some(fd) = winsize_fd {
+                        sys::set_window_size(fd, rows, cols);
+                    }
                 }
                 _ => {}
             }
@@ -144,19 +250,38 @@ pub fn run(port: &PortWriter, mut reader: File, exec: &Exec) -> Exit {
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    // EIO on a terminal master: every slave side is closed.
                     Err(_) => break,
                 }
             }
             let _ = done.send(());
         });
     };
-    pump(Box::new(child.stdout.take().unwrap()), GuestMsg::Stdout);
-    pump(Box::new(child.stderr.take().unwrap()), GuestMsg::Stderr);
+    let mut pumps = 0;
+    if let Some(out) = child.stdout.take() {
+        pump(Box::new(out), GuestMsg::Stdout);
+        pumps += 1;
+    }
+    if let Some(err) = child.stderr.take() {
+        pump(Box::new(err), GuestMsg::Stderr);
+        pumps += 1;
+    }
+    if let (Some(m), Some(t)) = (master, &tty)
+        && (t.stdout || t.stderr)
+    {
+        let wrap = if t.stdout {
+            GuestMsg::Stdout
+        } else {
+            GuestMsg::Stderr
+        };
+        pump(Box::new(File::from(m)), wrap);
+        pumps += 1;
+    }
     drop(done_tx);
 
     let exit = reap(pid);
     let deadline = std::time::Instant::now() + DRAIN_GRACE;
-    for _ in 0..2 {
+    for _ in 0..pumps {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if done_rx.recv_timeout(left).is_err() {
             break;

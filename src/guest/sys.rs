@@ -131,3 +131,70 @@ pub fn loopback_up() -> io::Result<()> {
         if rc < 0 { Err(err) } else { Ok(()) }
     }
 }
+
+/// Opens a pseudo-terminal of the given size; returns (master, slave), both
+/// close-on-exec. Without `job_control` the suspend key is disabled;
+/// without `output_processing`, output bytes pass through unchanged.
+pub fn open_pty(
+    rows: u16,
+    cols: u16,
+    job_control: bool,
+    output_processing: bool,
+) -> io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (-1, -1);
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: out-pointers to locals; the fds are owned right after.
+    let (master, slave) = unsafe {
+        if libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &ws,
+        ) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        (
+            std::os::fd::OwnedFd::from_raw_fd(master),
+            std::os::fd::OwnedFd::from_raw_fd(slave),
+        )
+    };
+    use std::os::fd::AsRawFd;
+    for fd in [master.as_raw_fd(), slave.as_raw_fd()] {
+        // SAFETY: fcntl on fds we own.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    // SAFETY: termios is plain data filled by tcgetattr.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(slave.as_raw_fd(), &mut t) == 0 {
+            if !job_control {
+                t.c_cc[libc::VSUSP] = 0;
+            }
+            if !output_processing {
+                t.c_oflag &= !libc::OPOST;
+            }
+            libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &t);
+        }
+    }
+    Ok((master, slave))
+}
+
+/// Tells the terminal (and so its foreground programs) its new size.
+pub fn set_window_size(fd: i32, rows: u16, cols: u16) {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads the struct.
+    unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) };
+}

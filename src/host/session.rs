@@ -16,6 +16,7 @@ use crate::vm::virtiofsd::{Daemon, DaemonSpec};
 use crate::vm::{Vm, VmError};
 
 use super::console::{self, ConsoleEvent};
+use super::terminal;
 
 /// How long vexec waits after QEMU exits for the rest of the guest's
 /// messages (and vice versa).
@@ -41,19 +42,23 @@ pub struct SignalRelay {
 }
 
 impl SignalRelay {
-    /// Installs handlers for SIGINT, SIGTERM and SIGHUP. Without a session,
-    /// a signal ends vexec at once with 128+N.
+    /// Installs handlers for SIGINT, SIGTERM, SIGHUP and SIGWINCH. Without
+    /// a session, a signal other than SIGWINCH ends vexec at once with 128+N.
     pub fn install() -> std::io::Result<Self> {
-        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGWINCH};
         let relay = SignalRelay::default();
-        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGWINCH])?;
         let slot = Arc::clone(&relay.slot);
         std::thread::spawn(move || {
             for sig in signals.forever() {
                 let tx = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 match tx {
                     Some(tx) if tx.send(Event::Signal(sig)).is_ok() => {}
-                    _ => std::process::exit(128 + sig),
+                    _ if sig == SIGWINCH => {}
+                    _ => {
+                        super::terminal::restore();
+                        std::process::exit(128 + sig)
+                    }
                 }
             }
         });
@@ -268,6 +273,9 @@ fn event_loop(
     let mut qemu_status: Option<i32> = None;
     let mut ctl_closed = false;
     let mut interrupted: Option<i32> = None;
+    // Raw mode on the host terminal while an interactive command runs;
+    // restored when the loop ends, however it ends.
+    let mut _raw: Option<terminal::RawMode> = None;
 
     let failure = |panic_line: &Option<String>, status: Option<i32>| -> String {
         let mut msg = if let Some(line) = panic_line {
@@ -374,6 +382,10 @@ fn event_loop(
                 if sent.is_err() {
                     continue; // QEMU exiting; its event explains.
                 }
+                // Keys go to the guest's terminal as they are typed.
+                if p.exec.tty.as_ref().is_some_and(|t| t.stdin) && terminal::is_tty(0) {
+                    _raw = terminal::RawMode::enter();
+                }
                 pump_stdin(Arc::clone(ctl));
                 phase = Phase::Running;
                 deadline = p.timeout.map(|d| Instant::now() + d);
@@ -408,6 +420,14 @@ fn event_loop(
                 // Outside a probe, QEMU exits next and its stderr explains.
                 if p.kvm_probe.is_some() && phase == Phase::Booting {
                     return Outcome::KvmBroken(line);
+                }
+            }
+            Event::Signal(libc::SIGWINCH) => {
+                if p.exec.tty.is_some()
+                    && phase == Phase::Running
+                    && let Some((rows, cols)) = terminal::window_size(&[0, 1, 2])
+                {
+                    let _ = send(ctl, &HostMsg::WindowSize { rows, cols });
                 }
             }
             Event::Signal(sig) => {

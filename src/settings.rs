@@ -1,0 +1,376 @@
+//! Building the [`RunSpec`] from the command line, the project's
+//! `.vexec.toml` and facts about the host. Command-line flags override the
+//! file; list-valued settings (shares, kernel and QEMU arguments) add up,
+//! the file's first.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::ValueEnum;
+
+use crate::cli::{self, Cli};
+use crate::config::{ConfigError, Loaded};
+use crate::protocol::ShareMode;
+use crate::shares::ShareRequest;
+use crate::spec::{RunSpec, TtyMode};
+use crate::transport::TransportChoice;
+use crate::vm::accel::AccelChoice;
+
+/// What vexec learns about the caller and the host before a run.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub hostname: String,
+    pub cwd: PathBuf,
+    pub env: Vec<(OsString, OsString)>,
+    pub cache_dir: PathBuf,
+    pub running_release: Option<String>,
+    pub path_var: Option<OsString>,
+}
+
+fn invalid(config: &Loaded, key: &str, message: String) -> ConfigError {
+    ConfigError::Invalid {
+        path: config.path.clone(),
+        message: format!("key `{key}`: {message}; see docs/config.md"),
+    }
+}
+
+fn enum_value<T: ValueEnum>(config: &Loaded, key: &str, v: &str) -> Result<T, ConfigError> {
+    T::from_str(v, true).map_err(|_| {
+        let names: Vec<String> = T::value_variants()
+            .iter()
+            .filter_map(|v| v.to_possible_value().map(|p| p.get_name().to_string()))
+            .collect();
+        invalid(
+            config,
+            key,
+            format!("`{v}` is not one of {}", names.join(", ")),
+        )
+    })
+}
+
+fn duration(
+    config: &Loaded,
+    key: &str,
+    v: &Option<String>,
+) -> Result<Option<Duration>, ConfigError> {
+    v.as_deref()
+        .map(|s| cli::parse_duration(s).map_err(|e| invalid(config, key, e)))
+        .transpose()
+}
+
+/// Merges the command line over the config file.
+///
+/// `separator` tells whether the command line had a `--`, which makes a
+/// lone `shell` a program rather than the interactive shell.
+pub fn build(
+    cli: Cli,
+    config: Option<&Loaded>,
+    host: Host,
+    separator: bool,
+) -> Result<RunSpec, ConfigError> {
+    let file = config.map(|c| &c.config);
+
+    let memory = match (cli.memory, config) {
+        (Some(m), _) => m,
+        (None, Some(c)) if c.config.memory.is_some() => {
+            let m = c.config.memory.as_deref().unwrap_or_default();
+            cli::parse_memory(m).map_err(|e| invalid(c, "memory", e))?
+        }
+        _ => "1024M".to_string(),
+    };
+    let cpus = match (cli.cpus, file.and_then(|f| f.cpus)) {
+        (Some(n), _) => n,
+        (None, Some(n)) if (1..=256).contains(&n) => n,
+        (None, Some(n)) => {
+            return Err(invalid(
+                config.expect("cpus came from the file"),
+                "cpus",
+                format!("{n} is not in 1..=256"),
+            ));
+        }
+        (None, None) => 2,
+    };
+    let accel = match (cli.accel, config) {
+        (Some(a), _) => a,
+        (None, Some(c)) => match &c.config.accel {
+            Some(a) => enum_value::<AccelChoice>(c, "accel", a)?,
+            None => AccelChoice::Auto,
+        },
+        (None, None) => AccelChoice::Auto,
+    };
+    let transport = match (cli.transport, config) {
+        (Some(t), _) => t,
+        (None, Some(c)) => match &c.config.transport {
+            Some(t) => enum_value::<TransportChoice>(c, "transport", t)?,
+            None => TransportChoice::Auto,
+        },
+        (None, None) => TransportChoice::Auto,
+    };
+    let (timeout, boot_timeout) = match config {
+        Some(c) => (
+            cli.timeout.or(duration(c, "timeout", &c.config.timeout)?),
+            cli.boot_timeout
+                .or(duration(c, "boot-timeout", &c.config.boot_timeout)?),
+        ),
+        None => (cli.timeout, cli.boot_timeout),
+    };
+
+    // Environment: the caller's, then the file's [env], then --env.
+    let mut env = host.env.clone();
+    if let Some(f) = file {
+        let unset: Vec<OsString> = f.env.unset.iter().map(OsString::from).collect();
+        let set: Vec<(OsString, OsString)> = f
+            .env
+            .set
+            .iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        env = environment(env, &set, &unset);
+    }
+    env = environment(env, &cli.env, &cli.unset_env);
+
+    let mut shares = Vec::new();
+    if let Some(c) = config {
+        for (paths, mode) in [
+            (&c.config.rw, ShareMode::ReadWrite),
+            (&c.config.ro, ShareMode::ReadOnly),
+            (&c.config.overlay, ShareMode::Overlay),
+        ] {
+            shares.extend(paths.iter().map(|p| ShareRequest {
+                path: c.path(p),
+                mode,
+            }));
+        }
+    }
+    for (paths, mode) in [
+        (cli.rw, ShareMode::ReadWrite),
+        (cli.ro, ShareMode::ReadOnly),
+        (cli.overlay, ShareMode::Overlay),
+    ] {
+        shares.extend(paths.into_iter().map(|path| ShareRequest { path, mode }));
+    }
+    let share_cwd = if cli.cwd {
+        true
+    } else if cli.no_cwd {
+        false
+    } else {
+        file.and_then(|f| f.cwd).unwrap_or(true)
+    };
+
+    let mut kernel_args: Vec<String> = file.map(|f| f.kernel_args.clone()).unwrap_or_default();
+    kernel_args.extend(cli.kernel_args);
+    let mut qemu_args: Vec<OsString> = file
+        .map(|f| f.qemu_args.iter().map(OsString::from).collect())
+        .unwrap_or_default();
+    qemu_args.extend(cli.qemu_args);
+
+    let shell = cli.command.is_empty() || (cli.command == ["shell"] && !separator);
+    let argv = if shell {
+        let sh = env
+            .iter()
+            .find(|(k, _)| k == "SHELL")
+            .map(|(_, v)| v.clone())
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "/bin/sh".into());
+        vec![sh, "-l".into()]
+    } else {
+        cli.command
+    };
+    let tty = if cli.tty {
+        TtyMode::Always
+    } else if cli.no_tty {
+        TtyMode::Never
+    } else {
+        TtyMode::Auto
+    };
+
+    Ok(RunSpec {
+        kernel: cli.kernel.or_else(|| config.and_then(|c| c.kernel())),
+        modules: cli
+            .modules
+            .or_else(|| config.and_then(|c| c.config.modules.as_deref().map(|m| c.path(m)))),
+        argv,
+        env,
+        tty,
+        shell,
+        sudo: cli.sudo || file.and_then(|f| f.sudo).unwrap_or(false),
+        setup: file.map(|f| f.setup.clone()).unwrap_or_default(),
+        teardown: file.map(|f| f.teardown.clone()).unwrap_or_default(),
+        cwd: host.cwd,
+        uid: host.uid,
+        gid: host.gid,
+        groups: host.groups,
+        hostname: host.hostname,
+        share_cwd,
+        shares,
+        transport,
+        virtiofsd: cli.virtiofsd.or_else(|| {
+            config.and_then(|c| c.config.virtiofsd.as_deref().map(|p| resolve_program(c, p)))
+        }),
+        memory,
+        cpus,
+        accel,
+        timeout,
+        boot_timeout,
+        qemu: cli.qemu,
+        kernel_args,
+        qemu_args,
+        console_log: cli.console_log,
+        verbose: cli.verbose,
+        quiet: cli.quiet,
+        dry_run: cli.dry_run,
+        cache_dir: host.cache_dir,
+        running_release: host.running_release,
+        path_var: host.path_var,
+    })
+}
+
+/// A program path from the file: relative to the file when it has a slash.
+fn resolve_program(c: &Loaded, p: &Path) -> PathBuf {
+    if p.components().count() > 1 || p.is_absolute() {
+        c.path(p)
+    } else {
+        p.to_path_buf()
+    }
+}
+
+/// `env` with `set` applied and `unset` removed.
+pub fn environment(
+    mut env: Vec<(OsString, OsString)>,
+    set: &[(OsString, OsString)],
+    unset: &[OsString],
+) -> Vec<(OsString, OsString)> {
+    env.retain(|(k, _)| !unset.contains(k) && !set.iter().any(|(s, _)| s == k));
+    env.extend(set.iter().cloned());
+    env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn host() -> Host {
+        Host {
+            uid: 1000,
+            gid: 1000,
+            groups: vec![1000],
+            hostname: "h".into(),
+            cwd: "/work/p".into(),
+            env: vec![
+                ("HOME".into(), "/home/u".into()),
+                ("HISTFILE".into(), "x".into()),
+            ],
+            cache_dir: "/c".into(),
+            running_release: None,
+            path_var: None,
+        }
+    }
+
+    fn loaded(text: &str) -> Loaded {
+        Loaded {
+            path: "/work/p/.vexec.toml".into(),
+            config: crate::config::parse(text).unwrap(),
+        }
+    }
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("vexec").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults_without_a_file() {
+        let s = build(cli(&["true"]), None, host(), false).unwrap();
+        assert_eq!(s.memory, "1024M");
+        assert_eq!(s.cpus, 2);
+        assert_eq!(s.accel, AccelChoice::Auto);
+        assert!(s.share_cwd);
+        assert!(!s.sudo);
+    }
+
+    #[test]
+    fn file_values_and_flags_over_them() {
+        let c = loaded(
+            "kernel = \"build/bzImage\"\nmemory = \"2G\"\ncpus = 4\naccel = \"tcg\"\ntransport = \"9p\"\ncwd = false\nrw = [\"out\"]\nkernel-args = [\"a\"]\nsetup = [\"echo s\"]\ntimeout = \"1m\"\n[env]\nset = { RUST_LOG = \"debug\" }\nunset = [\"HISTFILE\"]\n",
+        );
+        let s = build(cli(&["true"]), Some(&c), host(), false).unwrap();
+        assert_eq!(s.kernel.as_deref(), Some("/work/p/build/bzImage"));
+        assert_eq!(s.memory, "2048M");
+        assert_eq!(s.cpus, 4);
+        assert_eq!(s.accel, AccelChoice::Tcg);
+        assert_eq!(s.transport, TransportChoice::NineP);
+        assert!(!s.share_cwd);
+        assert_eq!(s.shares[0].path, Path::new("/work/p/out"));
+        assert_eq!(s.setup, ["echo s"]);
+        assert_eq!(s.timeout, Some(Duration::from_secs(60)));
+        assert!(s.env.contains(&("RUST_LOG".into(), "debug".into())));
+        assert!(!s.env.iter().any(|(k, _)| k == "HISTFILE"));
+
+        let s = build(
+            cli(&[
+                "-m",
+                "512M",
+                "--cpus",
+                "1",
+                "--accel",
+                "auto",
+                "--cwd",
+                "-e",
+                "RUST_LOG=info",
+                "--kernel-arg",
+                "b",
+                "-k",
+                "/k",
+                "true",
+            ]),
+            Some(&c),
+            host(),
+            false,
+        )
+        .unwrap();
+        assert_eq!(s.memory, "512M");
+        assert_eq!(s.cpus, 1);
+        assert_eq!(s.accel, AccelChoice::Auto);
+        assert!(s.share_cwd);
+        assert_eq!(s.kernel.as_deref(), Some("/k"));
+        assert_eq!(s.kernel_args, ["a", "b"]);
+        assert!(s.env.contains(&("RUST_LOG".into(), "info".into())));
+        assert_eq!(s.env.iter().filter(|(k, _)| k == "RUST_LOG").count(), 1);
+    }
+
+    #[test]
+    fn shell_when_no_command() {
+        let s = build(cli(&[]), None, host(), false).unwrap();
+        assert!(s.shell);
+        assert_eq!(s.argv, ["/bin/sh", "-l"]);
+        let mut h = host();
+        h.env.push(("SHELL".into(), "/bin/bash".into()));
+        let s = build(cli(&["shell"]), None, h.clone(), false).unwrap();
+        assert_eq!(s.argv, ["/bin/bash", "-l"]);
+        let s = build(cli(&["--", "shell"]), None, h, true).unwrap();
+        assert!(!s.shell);
+        assert_eq!(s.argv, ["shell"]);
+        let s = build(cli(&["-t", "ls"]), None, host(), false).unwrap();
+        assert_eq!(s.tty, TtyMode::Always);
+    }
+
+    #[test]
+    fn bad_values_name_the_file_and_key() {
+        for (text, key) in [
+            ("memory = \"lots\"\n", "memory"),
+            ("accel = \"warp\"\n", "accel"),
+            ("transport = \"nfs\"\n", "transport"),
+            ("cpus = 0\n", "cpus"),
+            ("timeout = \"soon\"\n", "timeout"),
+        ] {
+            let e = build(cli(&["true"]), Some(&loaded(text)), host(), false).unwrap_err();
+            let e = e.to_string();
+            assert!(e.starts_with("/work/p/.vexec.toml: key `"), "{e}");
+            assert!(e.contains(key), "{e}");
+        }
+    }
+}
