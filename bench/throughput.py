@@ -91,7 +91,7 @@ def settings(tmp, root):
         ("9p", "msize=512000, cache=loose", ["--transport", "9p"], f"{p9},msize=512000,cache=loose"),
     ]
     if os.path.exists(RUST_VFSD):
-        for cache in ["auto", "always", "never"]:
+        for cache in ["auto", "always", "metadata", "never"]:
             d = RUST_VFSD if cache == "auto" else wrapper(RUST_VFSD, "rust", cache, tmp)
             note = " (default)" if cache == "auto" else ""
             rows.append(("virtiofs, Rust daemon", f"cache={cache}{note}", ["--transport", "virtiofs", "--virtiofsd", d], ""))
