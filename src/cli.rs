@@ -137,6 +137,23 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub qemu: Option<PathBuf>,
 
+    /// Fail (exit 1) when the kernel logs a BUG, Oops, WARNING, KASAN,
+    /// UBSAN, lockdep or similar report during the run, even if the command
+    /// passed; the report is printed after the command's output.
+    #[arg(long)]
+    pub fail_on_oops: bool,
+
+    /// Keep a record of the run in DIR: console.log, dmesg.txt, run.json,
+    /// and output/, which the command sees as $VEXEC_OUTPUT.
+    #[arg(long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+
+    /// Start QEMU's gdb stub on PORT (default 1234) with the CPUs halted;
+    /// vexec prints the gdb command to attach, and the run goes on once gdb
+    /// continues. Adds nokaslr to the kernel command line.
+    #[arg(long, value_name = "PORT", num_args = 0..=1, require_equals = true, default_missing_value = "1234")]
+    pub gdb: Option<u16>,
+
     /// Write the guest's full serial console to FILE.
     #[arg(long, value_name = "FILE")]
     pub console_log: Option<PathBuf>,

@@ -40,6 +40,8 @@ pub struct Config {
     pub overlay: Vec<PathBuf>,
     /// Run the command as root in the guest.
     pub sudo: Option<bool>,
+    /// Fail when the kernel logs a splat.
+    pub fail_on_oops: Option<bool>,
     #[serde(default)]
     pub env: EnvConfig,
     #[serde(default)]

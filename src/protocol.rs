@@ -112,6 +112,8 @@ pub struct Exec {
     pub teardown: Vec<Vec<u8>>,
     /// Run on a pseudo-terminal (None: pipes only).
     pub tty: Option<Tty>,
+    /// Send the kernel log ([`GuestMsg::KernelLog`]) before `Exited`.
+    pub kernel_log: bool,
 }
 
 /// Host → guest.
@@ -156,6 +158,8 @@ pub enum GuestMsg {
     },
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
+    /// The kernel log as `dmesg` shows it, when [`Exec::kernel_log`] asked.
+    KernelLog(Vec<u8>),
     Exited {
         exit: Exit,
         uptime_ms: u64,

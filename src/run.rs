@@ -11,8 +11,10 @@ use crate::cache::{Cache, CacheError};
 use crate::host::session::{self, Outcome, Params, SignalRelay, Timings};
 use crate::host::terminal;
 use crate::kernel::{self, ResolveError, resolve::Defaults};
+use crate::oops;
 use crate::protocol::{Exec, Exit, Setup, Share, ShareMode, Transport, Tty};
-use crate::shares::{self, ShareError};
+use crate::record::{self, OutputDir, RunRecord};
+use crate::shares::{self, ShareError, ShareRequest};
 use crate::spec::{RunSpec, TtyMode};
 use crate::transport::{self, TransportError};
 use crate::vm::accel::{self, Accel, AccelChoice};
@@ -63,7 +65,20 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         return Err(RunError::NoCommand);
     }
     let qemu_bin = vmmod::find_qemu(spec.qemu.as_deref(), spec.path_var.clone())?;
-    let shares = shares::resolve(&spec.shares, &spec.cwd, spec.share_cwd)?;
+    let output = spec
+        .output
+        .as_deref()
+        .map(OutputDir::create)
+        .transpose()
+        .map_err(RunError::Failed)?;
+    let mut requests = spec.shares.clone();
+    if let Some(o) = &output {
+        requests.push(ShareRequest {
+            path: o.command_dir(),
+            mode: ShareMode::ReadWrite,
+        });
+    }
+    let shares = shares::resolve(&requests, &spec.cwd, spec.share_cwd)?;
     let cache = Cache::open(spec.cache_dir.clone())?;
     let defaults = Defaults {
         running: spec.running_release.clone(),
@@ -180,11 +195,28 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         msize: MSIZE,
         verbose: spec.verbose,
     };
-    let exec = exec_for(spec);
+    let mut exec = exec_for(spec);
+    exec.kernel_log = spec.fail_on_oops || output.is_some();
+    if let Some(o) = &output {
+        exec.env.retain(|(k, _)| k != b"VEXEC_OUTPUT");
+        exec.env
+            .push((b"VEXEC_OUTPUT".to_vec(), bytes(&o.command_dir())));
+    }
 
     let (mut accel, why_not_kvm) = accel::choose(spec.accel, cache.root());
     if let (Some(why), false) = (&why_not_kvm, spec.quiet) {
         eprintln!("vexec: KVM not usable ({why}); using TCG emulation (slower)");
+    }
+    let mut kernel_args = spec.kernel_args.clone();
+    let mut qemu_args = spec.qemu_args.clone();
+    if let Some(port) = spec.gdb {
+        // Breakpoints by symbol address need the kernel where it was linked.
+        kernel_args.push("nokaslr".into());
+        qemu_args.extend([
+            "-gdb".into(),
+            format!("tcp:127.0.0.1:{port}").into(),
+            "-S".into(),
+        ]);
     }
     let mut config = QemuConfig {
         binary: qemu_bin,
@@ -193,11 +225,11 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         memory: spec.memory.clone(),
         kernel: art.kernel.clone(),
         initrd: art.initramfs.clone(),
-        cmdline: qemu::cmdline(spec.verbose, &spec.kernel_args),
+        cmdline: qemu::cmdline(spec.verbose, &kernel_args),
         shares: devices,
         console_fd: 3,
         control_fd: 4,
-        extra: spec.qemu_args.clone(),
+        extra: qemu_args,
     };
     if spec.dry_run {
         // Each daemon's socket is passed as an inherited descriptor, shown
@@ -208,9 +240,25 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         println!("{}", qemu::shell_line(&config.binary, &qemu::argv(&config)));
         return Ok(0);
     }
+    if let Some(port) = spec.gdb {
+        let symbols = symbol_file(&kernel, &art.kernel);
+        eprintln!(
+            "vexec: the guest waits for gdb; attach with:\n  gdb -ex 'target remote localhost:{port}' {}{}",
+            symbols.display(),
+            if symbols == art.kernel {
+                "\nvexec: (no vmlinux with debug symbols found beside the kernel or in /usr/lib/debug; use hbreak *ADDR with addresses from /proc/kallsyms)"
+            } else {
+                ""
+            }
+        );
+    }
     let prep = t0.elapsed();
     loop {
-        let log = match &spec.console_log {
+        let console_log = spec
+            .console_log
+            .clone()
+            .or_else(|| output.as_ref().map(|o| o.console_log()));
+        let log = match &console_log {
             Some(p) => Some(std::fs::File::create(p).map_err(|e| {
                 RunError::Failed(format!("cannot write the console log {}: {e}", p.display()))
             })?),
@@ -223,11 +271,14 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
             setup: setup.clone(),
             exec: exec.clone(),
             timeout: spec.timeout,
-            boot_timeout: spec.boot_timeout.unwrap_or(match accel {
-                Accel::Kvm => Duration::from_secs(20),
-                Accel::Tcg => Duration::from_secs(60),
-            }),
-            kvm_probe: probing.then(|| Duration::from_secs(8)),
+            boot_timeout: match (spec.gdb, spec.boot_timeout, accel) {
+                // The CPUs wait for gdb for as long as the user needs.
+                (Some(_), _, _) => Duration::from_secs(7 * 24 * 3600),
+                (None, Some(t), _) => t,
+                (None, None, Accel::Kvm) => Duration::from_secs(20),
+                (None, None, Accel::Tcg) => Duration::from_secs(60),
+            },
+            kvm_probe: (probing && spec.gdb.is_none()).then(|| Duration::from_secs(8)),
             verbose: spec.verbose,
             console_log: log,
             print_qemu: spec.verbose,
@@ -247,7 +298,53 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         if spec.verbose {
             print_timings(prep, &timings, t0);
         }
-        return Ok(status_of(outcome));
+        let kernel_log = timings.kernel_log.as_deref();
+        let splats = kernel_log
+            .map(|l| oops::find(&String::from_utf8_lossy(l)))
+            .unwrap_or_default();
+        let words = outcome_words(&outcome);
+        let mut status = status_of(outcome);
+        if !splats.is_empty() {
+            report_splats(&splats, spec.fail_on_oops && status == 0);
+            if spec.fail_on_oops && status == 0 {
+                status = 1;
+            }
+        }
+        if let Some(o) = &output {
+            let ms = |d: Duration| d.as_millis() as u64;
+            let record = RunRecord {
+                kernel: &kernel.image,
+                release: kernel.release(),
+                banner: &kernel.info.banner,
+                transport: chosen.transport.name(),
+                accel: match accel {
+                    Accel::Kvm => "kvm",
+                    Accel::Tcg => "tcg",
+                },
+                command: spec
+                    .argv
+                    .iter()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect(),
+                qemu_command: qemu::shell_line(&config.binary, &qemu::argv(&config)),
+                exit_status: status,
+                outcome: words,
+                timings_ms: record::Timings {
+                    host_prep: ms(prep),
+                    boot_to_agent: timings.guest_ready_ms,
+                    command: timings
+                        .guest_exited_ms
+                        .zip(timings.guest_started_ms)
+                        .map_or(0, |(e, s)| e.saturating_sub(s)),
+                    total: ms(t0.elapsed()),
+                },
+                splats: &splats,
+            };
+            if let Err(e) = o.finish(kernel_log, &record) {
+                eprintln!("vexec: warning: {e}");
+            }
+        }
+        return Ok(status);
     }
 }
 
@@ -292,6 +389,7 @@ fn exec_for(spec: &RunSpec) -> Exec {
             .map(|c| c.as_bytes().to_vec())
             .collect(),
         tty: tty_for(spec),
+        kernel_log: false,
     }
 }
 
@@ -319,6 +417,61 @@ fn tty_for(spec: &RunSpec) -> Option<Tty> {
         job_control: spec.shell,
         host_raw: stdin && terminal::is_tty(0),
     })
+}
+
+/// The kernel image with debug symbols for gdb: `vmlinux` in a build
+/// tree, Debian's and Ubuntu's debug packages, else the image vexec boots.
+fn symbol_file(kernel: &kernel::Kernel, booted: &Path) -> PathBuf {
+    let rel = kernel.release();
+    let mut candidates = Vec::new();
+    // .../arch/x86/boot/bzImage -> .../vmlinux
+    if let Some(tree) = kernel.image.ancestors().nth(4)
+        && kernel.image.ends_with("arch/x86/boot/bzImage")
+    {
+        candidates.push(tree.join("vmlinux"));
+    }
+    if let Some(dir) = kernel.image.parent() {
+        candidates.push(dir.join("vmlinux"));
+        candidates.push(dir.join(format!("vmlinux-{rel}")));
+    }
+    candidates.push(PathBuf::from(format!("/usr/lib/debug/boot/vmlinux-{rel}")));
+    candidates.push(PathBuf::from(format!(
+        "/usr/lib/debug/lib/modules/{rel}/vmlinux"
+    )));
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| booted.to_path_buf())
+}
+
+/// How the session ended, in words (for run.json).
+fn outcome_words(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Exited(Exit::Code(c)) => format!("exited with status {c}"),
+        Outcome::Exited(Exit::Signal(n)) => format!("killed by signal {n}"),
+        Outcome::Exited(Exit::NotStarted { message, .. }) => format!("not started: {message}"),
+        Outcome::TimedOut(d) => format!("timed out after {}", humantime::format_duration(*d)),
+        Outcome::Interrupted(n) => format!("interrupted by signal {n}"),
+        Outcome::Failed(m) => format!("failed: {m}"),
+        Outcome::KvmBroken(m) => format!("KVM failed: {m}"),
+    }
+}
+
+/// Prints the kernel's reports after the command's output.
+fn report_splats(splats: &[oops::Splat], failing: bool) {
+    eprintln!(
+        "vexec: the kernel logged {} report{} during the run{}:",
+        splats.len(),
+        if splats.len() == 1 { "" } else { "s" },
+        if failing {
+            " (--fail-on-oops: exit status 1)"
+        } else {
+            ""
+        }
+    );
+    for s in splats {
+        eprintln!("{}", s.text);
+    }
 }
 
 /// Maps how the session ended to vexec's exit status, telling the user why

@@ -60,6 +60,12 @@ pub struct RunSpec {
     /// Extra QEMU arguments.
     pub qemu_args: Vec<OsString>,
     pub console_log: Option<PathBuf>,
+    /// Port of QEMU's gdb stub (`--gdb`).
+    pub gdb: Option<u16>,
+    /// Fail when the kernel logs a splat (`--fail-on-oops`).
+    pub fail_on_oops: bool,
+    /// Where to keep the run's record (`--output`).
+    pub output: Option<PathBuf>,
     pub verbose: bool,
     pub quiet: bool,
     pub dry_run: bool,

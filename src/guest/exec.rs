@@ -46,6 +46,9 @@ pub fn run(port: &PortWriter, reader: File, exec: &Exec) -> Exit {
     if let Err(message) = hooks(port, exec, &exec.teardown, "teardown") {
         let _ = send(port, &GuestMsg::Stderr(format!("{message}\n").into_bytes()));
     }
+    if exec.kernel_log {
+        let _ = send(port, &GuestMsg::KernelLog(sys::kernel_log()));
+    }
     exit
 }
 

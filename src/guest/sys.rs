@@ -198,3 +198,50 @@ pub fn set_window_size(fd: i32, rows: u16, cols: u16) {
     // SAFETY: TIOCSWINSZ reads the struct.
     unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) };
 }
+
+/// The kernel log so far, formatted as `dmesg` does (`[secs.micros] text`).
+pub fn kernel_log() -> Vec<u8> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut out = Vec::new();
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+    else {
+        return out;
+    };
+    // One record per read; EAGAIN at the end; EPIPE when records were
+    // overwritten meanwhile (read on).
+    let mut buf = vec![0u8; 8192];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                let rec = &buf[..n];
+                let Some(semi) = rec.iter().position(|&b| b == b';') else {
+                    continue;
+                };
+                let fields: Vec<&[u8]> = rec[..semi].split(|&b| b == b',').collect();
+                let usec: u64 = fields
+                    .get(2)
+                    .and_then(|f| std::str::from_utf8(f).ok())
+                    .and_then(|f| f.parse().ok())
+                    .unwrap_or(0);
+                // The text runs to the first newline; continuation lines
+                // (" KEY=value") are metadata.
+                let text = &rec[semi + 1..];
+                let text = &text[..text.iter().position(|&b| b == b'\n').unwrap_or(text.len())];
+                out.extend_from_slice(
+                    format!("[{:5}.{:06}] ", usec / 1_000_000, usec % 1_000_000).as_bytes(),
+                );
+                out.extend_from_slice(text);
+                out.push(b'\n');
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    out
+}

@@ -111,6 +111,8 @@ pub struct Timings {
     pub ended: Option<Instant>,
     /// QEMU's peak resident memory, KiB.
     pub qemu_peak_rss_kib: Option<u64>,
+    /// The guest's kernel log, when the run asked for it.
+    pub kernel_log: Option<Vec<u8>>,
 }
 
 fn write_fd(fd: i32, data: &[u8]) {
@@ -393,6 +395,7 @@ fn event_loop(
             Event::Guest(GuestMsg::Started { uptime_ms }) => t.guest_started_ms = Some(uptime_ms),
             Event::Guest(GuestMsg::Stdout(d)) => write_fd(1, &d),
             Event::Guest(GuestMsg::Stderr(d)) => write_fd(2, &d),
+            Event::Guest(GuestMsg::KernelLog(d)) => t.kernel_log = Some(d),
             Event::Guest(GuestMsg::Exited { exit, uptime_ms }) => {
                 t.guest_exited_ms = Some(uptime_ms);
                 return match interrupted {
