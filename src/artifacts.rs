@@ -15,7 +15,7 @@ use crate::kernel::{ImageKind, Kernel};
 use crate::protocol::Transport;
 
 /// Bumped whenever the layout of an artifact changes.
-const FORMAT: &[u8] = b"vexec-artifacts-2";
+const FORMAT: &[u8] = b"vexec-artifacts-3";
 
 /// What QEMU boots.
 #[derive(Debug, Clone)]
@@ -77,6 +77,8 @@ pub struct Support {
     pub ninep: Option<String>,
     /// Why virtio-fs cannot be used, or None when it can.
     pub virtiofs: Option<String>,
+    /// Why `--net` cannot be used, or None when it can.
+    pub net: Option<String>,
     /// Features assumed built in for lack of a kernel config.
     pub unknown: Vec<String>,
 }
@@ -206,6 +208,9 @@ pub fn inspect(cache: &Cache, kernel: &Kernel) -> Result<Inspected, PrepareError
             let s = Support {
                 ninep: why_not(Transport::NineP),
                 virtiofs: why_not(Transport::Virtiofs),
+                net: caps::check(kernel, config.as_ref(), tree.as_ref(), caps::NET)
+                    .err()
+                    .map(|e| e.to_string()),
                 unknown,
             };
             let bytes = postcard::to_allocvec(&s).map_err(|e| PrepareError::Io {
@@ -243,7 +248,8 @@ fn scan_tree(kernel: &Kernel) -> Result<Option<ModuleTree>, PrepareError> {
 
 /// Prepares (or finds in the cache) the initramfs and module index to boot
 /// the inspected kernel with `agent` (normally vexec's own executable) as
-/// the guest's init, carrying the modules `transport` needs.
+/// the guest's init, carrying the modules `transport` needs (and those of
+/// virtio-net with `net`).
 ///
 /// `interactive` allows a progress notice for slow one-time steps.
 pub fn prepare(
@@ -251,6 +257,7 @@ pub fn prepare(
     kernel: &Kernel,
     inspected: &Inspected,
     transport: Transport,
+    net: bool,
     agent: &Path,
     interactive: bool,
 ) -> Result<BootArtifacts, PrepareError> {
@@ -263,6 +270,7 @@ pub fn prepare(
         &inspected.modules_id,
         &inspected.config_id,
         transport.name().as_bytes(),
+        if net { b"net" } else { b"" },
     ]);
     let initramfs = cache.entry("initramfs", &key);
     // Debian's packages ship no modules.dep; generate one (once) so that
@@ -299,6 +307,9 @@ pub fn prepare(
             )?
             .modules,
         );
+        if net {
+            wanted.extend(caps::check(kernel, config.as_ref(), tree.as_ref(), caps::NET)?.modules);
+        }
         let modules = match (&tree, wanted.is_empty()) {
             (_, true) => Vec::new(),
             (Some(t), false) => t.load_order(&wanted)?,

@@ -69,6 +69,12 @@ pub const VIRTIOFS: &[Feature] = &[Feature {
     ],
 }];
 
+/// Networking (`--net`).
+pub const NET: &[Feature] = &[Feature {
+    what: "virtio networking",
+    options: &[("CONFIG_VIRTIO_NET", Some("virtio_net"))],
+}];
+
 /// The features a transport needs.
 pub fn transport_features(t: Transport) -> &'static [Feature] {
     match t {

@@ -125,6 +125,17 @@ pub struct Cli {
     #[arg(short = 'T', long, conflicts_with = "tty")]
     pub no_tty: bool,
 
+    /// Give the guest a network: QEMU user-mode networking (NAT to the
+    /// host's network, guest address 10.0.2.15, DNS 10.0.2.3). Loopback is
+    /// up even without it.
+    #[arg(long)]
+    pub net: bool,
+
+    /// Forward TCP port HOST on the host's 127.0.0.1 to port GUEST in the
+    /// guest (repeatable; implies --net).
+    #[arg(long = "forward", value_name = "HOST:GUEST", value_parser = parse_forward)]
+    pub forwards: Vec<(u16, u16)>,
+
     /// Append ARG to the kernel command line (repeatable).
     #[arg(long = "kernel-arg", value_name = "ARG")]
     pub kernel_args: Vec<String>,
@@ -234,6 +245,14 @@ pub fn parse_memory(s: &str) -> Result<String, String> {
     Ok(format!("{mib}M"))
 }
 
+/// Accepts `HOST:GUEST` TCP port pairs.
+pub fn parse_forward(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("`{s}` is not HOST:GUEST (two TCP port numbers, e.g. 8080:80)");
+    let (h, g) = s.split_once(':').ok_or_else(bad)?;
+    let port = |p: &str| p.parse::<u16>().ok().filter(|&p| p > 0).ok_or_else(bad);
+    Ok((port(h)?, port(g)?))
+}
+
 /// Accepts `KEY=VALUE` (the value may be empty or contain `=`).
 pub fn parse_env(s: &str) -> Result<(OsString, OsString), String> {
     match s.split_once('=') {
@@ -304,6 +323,14 @@ mod tests {
         assert!(generate(&["vexec", "completions", "tcsh"]).0.is_err());
         assert!(!generate(&["vexec", "--", "completions"]).0.unwrap());
         assert!(!generate(&["vexec", "ls"]).0.unwrap());
+    }
+
+    #[test]
+    fn forwards() {
+        assert_eq!(parse_forward("8080:80").unwrap(), (8080, 80));
+        assert!(parse_forward("8080").is_err());
+        assert!(parse_forward("0:80").is_err());
+        assert!(parse_forward("x:80").is_err());
     }
 
     #[test]

@@ -42,6 +42,11 @@ pub struct Config {
     pub sudo: Option<bool>,
     /// Fail when the kernel logs a splat.
     pub fail_on_oops: Option<bool>,
+    /// QEMU user-mode networking.
+    pub net: Option<bool>,
+    /// TCP forwards, "HOST:GUEST".
+    #[serde(default)]
+    pub forward: Vec<String>,
     #[serde(default)]
     pub env: EnvConfig,
     #[serde(default)]

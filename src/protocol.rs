@@ -78,6 +78,8 @@ pub struct Setup {
     pub msize: u32,
     /// Print setup steps on the console.
     pub verbose: bool,
+    /// Configure the network interface (QEMU user networking).
+    pub net: bool,
 }
 
 /// Which of the command's standard descriptors are a pseudo-terminal.

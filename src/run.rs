@@ -99,6 +99,9 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
             spec.uid == 0,
         )
     })?;
+    if let (true, Some(why)) = (spec.net, &inspected.support.net) {
+        return Err(RunError::Failed(format!("--net is not possible: {why}")));
+    }
     let agent = std::env::current_exe().map_err(RunError::SelfExe)?;
     // SAFETY: isatty only queries fd 2.
     let interactive = !spec.quiet && unsafe { libc::isatty(2) } == 1;
@@ -107,6 +110,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         &kernel,
         &inspected,
         chosen.transport,
+        spec.net,
         &agent,
         interactive,
     )?;
@@ -194,6 +198,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         hostname: spec.hostname.clone(),
         msize: MSIZE,
         verbose: spec.verbose,
+        net: spec.net,
     };
     let mut exec = exec_for(spec);
     exec.kernel_log = spec.fail_on_oops || output.is_some();
@@ -227,6 +232,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         initrd: art.initramfs.clone(),
         cmdline: qemu::cmdline(spec.verbose, &kernel_args),
         shares: devices,
+        net: spec.net.then(|| spec.forwards.clone()),
         console_fd: 3,
         control_fd: 4,
         extra: qemu_args,

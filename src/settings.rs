@@ -168,6 +168,14 @@ pub fn build(
         .unwrap_or_default();
     qemu_args.extend(cli.qemu_args);
 
+    let mut forwards = Vec::new();
+    if let Some(c) = config {
+        for f in &c.config.forward {
+            forwards.push(cli::parse_forward(f).map_err(|e| invalid(c, "forward", e))?);
+        }
+    }
+    forwards.extend(cli.forwards.iter().copied());
+    let net = cli.net || !forwards.is_empty() || file.and_then(|f| f.net).unwrap_or(false);
     let shell = cli.command.is_empty() || (cli.command == ["shell"] && !separator);
     let argv = if shell {
         let sh = env
@@ -223,6 +231,8 @@ pub fn build(
         fail_on_oops: cli.fail_on_oops || file.and_then(|f| f.fail_on_oops).unwrap_or(false),
         output: cli.output,
         gdb: cli.gdb,
+        net,
+        forwards,
         verbose: cli.verbose,
         quiet: cli.quiet,
         dry_run: cli.dry_run,

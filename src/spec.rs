@@ -60,6 +60,10 @@ pub struct RunSpec {
     /// Extra QEMU arguments.
     pub qemu_args: Vec<OsString>,
     pub console_log: Option<PathBuf>,
+    /// User-mode networking (`--net`).
+    pub net: bool,
+    /// TCP forwards, host port to guest port.
+    pub forwards: Vec<(u16, u16)>,
     /// Port of QEMU's gdb stub (`--gdb`).
     pub gdb: Option<u16>,
     /// Fail when the kernel logs a splat (`--fail-on-oops`).

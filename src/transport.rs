@@ -133,6 +133,7 @@ mod tests {
         Support {
             ninep: (!ninep).then(|| "lacks 9p (CONFIG_9P_FS)".into()),
             virtiofs: (!virtiofs).then(|| "lacks virtio-fs (CONFIG_VIRTIO_FS)".into()),
+            net: None,
             unknown: Vec::new(),
         }
     }

@@ -156,3 +156,44 @@ fn gdb_stops_at_a_kernel_breakpoint() {
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(stdout(&out), format!("{}\n", release_of(&kernel(K))));
 }
+
+#[test]
+fn net_reaches_the_host_and_forwards_a_port() {
+    use std::io::{Read, Write};
+    // A server on the host, reached from the guest through 10.0.2.2.
+    let host_srv = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host_port = host_srv.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        if let Ok((mut c, _)) = host_srv.accept() {
+            let _ = c.write_all(b"hello from host\n");
+        }
+    });
+    let fwd = free_port();
+    let script = format!(
+        r#"$| = 1;
+my $h = IO::Socket::INET->new(PeerAddr => "10.0.2.2:{host_port}") or die "connect: $!";
+print scalar <$h>;
+my $s = IO::Socket::INET->new(LocalPort => 8000, Listen => 1, ReuseAddr => 1) or die "listen: $!";
+print "listening\n";
+my $c = $s->accept or die "accept: $!";
+print $c "hello from guest\n";
+close $c;"#
+    );
+    let mut vm = vexec(K);
+    vm.arg("--forward")
+        .arg(format!("{fwd}:8000"))
+        .args(["--", "perl", "-MIO::Socket::INET", "-e", &script])
+        .stdout(Stdio::piped());
+    let mut child = vm.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap());
+    let mut got = String::new();
+    for _ in 0..2 {
+        lines.read_line(&mut got).unwrap();
+    }
+    assert_eq!(got, "hello from host\nlistening\n");
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", fwd)).unwrap();
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).unwrap();
+    assert_eq!(reply, "hello from guest\n");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

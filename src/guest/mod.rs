@@ -139,6 +139,9 @@ fn serve(writer: &exec::PortWriter, mut reader: File) -> Result<(), String> {
                 mounts::build_root(&setup)?;
                 step("root switched");
                 mounts::late();
+                if setup.net {
+                    mounts::network()?;
+                }
                 let _ = sys::set_hostname(&setup.hostname);
                 step("filesystems ready");
                 setup_done = true;

@@ -296,3 +296,23 @@ pub fn late() {
     }
     let _ = sys::loopback_up();
 }
+
+/// Brings up the first network interface on QEMU's user-mode network and
+/// points the resolver at its DNS server.
+pub fn network() -> Result<(), String> {
+    let iface = std::fs::read_dir("/sys/class/net")
+        .map_err(|e| format!("listing network interfaces: {e}"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "lo")
+        .min()
+        .ok_or("no network interface appeared (kernel needs CONFIG_VIRTIO_NET)")?;
+    sys::configure_user_net(&iface).map_err(|e| format!("configuring {iface}: {e}"))?;
+    // The host's resolv.conf may point at a local resolver or be a link
+    // into /run; replace it in the overlay only.
+    let _ = std::fs::remove_file("/etc/resolv.conf");
+    std::fs::write("/etc/resolv.conf", "nameserver 10.0.2.3\n")
+        .map_err(|e| format!("writing /etc/resolv.conf: {e}"))?;
+    super::step(&format!("network up on {iface}"));
+    Ok(())
+}

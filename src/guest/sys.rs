@@ -245,3 +245,61 @@ pub fn kernel_log() -> Vec<u8> {
     }
     out
 }
+
+fn sockaddr_v4(addr: [u8; 4]) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size; plain data.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// Configures `iface` with QEMU user networking's fixed plan: address
+/// 10.0.2.15/24, default route via 10.0.2.2.
+pub fn configure_user_net(iface: &str) -> io::Result<()> {
+    let name = CString::new(iface).map_err(io::Error::other)?;
+    // SAFETY: socket/ioctl calls on zeroed, correctly sized structs.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let check = |rc: libc::c_int| {
+            if rc < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        };
+        let result = (|| {
+            let mut ifr: libc::ifreq = std::mem::zeroed();
+            for (d, s) in ifr
+                .ifr_name
+                .iter_mut()
+                .zip(name.as_bytes_with_nul().iter().take(libc::IFNAMSIZ - 1))
+            {
+                *d = *s as libc::c_char;
+            }
+            ifr.ifr_ifru.ifru_addr = sockaddr_v4([10, 0, 2, 15]);
+            check(libc::ioctl(fd, libc::SIOCSIFADDR, &ifr))?;
+            ifr.ifr_ifru.ifru_netmask = sockaddr_v4([255, 255, 255, 0]);
+            check(libc::ioctl(fd, libc::SIOCSIFNETMASK, &ifr))?;
+            check(libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr))?;
+            ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            check(libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr))?;
+            let mut rt: libc::rtentry = std::mem::zeroed();
+            rt.rt_dst = sockaddr_v4([0, 0, 0, 0]);
+            rt.rt_genmask = sockaddr_v4([0, 0, 0, 0]);
+            rt.rt_gateway = sockaddr_v4([10, 0, 2, 2]);
+            rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+            check(libc::ioctl(fd, libc::SIOCADDRT, &rt))
+        })();
+        libc::close(fd);
+        result
+    }
+}

@@ -39,6 +39,8 @@ pub struct QemuConfig {
     pub initrd: PathBuf,
     pub cmdline: String,
     pub shares: Vec<ShareDevice>,
+    /// QEMU user networking with these TCP forwards (host, guest).
+    pub net: Option<Vec<(u16, u16)>>,
     /// Inherited socket for the serial console.
     pub console_fd: i32,
     /// Inherited socket for the control port.
@@ -127,6 +129,18 @@ pub fn argv(c: &QemuConfig) -> Vec<OsString> {
             ]),
         }
     }
+    if let Some(forwards) = &c.net {
+        let mut netdev = "user,id=net0".to_string();
+        for (h, g) in forwards {
+            netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{h}-:{g}"));
+        }
+        a.extend([
+            "-netdev".into(),
+            netdev,
+            "-device".into(),
+            "virtio-net-pci,netdev=net0".into(),
+        ]);
+    }
     let mut out: Vec<OsString> = a.into_iter().map(OsString::from).collect();
     out.extend(c.extra.iter().cloned());
     out
@@ -208,6 +222,7 @@ mod tests {
                     backend: Backend::NineP,
                 },
             ],
+            net: None,
             console_fd: 5,
             control_fd: 6,
             extra: vec!["-s".into()],
@@ -240,6 +255,20 @@ mod tests {
             .collect::<Vec<_>>()
             .join(" ");
         assert!(joined.contains("-accel kvm -cpu host"));
+    }
+
+    #[test]
+    fn user_net_with_forwards() {
+        let mut c = config();
+        c.net = Some(vec![(8080, 80)]);
+        let joined = argv(&c)
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(joined.contains(
+            "-netdev user,id=net0,hostfwd=tcp:127.0.0.1:8080-:80 -device virtio-net-pci,netdev=net0 -s"
+        ));
     }
 
     #[test]
