@@ -24,7 +24,7 @@ use crate::vm::accel::AccelChoice;
     name = "vexec",
     version,
     trailing_var_arg = true,
-    after_help = "Examples:\n  vexec -k /boot/vmlinuz-6.1.0-56-amd64 -- uname -r\n  vexec -k 6.1.0-56-amd64 -- make check\n  vexec -k ~/src/linux -- ./run-tests.sh\n  go test -exec vexec ./...\n\nAlso:\n  vexec completions bash|zsh|fish|elvish|powershell   print shell completions\n  vexec manpage                                      print the man page (roff)"
+    after_help = "Examples:\n  vexec -k /boot/vmlinuz-6.1.0-56-amd64 -- uname -r\n  vexec -k 6.1.0-56-amd64 -- make check\n  vexec -k ~/src/linux -- ./run-tests.sh\n  go test -exec vexec ./...\n\nAlso:\n  vexec completions bash|zsh|fish|elvish|powershell   print shell completions\n  vexec manpage                                      print the man page (roff)\n  vexec bisect --good A --bad B [--build CMD] [OPTIONS] -- COMMAND\n                                                     find the first bad commit\n  vexec kconfig [--debug] [DIR]                      add vexec's options to DIR/.config\n  vexec build [--debug] [DIR]                        configure and build a kernel tree"
 )]
 pub struct Cli {
     /// Kernel to boot: an image file (bzImage/vmlinuz/vmlinux), a kernel build
@@ -164,6 +164,11 @@ pub struct Cli {
     /// continues. Adds nokaslr to the kernel command line.
     #[arg(long, value_name = "PORT", num_args = 0..=1, require_equals = true, default_missing_value = "1234")]
     pub gdb: Option<u16>,
+
+    /// If the guest kernel panics, write its memory to FILE as an ELF core
+    /// dump (readable by drgn and crash) before ending the run.
+    #[arg(long, value_name = "FILE")]
+    pub dump_on_panic: Option<PathBuf>,
 
     /// Write the guest's full serial console to FILE.
     #[arg(long, value_name = "FILE")]

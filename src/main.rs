@@ -3,6 +3,7 @@
 //! The same binary is the host tool and, as PID 1 in the guest, the agent.
 
 mod artifacts;
+mod bisect;
 mod cache;
 mod caps;
 mod cli;
@@ -10,6 +11,7 @@ mod config;
 mod guest;
 mod host;
 mod initramfs;
+mod kbuild;
 mod kernel;
 mod oops;
 mod protocol;
@@ -37,6 +39,37 @@ fn main() {
             eprintln!("vexec: error: {e}");
             std::process::exit(2);
         }
+    }
+    match args.get(1).and_then(|a| a.to_str()) {
+        Some("bisect") => std::process::exit(
+            match bisect::parse(&args[2..]).and_then(|b| bisect::bisect(&b)) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("vexec: error: {e}");
+                    run::STATUS_FAILED
+                }
+            },
+        ),
+        Some(verb @ ("kconfig" | "build")) => {
+            let r = if verb == "kconfig" {
+                kbuild::kconfig(&args[2..])
+            } else {
+                kbuild::build(&args[2..])
+            };
+            if let Err(e) = r {
+                eprintln!("vexec: error: {e}");
+                std::process::exit(run::STATUS_FAILED);
+            }
+            std::process::exit(0);
+        }
+        Some("__bisect-step") => std::process::exit(match bisect::parse(&args[2..]) {
+            Ok(b) => bisect::step(&b),
+            Err(e) => {
+                eprintln!("vexec: error: {e}");
+                128
+            }
+        }),
+        _ => {}
     }
     let separator = args.iter().any(|a| a == "--");
     let cli = cli::Cli::parse_from(args);

@@ -230,11 +230,12 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         memory: spec.memory.clone(),
         kernel: art.kernel.clone(),
         initrd: art.initramfs.clone(),
-        cmdline: qemu::cmdline(spec.verbose, &kernel_args),
+        cmdline: qemu::cmdline(spec.verbose, spec.dump_on_panic.is_some(), &kernel_args),
         shares: devices,
         net: spec.net.then(|| spec.forwards.clone()),
         console_fd: 3,
         control_fd: 4,
+        qmp_fd: None,
         extra: qemu_args,
     };
     if spec.dry_run {
@@ -288,6 +289,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
             verbose: spec.verbose,
             console_log: log,
             print_qemu: spec.verbose,
+            dump_on_panic: spec.dump_on_panic.clone(),
         };
         let (outcome, timings) = session::run(params, relay)?;
         if let Outcome::KvmBroken(why) = &outcome {

@@ -64,6 +64,8 @@ pub struct RunSpec {
     pub net: bool,
     /// TCP forwards, host port to guest port.
     pub forwards: Vec<(u16, u16)>,
+    /// Where to write a guest memory dump if the kernel panics.
+    pub dump_on_panic: Option<PathBuf>,
     /// Port of QEMU's gdb stub (`--gdb`).
     pub gdb: Option<u16>,
     /// Fail when the kernel logs a splat (`--fail-on-oops`).

@@ -197,3 +197,183 @@ close $c;"#
     assert_eq!(reply, "hello from guest\n");
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+/// A repository whose commits each select a prebuilt kernel (through
+/// .vexec.toml), so bisecting needs no compiling: 5.10, 6.1, 6.1, 6.12,
+/// 6.12. The test command fails on 6.12, so the fourth commit is the first
+/// bad one.
+#[test]
+fn bisect_finds_the_first_bad_commit() {
+    let repo = workdir("bisect");
+    let dir = repo.path();
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.com")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.com")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    git(&["init", "-q", "-b", "main"]);
+    let mut shas = Vec::new();
+    for (i, k) in ["5.10", "6.1", "6.1", "6.12", "6.12"].iter().enumerate() {
+        std::fs::write(
+            dir.join(".vexec.toml"),
+            format!(
+                "# step {i}\nkernel = {:?}\n",
+                kernel(k).display().to_string()
+            ),
+        )
+        .unwrap();
+        git(&["add", ".vexec.toml"]);
+        git(&["commit", "-q", "-m", &format!("step {i}: kernel {k}")]);
+        shas.push(git(&["rev-parse", "HEAD"]));
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_vexec"))
+        .current_dir(dir)
+        .env("XDG_CACHE_HOME", cache_dir())
+        .env_remove("VEXEC_KERNEL")
+        .args([
+            "bisect", "--good", &shas[0], "--bad", &shas[4], "--accel", "tcg", "-q",
+        ])
+        .args(["--", "sh", "-c", "case $(uname -r) in 6.12*) exit 1;; esac"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(stdout(&out).trim(), shas[3], "{err}");
+    assert!(
+        err.contains("first bad commit:") && err.contains("step 3: kernel 6.12"),
+        "{err}"
+    );
+    // The work tree is back where it was.
+    assert_eq!(git(&["rev-parse", "HEAD"]), shas[4]);
+}
+
+#[test]
+fn kconfig_merges_vexec_options_into_a_tree() {
+    let tree = workdir("kconfig");
+    let dir = tree.path();
+    std::fs::write(dir.join("Kconfig"), "").unwrap();
+    std::fs::write(dir.join("Makefile"), "").unwrap();
+    std::fs::write(
+        dir.join(".config"),
+        "CONFIG_LOCALVERSION=\"-mine\"\n# CONFIG_9P_FS is not set\nCONFIG_OVERLAY_FS=m\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vexec"))
+        .args(["kconfig", "--debug"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = std::fs::read_to_string(dir.join(".config")).unwrap();
+    for want in [
+        "CONFIG_LOCALVERSION=\"-mine\"",
+        "CONFIG_9P_FS=y",
+        "CONFIG_OVERLAY_FS=y",
+        "CONFIG_VIRTIO_FS=y",
+        "CONFIG_PVH=y",
+        "CONFIG_GDB_SCRIPTS=y",
+    ] {
+        assert!(
+            config.lines().any(|l| l == want),
+            "{want} missing:\n{config}"
+        );
+    }
+    assert!(!config.contains("CONFIG_OVERLAY_FS=m"));
+    // Not a kernel tree: a clear error.
+    let out = Command::new(env!("CARGO_BIN_EXE_vexec"))
+        .args(["kconfig", "/"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a Linux source tree"));
+}
+
+/// Opt-in (VEXEC_SLOW_TESTS=1, ~10 minutes on 2 cores): builds Debian's
+/// linux-source-6.1 with `vexec build` and boots the result from its tree.
+#[test]
+fn build_a_kernel_tree_and_boot_it() {
+    if std::env::var_os("VEXEC_SLOW_TESTS").is_none() {
+        eprintln!("skipped: set VEXEC_SLOW_TESTS=1 to build a kernel (needs linux-source-6.1)");
+        return;
+    }
+    let tarball = std::path::Path::new("/usr/src/linux-source-6.1.tar.xz");
+    assert!(
+        tarball.is_file(),
+        "apt-get install linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev"
+    );
+    let work = workdir("kbuild");
+    let ok = Command::new("tar")
+        .arg("-C")
+        .arg(work.path())
+        .arg("-xf")
+        .arg(tarball)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let tree = work.path().join("linux-source-6.1");
+    let out = Command::new(env!("CARGO_BIN_EXE_vexec"))
+        .arg("build")
+        .arg(&tree)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vexec"));
+    c.env("XDG_CACHE_HOME", cache_dir())
+        .env_remove("VEXEC_KERNEL")
+        .args(["--accel", "tcg", "-q", "-k"])
+        .arg(&tree)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "uname -r; grep -c virtiofs /proc/filesystems",
+        ])
+        .stdin(Stdio::null());
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout(&out).starts_with("6.1."), "{}", stdout(&out));
+}
+
+#[test]
+fn panic_dumps_guest_memory_as_an_elf_core() {
+    let dir = workdir("dump");
+    let core = dir.path().join("vmcore");
+    let mut c = vexec(K);
+    c.args(["-m", "256M", "--sudo", "--dump-on-panic"])
+        .arg(&core)
+        .args(["--", "sh", "-c", "echo c > /proc/sysrq-trigger"]);
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the guest kernel panicked"), "{err}");
+    assert!(err.contains("guest memory dumped to"), "{err}");
+    let data = std::fs::read(&core).unwrap();
+    // An ELF64 core file (e_type ET_CORE = 4) holding all 256 MiB.
+    assert_eq!(&data[..4], b"\x7fELF");
+    assert_eq!(u16::from_le_bytes([data[16], data[17]]), 4);
+    assert!(data.len() > 256 << 20);
+}

@@ -86,6 +86,8 @@ pub struct Params {
     pub verbose: bool,
     pub console_log: Option<File>,
     pub print_qemu: bool,
+    /// Dump guest memory here when the kernel panics.
+    pub dump_on_panic: Option<std::path::PathBuf>,
 }
 
 /// How the run ended.
@@ -130,6 +132,15 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
     p.qemu.console_fd = guest_con.as_raw_fd();
     p.qemu.control_fd = guest_ctl.as_raw_fd();
     let mut inherit = vec![guest_con.as_raw_fd(), guest_ctl.as_raw_fd()];
+    // A QMP monitor, only to dump memory on a panic.
+    let qmp_pair = match &p.dump_on_panic {
+        Some(_) => Some(UnixStream::pair().map_err(spawn_err(&p))?),
+        None => None,
+    };
+    if let Some((_, guest_qmp)) = &qmp_pair {
+        p.qemu.qmp_fd = Some(guest_qmp.as_raw_fd());
+        inherit.push(guest_qmp.as_raw_fd());
+    }
     let (daemons, daemon_fds) = start_daemons(&mut p)?;
     inherit.extend(daemon_fds.iter().map(|f| f.as_raw_fd()));
     let args = qemu::argv(&p.qemu);
@@ -144,6 +155,10 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
     drop(guest_con);
     drop(guest_ctl);
     drop(daemon_fds);
+    let host_qmp = qmp_pair.map(|(host, guest)| {
+        drop(guest);
+        host
+    });
     relay.attach(Some(tx.clone()));
 
     let qemu_errors = Arc::new(Mutex::new(String::new()));
@@ -187,7 +202,21 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
     }
     drop(tx);
 
-    let outcome = event_loop(&mut p, &rx, &ctl_writer, &mut t, &tail, &qemu_errors, &vm);
+    let mut outcome = event_loop(&mut p, &rx, &ctl_writer, &mut t, &tail, &qemu_errors, &vm);
+    if let (Some(path), Some(qmp), Outcome::Failed(msg)) =
+        (&p.dump_on_panic, host_qmp, &mut outcome)
+        && msg.starts_with("the guest kernel panicked")
+    {
+        let result = crate::vm::qmp::Qmp::connect(qmp, Duration::from_secs(120))
+            .and_then(|mut q| crate::vm::qmp::dump_guest_memory(&mut q, path));
+        msg.push_str(&match result {
+            Ok(()) => format!(
+                "\nguest memory dumped to {} (ELF core; open with drgn or crash)",
+                path.display()
+            ),
+            Err(e) => format!("\nthe memory dump to {} failed: {e}", path.display()),
+        });
+    }
     relay.attach(None);
     t.qemu_peak_rss_kib = vm.peak_rss_kib();
     drop(vm);

@@ -3,6 +3,7 @@
 
 pub mod accel;
 pub mod qemu;
+pub mod qmp;
 pub mod virtiofsd;
 
 use std::ffi::OsString;

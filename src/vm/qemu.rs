@@ -45,6 +45,8 @@ pub struct QemuConfig {
     pub console_fd: i32,
     /// Inherited socket for the control port.
     pub control_fd: i32,
+    /// Inherited socket for a QMP monitor, when one is wanted.
+    pub qmp_fd: Option<i32>,
     pub extra: Vec<OsString>,
 }
 
@@ -129,6 +131,14 @@ pub fn argv(c: &QemuConfig) -> Vec<OsString> {
             ]),
         }
     }
+    if let Some(fd) = c.qmp_fd {
+        a.extend([
+            "-chardev".into(),
+            format!("socket,id=qmp,fd={fd}"),
+            "-mon".into(),
+            "chardev=qmp,mode=control".into(),
+        ]);
+    }
     if let Some(forwards) = &c.net {
         let mut netdev = "user,id=net0".to_string();
         for (h, g) in forwards {
@@ -146,12 +156,14 @@ pub fn argv(c: &QemuConfig) -> Vec<OsString> {
     out
 }
 
-/// The kernel command line. `verbose` keeps the kernel's own messages.
-pub fn cmdline(verbose: bool, extra: &[String]) -> String {
+/// The kernel command line. `verbose` keeps the kernel's own messages;
+/// `hold_on_panic` keeps a panicked guest in memory (for a dump) instead
+/// of ending the VM at once.
+pub fn cmdline(verbose: bool, hold_on_panic: bool, extra: &[String]) -> String {
     let mut parts: Vec<&str> = vec![
         "console=ttyS0",
         // Any panic ends the VM at once (with -no-reboot) instead of hanging.
-        "panic=-1",
+        if hold_on_panic { "panic=0" } else { "panic=-1" },
         "oops=panic",
         "rdinit=/init",
         // No firmware-provided entropy wait, no PS/2 probing, one UART.
@@ -225,6 +237,7 @@ mod tests {
             net: None,
             console_fd: 5,
             control_fd: 6,
+            qmp_fd: None,
             extra: vec!["-s".into()],
         }
     }
@@ -291,7 +304,7 @@ mod tests {
 
     #[test]
     fn cmdline_and_shell_line() {
-        let c = cmdline(false, &["foo=bar".into()]);
+        let c = cmdline(false, false, &["foo=bar".into()]);
         assert!(c.starts_with("console=ttyS0 panic=-1"));
         assert!(c.ends_with("loglevel=4 foo=bar"));
         let l = shell_line(

@@ -1,0 +1,250 @@
+//! Building kernels for vexec: `vexec kconfig` merges the options vexec's
+//! guest needs (all built in) into a `.config`; `vexec build` configures
+//! and compiles a kernel tree so that `-k DIR` boots it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// What every vexec guest needs, built in (also used by
+/// scripts/build-test-kernel.sh).
+pub const GUEST_OPTIONS: &str = include_str!("../scripts/kconfig/vexec-builtin.config");
+
+/// What gdb and drgn want on top.
+pub const DEBUG_OPTIONS: &str = "\
+CONFIG_DEBUG_KERNEL=y
+CONFIG_DEBUG_INFO_DWARF_TOOLCHAIN_DEFAULT=y
+# CONFIG_DEBUG_INFO_REDUCED is not set
+CONFIG_KALLSYMS=y
+CONFIG_KALLSYMS_ALL=y
+CONFIG_GDB_SCRIPTS=y
+CONFIG_FRAME_POINTER=y
+";
+
+/// The option a `.config` line sets, if any (`CONFIG_X=...` or
+/// `# CONFIG_X is not set`).
+fn option_of(line: &str) -> Option<&str> {
+    let l = line.trim();
+    if let Some(rest) = l.strip_prefix("# ") {
+        return rest.strip_suffix(" is not set");
+    }
+    l.split_once('=')
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("CONFIG_"))
+}
+
+/// `existing` with every option of `fragment` set as the fragment says:
+/// replaced in place where present, appended otherwise.
+pub fn merge(existing: &str, fragment: &str) -> String {
+    let wanted: Vec<(&str, &str)> = fragment
+        .lines()
+        .filter_map(|l| option_of(l).map(|o| (o, l.trim())))
+        .collect();
+    let mut done = vec![false; wanted.len()];
+    let mut out = String::new();
+    for line in existing.lines() {
+        match option_of(line).and_then(|o| wanted.iter().position(|(w, _)| *w == o)) {
+            Some(i) if !done[i] => {
+                out.push_str(wanted[i].1);
+                done[i] = true;
+            }
+            Some(_) => continue,
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    for (i, (_, line)) in wanted.iter().enumerate() {
+        if !done[i] {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The options of `fragment` that `config` does not have as asked.
+pub fn missing(config: &str, fragment: &str) -> Vec<String> {
+    let have: Vec<&str> = config.lines().map(str::trim).collect();
+    fragment
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("CONFIG_"))
+        .filter(|l| !have.contains(l))
+        .map(str::to_string)
+        .collect()
+}
+
+fn fragment(debug: bool) -> String {
+    let mut f = GUEST_OPTIONS.to_string();
+    if debug {
+        f.push_str(DEBUG_OPTIONS);
+    }
+    f
+}
+
+/// `vexec kconfig [--debug] [DIR]`: merges vexec's options into DIR/.config.
+pub fn kconfig(args: &[std::ffi::OsString]) -> Result<(), String> {
+    let (debug, dir) = parse(args, "kconfig")?;
+    let path = dir.join(".config");
+    let existing = std::fs::read_to_string(&path).unwrap_or_default();
+    let merged = merge(&existing, &fragment(debug));
+    std::fs::write(&path, merged).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    eprintln!(
+        "vexec: merged vexec's options{} into {}; run `make olddefconfig` there (or `vexec build`)",
+        if debug { " and the debug ones" } else { "" },
+        path.display()
+    );
+    Ok(())
+}
+
+fn parse(args: &[std::ffi::OsString], verb: &str) -> Result<(bool, PathBuf), String> {
+    let mut debug = false;
+    let mut dir = None;
+    for a in args {
+        match a.to_str() {
+            Some("--debug") => debug = true,
+            Some(s) if s.starts_with('-') => {
+                return Err(format!(
+                    "unknown option {s}; usage: vexec {verb} [--debug] [DIR]"
+                ));
+            }
+            _ if dir.is_none() => dir = Some(PathBuf::from(a)),
+            _ => return Err(format!("usage: vexec {verb} [--debug] [DIR]")),
+        }
+    }
+    let dir = dir.unwrap_or_else(|| ".".into());
+    if !dir.join("Kconfig").is_file() || !dir.join("Makefile").is_file() {
+        return Err(format!(
+            "{} is not a Linux source tree (no Kconfig and Makefile); pass the tree's directory",
+            dir.display()
+        ));
+    }
+    Ok((debug, dir))
+}
+
+fn make(dir: &Path, args: &[&str]) -> Result<(), String> {
+    let status = Command::new("make")
+        .arg("-C")
+        .arg(dir)
+        .arg("-s")
+        .args(args)
+        .stdin(Stdio::null())
+        .status()
+        .map_err(|e| format!("running make: {e}; install build-essential"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`make {}` failed in {}",
+            args.join(" "),
+            dir.display()
+        ))
+    }
+}
+
+/// `vexec build [--debug] [DIR]`: configures (tinyconfig when there is no
+/// .config yet, then vexec's options and olddefconfig) and compiles the
+/// tree with a progress line. ARCH and CROSS_COMPILE pass through to make.
+pub fn build(args: &[std::ffi::OsString]) -> Result<(), String> {
+    let (debug, dir) = parse(args, "build")?;
+    let config = dir.join(".config");
+    if !config.exists() {
+        eprintln!(
+            "vexec: no .config in {}: starting from tinyconfig",
+            dir.display()
+        );
+        make(&dir, &["tinyconfig"])?;
+    }
+    let frag = fragment(debug);
+    let existing = std::fs::read_to_string(&config)
+        .map_err(|e| format!("reading {}: {e}", config.display()))?;
+    std::fs::write(&config, merge(&existing, &frag))
+        .map_err(|e| format!("writing {}: {e}", config.display()))?;
+    make(&dir, &["olddefconfig"])?;
+    let after = std::fs::read_to_string(&config).unwrap_or_default();
+    let lost = missing(&after, &frag);
+    if !lost.is_empty() {
+        eprintln!(
+            "vexec: warning: these options did not stick (dependencies unmet): {}",
+            lost.join(" ")
+        );
+    }
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut child = Command::new("make")
+        .arg("-C")
+        .arg(&dir)
+        .arg(format!("-j{jobs}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running make: {e}; install build-essential"))?;
+    let bar = indicatif::ProgressBar::new_spinner();
+    if !console_is_tty() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let mut steps = 0u64;
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            steps += 1;
+            bar.set_message(format!("[{steps}] {}", line.trim()));
+        }
+    }
+    let status = child.wait().map_err(|e| format!("waiting for make: {e}"))?;
+    bar.finish_and_clear();
+    if !status.success() {
+        return Err(format!(
+            "the kernel build failed in {} (make's errors are above)",
+            dir.display()
+        ));
+    }
+    let release = Command::new("make")
+        .arg("-C")
+        .arg(&dir)
+        .args(["-s", "kernelrelease"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    eprintln!(
+        "vexec: built {release} in {} ({steps} steps); boot it with: vexec -k {} -- COMMAND",
+        dir.display(),
+        dir.display()
+    );
+    Ok(())
+}
+
+fn console_is_tty() -> bool {
+    // SAFETY: isatty only queries fd 2.
+    unsafe { libc::isatty(2) == 1 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_replaces_and_appends() {
+        let old = "CONFIG_A=y\n# CONFIG_9P_FS is not set\nCONFIG_OVERLAY_FS=m\n# comment\n";
+        let m = merge(
+            old,
+            "CONFIG_9P_FS=y\nCONFIG_OVERLAY_FS=y\nCONFIG_NEW=y\n# CONFIG_A is not set\n",
+        );
+        assert_eq!(
+            m,
+            "# CONFIG_A is not set\nCONFIG_9P_FS=y\nCONFIG_OVERLAY_FS=y\n# comment\nCONFIG_NEW=y\n"
+        );
+        assert!(missing(&m, "CONFIG_9P_FS=y\nCONFIG_X=y\n") == ["CONFIG_X=y"]);
+    }
+
+    #[test]
+    fn guest_options_cover_both_transports() {
+        for o in [
+            "CONFIG_9P_FS=y",
+            "CONFIG_VIRTIO_FS=y",
+            "CONFIG_PVH=y",
+            "CONFIG_OVERLAY_FS=y",
+        ] {
+            assert!(GUEST_OPTIONS.lines().any(|l| l == o), "{o}");
+        }
+    }
+}
