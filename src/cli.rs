@@ -30,8 +30,40 @@ pub struct Cli {
     /// Kernel to boot: an image file (bzImage/vmlinuz/vmlinux), a kernel build
     /// tree, an unpacked kernel package, or a release installed in /boot.
     /// Default: the running kernel's image, else the newest readable in /boot.
-    #[arg(short, long, value_name = "KERNEL", env = "VEXEC_KERNEL")]
-    pub kernel: Option<String>,
+    /// Several kernels (repeat -k, or separate with commas; release
+    /// patterns like '6.1.*' and config sets like @name too) make a matrix:
+    /// the command runs once per kernel.
+    #[arg(
+        short,
+        long,
+        value_name = "KERNEL",
+        env = "VEXEC_KERNEL",
+        value_delimiter = ','
+    )]
+    pub kernel: Vec<String>,
+
+    /// Matrix: kernels run at once [default: what the host's cores and
+    /// memory fit].
+    #[arg(short = 'j', long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub jobs: Option<u32>,
+
+    /// Matrix: prefix each output line with its kernel as it comes, or show
+    /// each kernel's output in one block when its run ends.
+    #[arg(long, value_enum, default_value_t = crate::matrix::OutputMode::Prefix)]
+    pub matrix_output: crate::matrix::OutputMode,
+
+    /// Matrix: write a JUnit XML report (one test case per kernel).
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+
+    /// Matrix: write a JSON report.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    /// Matrix: run only the I-th of N deterministic slices of the kernel
+    /// list (for CI job matrices).
+    #[arg(long, value_name = "I/N", value_parser = crate::matrix::parse_shard)]
+    pub shard: Option<crate::matrix::Shard>,
 
     /// Module tree to use instead of the one found beside the kernel.
     #[arg(long, value_name = "DIR")]
@@ -359,7 +391,7 @@ mod tests {
     #[test]
     fn command_after_options_keeps_its_flags() {
         let c = Cli::try_parse_from(["vexec", "-k", "x", "--", "ls", "-l", "--kernel"]).unwrap();
-        assert_eq!(c.kernel.as_deref(), Some("x"));
+        assert_eq!(c.kernel, ["x"]);
         assert_eq!(c.command, ["ls", "-l", "--kernel"]);
         let c = Cli::try_parse_from(["vexec", "/tmp/pkg.test", "-test.v"]).unwrap();
         assert_eq!(c.command, ["/tmp/pkg.test", "-test.v"]);

@@ -21,6 +21,12 @@ const VCS_MARKERS: &[&str] = &[".git", ".hg", ".svn", ".jj", ".pijul", "_darcs"]
 pub struct Config {
     /// Default kernel (`-k`): a path (relative to the file) or a release.
     pub kernel: Option<String>,
+    /// Default kernels for a matrix run (as `-k`, several).
+    #[serde(default)]
+    pub kernels: Vec<String>,
+    /// Named kernel lists, used as `-k @name`.
+    #[serde(default)]
+    pub kernel_sets: BTreeMap<String, Vec<String>>,
     /// Module tree for that kernel (`--modules`).
     pub modules: Option<PathBuf>,
     pub memory: Option<String>,
@@ -106,13 +112,25 @@ impl Loaded {
     /// The kernel reference: a release name as is, a path (anything with a
     /// slash) made absolute against the file's directory.
     pub fn kernel(&self) -> Option<String> {
-        self.config.kernel.as_ref().map(|k| {
-            if k.contains('/') {
-                self.path(Path::new(k)).to_string_lossy().into_owned()
-            } else {
-                k.clone()
-            }
-        })
+        self.config.kernel.as_ref().map(|k| self.kernel_ref(k))
+    }
+
+    /// A kernel reference from the file, paths made absolute.
+    pub fn kernel_ref(&self, k: &str) -> String {
+        if k.contains('/') && !k.starts_with('@') {
+            self.path(Path::new(k)).to_string_lossy().into_owned()
+        } else {
+            k.to_string()
+        }
+    }
+
+    /// The `[kernel-sets]`, paths made absolute.
+    pub fn kernel_sets(&self) -> BTreeMap<String, Vec<String>> {
+        self.config
+            .kernel_sets
+            .iter()
+            .map(|(k, v)| (k.clone(), v.iter().map(|r| self.kernel_ref(r)).collect()))
+            .collect()
     }
 }
 

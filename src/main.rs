@@ -13,6 +13,7 @@ mod host;
 mod initramfs;
 mod kbuild;
 mod kernel;
+mod matrix;
 mod oops;
 mod protocol;
 mod record;
@@ -72,7 +73,10 @@ fn main() {
         _ => {}
     }
     let separator = args.iter().any(|a| a == "--");
-    let cli = cli::Cli::parse_from(args);
+    let mut cli = cli::Cli::parse_from(&args);
+    // Where the command starts in argv (for the matrix's per-kernel runs):
+    // it is always the trailing words.
+    let command_at = (!cli.command.is_empty()).then(|| args.len() - cli.command.len());
     let relay = match host::session::SignalRelay::install() {
         Ok(r) => r,
         Err(e) => {
@@ -81,8 +85,26 @@ fn main() {
         }
     };
     let host = host_facts();
-    let spec = load_config(&cli, &host.cwd)
-        .and_then(|c| settings::build(cli, c.as_ref(), host, separator));
+    let config = match load_config(&cli, &host.cwd) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vexec: error: {e}");
+            std::process::exit(run::STATUS_FAILED);
+        }
+    };
+    match kernels(&cli, config.as_ref(), &host) {
+        Ok(k)
+            if k.len() > 1 || cli.shard.is_some() || cli.junit.is_some() || cli.json.is_some() =>
+        {
+            std::process::exit(run_matrix(&cli, &args, command_at, &host, k));
+        }
+        Ok(k) => cli.kernel = k,
+        Err(e) => {
+            eprintln!("vexec: error: {e}");
+            std::process::exit(run::STATUS_FAILED);
+        }
+    }
+    let spec = settings::build(cli, config.as_ref(), host, separator);
     let spec = match spec {
         Ok(s) => s,
         Err(e) => {
@@ -131,6 +153,83 @@ fn host_facts() -> settings::Host {
             .ok()
             .map(|s| s.trim().to_string()),
         path_var: std::env::var_os("PATH"),
+    }
+}
+
+/// The kernels asked for (flags, else the config's `kernels`), with sets
+/// and patterns expanded.
+fn kernels(
+    cli: &cli::Cli,
+    config: Option<&config::Loaded>,
+    host: &settings::Host,
+) -> Result<Vec<String>, String> {
+    let refs: Vec<String> = if !cli.kernel.is_empty() {
+        cli.kernel.clone()
+    } else {
+        config
+            .map(|c| c.config.kernels.iter().map(|k| c.kernel_ref(k)).collect())
+            .unwrap_or_default()
+    };
+    let sets = config.map(|c| c.kernel_sets()).unwrap_or_default();
+    let needs_known = refs
+        .iter()
+        .any(|r| matrix::is_pattern(r) || r.starts_with('@'));
+    let known = if needs_known {
+        matrix::known_kernels(
+            std::path::Path::new("/boot"),
+            Some(&host.cache_dir.join("kernels")),
+        )
+    } else {
+        Vec::new()
+    };
+    matrix::expand(&refs, &sets, &known)
+}
+
+/// Runs a kernel matrix; returns the exit status.
+fn run_matrix(
+    cli: &cli::Cli,
+    args: &[OsString],
+    command_at: Option<usize>,
+    host: &settings::Host,
+    kernels: Vec<String>,
+) -> i32 {
+    let Some(at) = command_at else {
+        eprintln!(
+            "vexec: error: a run on several kernels needs a command: vexec -k A,B -- COMMAND"
+        );
+        return run::STATUS_FAILED;
+    };
+    let mut sorted = kernels;
+    if let Some(s) = cli.shard {
+        // Shards are taken from a stable order, whatever order -k gave.
+        sorted.sort();
+        sorted = matrix::shard(&sorted, s);
+    }
+    let guest_mib = cli
+        .memory
+        .as_deref()
+        .and_then(|m| m.trim_end_matches('M').parse().ok())
+        .unwrap_or(1024);
+    let m = matrix::Matrix {
+        kernels: sorted,
+        options: matrix::run_options(&args[1..at]),
+        command: args[at..].to_vec(),
+        jobs: cli
+            .jobs
+            .map(|j| j as usize)
+            .unwrap_or_else(|| matrix::default_jobs(guest_mib)),
+        mode: cli.matrix_output,
+        junit: cli.junit.clone(),
+        json: cli.json.clone(),
+        dry_run: cli.dry_run,
+    };
+    let _ = host;
+    match matrix::run(&m) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vexec: error: {e}");
+            run::STATUS_FAILED
+        }
     }
 }
 

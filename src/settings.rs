@@ -197,7 +197,11 @@ pub fn build(
     };
 
     Ok(RunSpec {
-        kernel: cli.kernel.or_else(|| config.and_then(|c| c.kernel())),
+        kernel: cli
+            .kernel
+            .first()
+            .cloned()
+            .or_else(|| config.and_then(|c| c.kernel())),
         modules: cli
             .modules
             .or_else(|| config.and_then(|c| c.config.modules.as_deref().map(|m| c.path(m)))),

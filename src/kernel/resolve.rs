@@ -68,7 +68,7 @@ pub fn resolve(
             } else if r.contains('/') {
                 return Err(ResolveError::NotFound(r.to_string()));
             } else {
-                from_release(r, &defaults.boot_dir)?
+                from_release(r, &defaults.boot_dir, defaults.store.as_deref())?
             }
         }
     };
@@ -171,9 +171,24 @@ fn from_dir(dir: &Path) -> Result<Kernel, ResolveError> {
     Err(ResolveError::NotAKernelDir(dir.to_path_buf()))
 }
 
-fn from_release(release: &str, boot_dir: &Path) -> Result<Kernel, ResolveError> {
+fn from_release(
+    release: &str,
+    boot_dir: &Path,
+    store: Option<&Path>,
+) -> Result<Kernel, ResolveError> {
     let img = boot_dir.join(format!("vmlinuz-{release}"));
     if img.exists() {
+        return from_image(&img, None);
+    }
+    // The kernel store: STORE/NAME/boot/vmlinuz-REL.
+    let stored = store
+        .and_then(|s| std::fs::read_dir(s).ok())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("boot").join(format!("vmlinuz-{release}")))
+        .find(|p| p.exists());
+    if let Some(img) = stored {
         return from_image(&img, None);
     }
     let available: Vec<String> = images_in(boot_dir)
