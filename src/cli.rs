@@ -24,7 +24,7 @@ use crate::vm::accel::AccelChoice;
     name = "vexec",
     version,
     trailing_var_arg = true,
-    after_help = "Examples:\n  vexec -k /boot/vmlinuz-6.1.0-56-amd64 -- uname -r\n  vexec -k 6.1.0-56-amd64 -- make check\n  vexec -k ~/src/linux -- ./run-tests.sh\n  go test -exec vexec ./...\n\nAlso:\n  vexec completions bash|zsh|fish|elvish|powershell   print shell completions\n  vexec manpage                                      print the man page (roff)\n  vexec bisect --good A --bad B [--build CMD] [OPTIONS] -- COMMAND\n                                                     find the first bad commit\n  vexec kconfig [--debug] [DIR]                      add vexec's options to DIR/.config\n  vexec build [--debug] [DIR]                        configure and build a kernel tree"
+    after_help = "Examples:\n  vexec -k /boot/vmlinuz-6.1.0-56-amd64 -- uname -r\n  vexec -k 6.1.0-56-amd64 -- make check\n  vexec -k ~/src/linux -- ./run-tests.sh\n  go test -exec vexec ./...\n\nAlso:\n  vexec completions bash|zsh|fish|elvish|powershell   print shell completions\n  vexec manpage                                      print the man page (roff)\n  vexec bisect --good A --bad B [--build CMD] [OPTIONS] -- COMMAND\n                                                     find the first bad commit\n  vexec kernel add PATH|fetch PKG|list|path REL|rm REL  the kernel store\n  vexec kconfig [--debug] [DIR]                      add vexec's options to DIR/.config\n  vexec build [--debug] [DIR]                        configure and build a kernel tree"
 )]
 pub struct Cli {
     /// Kernel to boot: an image file (bzImage/vmlinuz/vmlinux), a kernel build

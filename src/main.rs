@@ -21,6 +21,7 @@ mod run;
 mod settings;
 mod shares;
 mod spec;
+mod store;
 mod transport;
 mod vm;
 
@@ -62,6 +63,19 @@ fn main() {
                 std::process::exit(run::STATUS_FAILED);
             }
             std::process::exit(0);
+        }
+        Some("kernel") => {
+            let root = cache::Cache::default_root(
+                std::env::var_os("XDG_CACHE_HOME").map(Into::into),
+                std::env::var_os("HOME").map(Into::into),
+            );
+            std::process::exit(match store::main(&args[2..], root) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("vexec: error: {e}");
+                    run::STATUS_FAILED
+                }
+            });
         }
         Some("__bisect-step") => std::process::exit(match bisect::parse(&args[2..]) {
             Ok(b) => bisect::step(&b),

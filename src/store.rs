@@ -1,0 +1,297 @@
+//! The kernel store (`vexec kernel add|fetch|list|path|rm`): kernels kept
+//! under the cache directory as `kernels/REL/{boot,lib/modules}`, the
+//! layout of an unpacked package, so `-k REL` and patterns find them.
+//!
+//! Entries are assembled in a temporary directory beside the store and
+//! renamed into place, so an interrupted add never leaves half an entry.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::artifacts;
+use crate::cache::Cache;
+use crate::kernel::{self, resolve::Defaults};
+
+const USAGE: &str =
+    "usage: vexec kernel add PATH | fetch PACKAGE | list | path RELEASE | rm RELEASE...";
+
+/// `vexec kernel ...`; returns the exit status.
+pub fn main(args: &[std::ffi::OsString], cache_root: PathBuf) -> Result<i32, String> {
+    let words: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let cache = Cache::open(cache_root).map_err(|e| e.to_string())?;
+    let store = cache.root().join("kernels");
+    match words.first().map(String::as_str) {
+        Some("add") if words.len() == 2 => {
+            let rel = add(&store, Path::new(&words[1]), &words[1])?;
+            eprintln!("vexec: added {rel}; run it with: vexec -k {rel} -- COMMAND");
+            Ok(0)
+        }
+        Some("fetch") if words.len() == 2 => {
+            let rel = fetch(&store, &words[1])?;
+            eprintln!("vexec: added {rel}; run it with: vexec -k {rel} -- COMMAND");
+            Ok(0)
+        }
+        Some("list") if words.len() == 1 => {
+            list(&cache, &store)?;
+            Ok(0)
+        }
+        Some("path") if words.len() == 2 => {
+            let img = image_of(&store, &words[1])?;
+            println!("{}", img.display());
+            Ok(0)
+        }
+        Some("rm") if words.len() >= 2 => {
+            for rel in &words[1..] {
+                let dir = store.join(rel);
+                if !dir.join("boot").is_dir() {
+                    return Err(format!(
+                        "{rel} is not in the kernel store ({})",
+                        store.display()
+                    ));
+                }
+                std::fs::remove_dir_all(&dir)
+                    .map_err(|e| format!("removing {}: {e}", dir.display()))?;
+                eprintln!("vexec: removed {rel}");
+            }
+            Ok(0)
+        }
+        _ => Err(USAGE.into()),
+    }
+}
+
+fn image_of(store: &Path, rel: &str) -> Result<PathBuf, String> {
+    let img = store.join(rel).join("boot").join(format!("vmlinuz-{rel}"));
+    if img.is_file() {
+        Ok(img)
+    } else {
+        Err(format!(
+            "{rel} is not in the kernel store ({}); see `vexec kernel list`",
+            store.display()
+        ))
+    }
+}
+
+/// A scratch directory beside the store, removed when dropped.
+fn scratch(store: &Path) -> Result<tempfile::TempDir, String> {
+    std::fs::create_dir_all(store).map_err(|e| format!("creating {}: {e}", store.display()))?;
+    tempfile::Builder::new()
+        .prefix(".incoming-")
+        .tempdir_in(store)
+        .map_err(|e| format!("creating a scratch directory in {}: {e}", store.display()))
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{what}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Finds the kernel image inside an unpacked archive.
+fn find_image(root: &Path) -> Option<PathBuf> {
+    let mut stack = vec![root.to_path_buf()];
+    let mut found = Vec::new();
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ft = e.file_type().ok();
+            if ft.is_some_and(|t| t.is_dir()) && name != "modules" && name != "debug" {
+                stack.push(p);
+            } else if name.starts_with("vmlinuz") || name == "bzImage" {
+                found.push(p);
+            }
+        }
+    }
+    found.sort();
+    found.into_iter().next()
+}
+
+/// Adds a kernel from `path`: an image, a build tree, an unpacked package
+/// directory, a tarball, or a `.deb`. Returns its release.
+pub fn add(store: &Path, path: &Path, source: &str) -> Result<String, String> {
+    if !path.exists() {
+        return Err(format!("{} does not exist", path.display()));
+    }
+    let work = scratch(store)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let unpacked = work.path().join("unpacked");
+    let reference: PathBuf = if name.ends_with(".deb") {
+        run(
+            Command::new("dpkg-deb").arg("-x").arg(path).arg(&unpacked),
+            &format!("unpacking {} with dpkg-deb", path.display()),
+        )?;
+        unpacked.clone()
+    } else if [
+        ".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.zst", ".tar.bz2",
+    ]
+    .iter()
+    .any(|s| name.ends_with(s))
+    {
+        std::fs::create_dir_all(&unpacked).map_err(|e| e.to_string())?;
+        run(
+            Command::new("tar")
+                .arg("-xf")
+                .arg(path)
+                .arg("-C")
+                .arg(&unpacked),
+            &format!("unpacking {} with tar", path.display()),
+        )?;
+        // A package layout (boot/vmlinuz-*), else wherever the image is.
+        if unpacked.join("boot").is_dir() {
+            unpacked.clone()
+        } else {
+            find_image(&unpacked).ok_or_else(|| {
+                format!("no kernel image (vmlinuz*, bzImage) in {}", path.display())
+            })?
+        }
+    } else {
+        path.to_path_buf()
+    };
+    let defaults = Defaults {
+        running: None,
+        boot_dir: "/nonexistent".into(),
+        store: None,
+    };
+    let k = kernel::resolve(Some(&reference.to_string_lossy()), None, &defaults)
+        .map_err(|e| e.to_string())?;
+    let rel = k.release().to_string();
+    if rel.is_empty() || rel.contains('/') {
+        return Err(format!("cannot tell the release of {}", path.display()));
+    }
+    let entry = work.path().join("entry");
+    let boot = entry.join("boot");
+    std::fs::create_dir_all(&boot).map_err(|e| e.to_string())?;
+    std::fs::copy(&k.image, boot.join(format!("vmlinuz-{rel}")))
+        .map_err(|e| format!("copying {}: {e}", k.image.display()))?;
+    if let Some(c) = &k.config {
+        let _ = std::fs::copy(c, boot.join(format!("config-{rel}")));
+    }
+    if let Some(m) = &k.modules {
+        let dest = entry.join("lib/modules");
+        std::fs::create_dir_all(&dest).map_err(|e| e.to_string())?;
+        run(
+            Command::new("cp").arg("-a").arg(m).arg(dest.join(&rel)),
+            "copying the module tree",
+        )?;
+    }
+    std::fs::write(entry.join("source"), format!("{source}\n")).map_err(|e| e.to_string())?;
+    let target = store.join(&rel);
+    if target.exists() {
+        std::fs::remove_dir_all(&target)
+            .map_err(|e| format!("replacing {}: {e}", target.display()))?;
+    }
+    std::fs::rename(&entry, &target).map_err(|e| format!("storing {}: {e}", target.display()))?;
+    Ok(rel)
+}
+
+/// Downloads a kernel package with `apt-get download` and adds it.
+pub fn fetch(store: &Path, package: &str) -> Result<String, String> {
+    let work = scratch(store)?;
+    eprintln!("vexec: downloading {package} with apt-get...");
+    let status = Command::new("apt-get")
+        .args(["download", "-q", package])
+        .current_dir(work.path())
+        .stdin(Stdio::null())
+        .status()
+        .map_err(|e| format!("running apt-get: {e}; `vexec kernel fetch` needs apt"))?;
+    if !status.success() {
+        return Err(format!(
+            "apt-get could not download {package}; check the name with `apt-cache search linux-image`"
+        ));
+    }
+    let deb = std::fs::read_dir(work.path())
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or("apt-get downloaded no .deb")?;
+    add(store, &deb, &format!("apt:{package}"))
+}
+
+fn du(p: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![p.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+fn list(cache: &Cache, store: &Path) -> Result<(), String> {
+    let mut rels: Vec<String> = std::fs::read_dir(store)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    rels.sort();
+    if rels.is_empty() {
+        eprintln!(
+            "vexec: the kernel store ({}) is empty; add one with `vexec kernel add PATH` or `vexec kernel fetch PACKAGE`",
+            store.display()
+        );
+        return Ok(());
+    }
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    println!(
+        "{:<28} {:>8}  {:<3} {:<8} {:<3} {:<3}  SOURCE",
+        "RELEASE", "SIZE", "9P", "VIRTIOFS", "PVH", "BTF"
+    );
+    for rel in rels {
+        let dir = store.join(&rel);
+        let source = std::fs::read_to_string(dir.join("source")).unwrap_or_default();
+        let size = format!("{:.0}M", du(&dir) as f64 / (1 << 20) as f64);
+        let img = dir.join("boot").join(format!("vmlinuz-{rel}"));
+        let defaults = Defaults {
+            running: None,
+            boot_dir: "/nonexistent".into(),
+            store: None,
+        };
+        let facts = kernel::resolve(Some(&img.to_string_lossy()), None, &defaults)
+            .ok()
+            .and_then(|k| artifacts::inspect(cache, &k).ok().map(|i| (k, i)));
+        match facts {
+            Some((k, i)) => {
+                let btf = k
+                    .config
+                    .as_deref()
+                    .and_then(|c| std::fs::read_to_string(c).ok())
+                    .is_some_and(|t| t.lines().any(|l| l == "CONFIG_DEBUG_INFO_BTF=y"));
+                println!(
+                    "{:<28} {:>8}  {:<3} {:<8} {:<3} {:<3}  {}",
+                    rel,
+                    size,
+                    yes(i.support.ninep.is_none()),
+                    yes(i.support.virtiofs.is_none()),
+                    yes(i.pvh),
+                    yes(btf),
+                    source.trim()
+                );
+            }
+            None => println!("{rel:<28} {size:>8}  (unreadable)  {}", source.trim()),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! The kernel store: `vexec kernel add` from a package directory, a tarball
+//! and a .deb (built here from Debian's unpacked cloud kernel), `list`,
+//! `path`, booting a stored kernel by release, and `rm`.
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+
+use common::*;
+
+fn kernel_cmd(cache: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vexec"))
+        .env("XDG_CACHE_HOME", cache)
+        .env_remove("VEXEC_KERNEL")
+        .arg("kernel")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn add_list_run_and_remove_stored_kernels() {
+    let home = workdir("store-ops");
+    let cache = home.path().join("cache");
+    let generic = kernels_dir().join("6.12");
+    let cloud = kernels_dir().join("6.1-cloud");
+    let rel_generic = release_of(&kernel("6.12"));
+    let rel_cloud = release_of(&kernel("6.1-cloud"));
+
+    // A package directory.
+    let out = kernel_cmd(&cache, &["add", generic.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A .deb, made from the unpacked cloud kernel.
+    let pkg = home.path().join("pkg");
+    std::fs::create_dir_all(pkg.join("DEBIAN")).unwrap();
+    std::fs::write(
+        pkg.join("DEBIAN/control"),
+        format!("Package: linux-image-{rel_cloud}\nVersion: 1\nArchitecture: amd64\nMaintainer: t <t@example.com>\nDescription: test\n"),
+    )
+    .unwrap();
+    for d in ["boot", "lib", "usr"] {
+        if cloud.join(d).exists() {
+            let ok = Command::new("cp")
+                .arg("-a")
+                .arg(cloud.join(d))
+                .arg(&pkg)
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        }
+    }
+    let deb = home.path().join("cloud.deb");
+    let ok = Command::new("dpkg-deb")
+        .args(["--build", "-Znone"])
+        .arg(&pkg)
+        .arg(&deb)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let out = kernel_cmd(&cache, &["add", deb.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A tarball of the generic kernel replaces its entry in place.
+    let tarball = home.path().join("generic.tar");
+    let ok = Command::new("tar")
+        .arg("-C")
+        .arg(&generic)
+        .arg("-cf")
+        .arg(&tarball)
+        .args(
+            ["boot", "lib", "usr"]
+                .into_iter()
+                .filter(|d| generic.join(d).exists()),
+        )
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let out = kernel_cmd(&cache, &["add", tarball.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = kernel_cmd(&cache, &["list"]);
+    let list = stdout(&out);
+    let line = |rel: &str| {
+        list.lines()
+            .find(|l| l.starts_with(rel))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(line(&rel_generic).contains("yes yes"), "{list}");
+    assert!(line(&rel_generic).contains("generic.tar"), "{list}");
+    // The cloud kernel: no 9p, virtio-fs yes.
+    assert!(line(&rel_cloud).contains(" no  yes"), "{list}");
+    assert_eq!(list.lines().count(), 3, "{list}");
+
+    let out = kernel_cmd(&cache, &["path", &rel_cloud]);
+    let image = stdout(&out).trim().to_string();
+    assert!(
+        image.ends_with(&format!("{rel_cloud}/boot/vmlinuz-{rel_cloud}")),
+        "{image}"
+    );
+
+    // A stored kernel boots by its release, modules from the store.
+    let out = Command::new(env!("CARGO_BIN_EXE_vexec"))
+        .env("XDG_CACHE_HOME", &cache)
+        .env_remove("VEXEC_KERNEL")
+        .args(["--accel", "tcg", "-q", "-k", &rel_cloud, "--virtiofsd"])
+        .arg(rust_virtiofsd())
+        .args(["--", "uname", "-r"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout(&out), format!("{rel_cloud}\n"));
+
+    let out = kernel_cmd(&cache, &["rm", &rel_cloud]);
+    assert_eq!(out.status.code(), Some(0));
+    let out = kernel_cmd(&cache, &["path", &rel_cloud]);
+    assert_eq!(out.status.code(), Some(125));
+    // Nothing half-written is left in the store.
+    let leftovers: Vec<_> = std::fs::read_dir(cache.join("vexec/kernels"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(leftovers, [rel_generic]);
+}
