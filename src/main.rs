@@ -14,6 +14,7 @@ mod initramfs;
 mod kbuild;
 mod kernel;
 mod matrix;
+mod oci;
 mod oops;
 mod protocol;
 mod record;

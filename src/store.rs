@@ -199,9 +199,19 @@ pub fn add(store: &Path, path: &Path, source: &str) -> Result<String, String> {
     Ok(rel)
 }
 
-/// Downloads a kernel package with `apt-get download` and adds it.
+/// Downloads a kernel: an OCI image reference (anything with a `/`, or
+/// `oci://...`) through the registry API, else a package with `apt-get
+/// download`; then adds it.
 pub fn fetch(store: &Path, package: &str) -> Result<String, String> {
     let work = scratch(store)?;
+    if crate::oci::is_reference(package) {
+        let root = work.path().join("image");
+        let blobs = store.parent().unwrap_or(store).join("oci-blobs");
+        crate::oci::pull(package, &root, &blobs)?;
+        let image = crate::oci::image_in(&root)
+            .ok_or_else(|| format!("{package} has no /boot/vmlinuz* or /boot/vmlinux*"))?;
+        return add(store, &image, &format!("oci:{package}"));
+    }
     eprintln!("vexec: downloading {package} with apt-get...");
     let status = Command::new("apt-get")
         .args(["download", "-q", package])
