@@ -215,18 +215,7 @@ fn remove(p: &Path) {
 
 /// The kernel image in a merged image root.
 pub fn image_in(root: &Path) -> Option<PathBuf> {
-    let boot = root.join("boot");
-    let mut found: Vec<PathBuf> = std::fs::read_dir(&boot)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .map(|n| n.to_string_lossy())
-                .is_some_and(|n| n.starts_with("vmlinuz") || n.starts_with("vmlinux"))
-        })
-        .collect();
+    let mut found = crate::kernel::resolve::image_files(&root.join("boot"), false);
     // A compressed image boots faster to find than a huge vmlinux.
     found.sort_by_key(|p| !p.to_string_lossy().contains("vmlinuz"));
     found.into_iter().next()

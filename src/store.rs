@@ -230,7 +230,43 @@ pub fn fetch(store: &Path, package: &str) -> Result<String, String> {
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
         .ok_or("apt-get downloaded no .deb")?;
+    // A metapackage (linux-image-amd64, linux-image-cloud-amd64) holds no
+    // kernel: follow it to the versioned image package it depends on.
+    if let Some(next) = image_dependency(&deb)? {
+        eprintln!("vexec: {package} is a metapackage for {next}");
+        return fetch(store, &next);
+    }
     add(store, &deb, &format!("apt:{package}"))
+}
+
+/// For a package without a kernel image, the `linux-image-*` package it
+/// depends on.
+fn image_dependency(deb: &Path) -> Result<Option<String>, String> {
+    let contents = Command::new("dpkg-deb")
+        .arg("-c")
+        .arg(deb)
+        .output()
+        .map_err(|e| format!("running dpkg-deb: {e}"))?;
+    let listing = String::from_utf8_lossy(&contents.stdout);
+    if listing.contains("/boot/vmlinuz") || listing.contains("/boot/vmlinux") {
+        return Ok(None);
+    }
+    let depends = Command::new("dpkg-deb")
+        .args(["-f"])
+        .arg(deb)
+        .arg("Depends")
+        .output()
+        .map_err(|e| format!("running dpkg-deb: {e}"))?;
+    Ok(String::from_utf8_lossy(&depends.stdout)
+        .split(',')
+        .map(|d| {
+            d.trim()
+                .split([' ', '(', '|'])
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .find(|d| d.starts_with("linux-image-")))
 }
 
 fn du(p: &Path) -> u64 {

@@ -99,12 +99,7 @@ fn stdin_round_trip_with_eof() {
     });
     let out = child.wait_with_output().unwrap();
     w.join().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let mut want = data;
     want.extend_from_slice(b"done\n");
     assert!(out.stdout == want, "stdin did not round-trip");

@@ -276,12 +276,7 @@ fn kconfig_merges_vexec_options_into_a_tree() {
         .arg(dir)
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let config = std::fs::read_to_string(dir.join(".config")).unwrap();
     for want in [
         "CONFIG_LOCALVERSION=\"-mine\"",
@@ -335,12 +330,7 @@ fn build_a_kernel_tree_and_boot_it() {
         .arg(&tree)
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let mut c = Command::new(env!("CARGO_BIN_EXE_vexec"));
     c.env("XDG_CACHE_HOME", cache_dir())
         .env_remove("VEXEC_KERNEL")

@@ -64,12 +64,7 @@ fn build_tree_with_separate_modules() {
         .args(["--", "uname", "-r"])
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert_eq!(stdout(&out).trim(), rel);
 }
 

@@ -98,12 +98,7 @@ fn shards_cover_every_kernel_exactly_once() {
             .args(["--dry-run", "--shard", &format!("{i}/3"), "--", "true"])
             .output()
             .unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_ok(&out);
         let got: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
         assert!(!got.is_empty());
         seen.extend(got);
@@ -141,12 +136,7 @@ fn patterns_and_sets_over_the_kernel_store() {
             .args(["-k", k, "--dry-run", "--shard", "1/1", "--", "true"])
             .output()
             .unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_ok(&out);
         stdout(&out)
             .lines()
             .map(|l| release_of(std::path::Path::new(l)))

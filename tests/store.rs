@@ -30,12 +30,7 @@ fn add_list_run_and_remove_stored_kernels() {
 
     // A package directory.
     let out = kernel_cmd(&cache, &["add", generic.to_str().unwrap()]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
 
     // A .deb, made from the unpacked cloud kernel.
     let pkg = home.path().join("pkg");
@@ -66,12 +61,7 @@ fn add_list_run_and_remove_stored_kernels() {
         .unwrap();
     assert!(ok.success());
     let out = kernel_cmd(&cache, &["add", deb.to_str().unwrap()]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
 
     // A tarball of the generic kernel replaces its entry in place.
     let tarball = home.path().join("generic.tar");
@@ -89,12 +79,7 @@ fn add_list_run_and_remove_stored_kernels() {
         .unwrap();
     assert!(ok.success());
     let out = kernel_cmd(&cache, &["add", tarball.to_str().unwrap()]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
 
     let out = kernel_cmd(&cache, &["list"]);
     let list = stdout(&out);
@@ -118,22 +103,7 @@ fn add_list_run_and_remove_stored_kernels() {
     );
 
     // A stored kernel boots by its release, modules from the store.
-    let out = Command::new(env!("CARGO_BIN_EXE_vexec"))
-        .env("XDG_CACHE_HOME", &cache)
-        .env_remove("VEXEC_KERNEL")
-        .args(["--accel", "tcg", "-q", "-k", &rel_cloud, "--virtiofsd"])
-        .arg(rust_virtiofsd())
-        .args(["--", "uname", "-r"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(stdout(&out), format!("{rel_cloud}\n"));
+    assert_boots_by_release(&cache, &rel_cloud);
 
     let out = kernel_cmd(&cache, &["rm", &rel_cloud]);
     assert_eq!(out.status.code(), Some(0));
@@ -146,4 +116,29 @@ fn add_list_run_and_remove_stored_kernels() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(leftovers, [rel_generic]);
+}
+
+/// `vexec kernel fetch` through apt, from the metapackage Debian users
+/// know (it follows it to the versioned image package).
+#[test]
+fn fetch_a_debian_kernel_package_with_apt() {
+    if Command::new("apt-get").arg("--version").output().is_err() {
+        eprintln!("skipped: no apt-get here");
+        return;
+    }
+    let home = workdir("store-apt");
+    let cache = home.path().join("cache");
+    let out = kernel_cmd(&cache, &["fetch", "linux-image-cloud-amd64"]);
+    assert_ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is a metapackage for linux-image-"), "{err}");
+    let list = stdout(&kernel_cmd(&cache, &["list"]));
+    let line = list
+        .lines()
+        .find(|l| l.contains("-cloud-amd64"))
+        .unwrap_or_else(|| panic!("{list}"));
+    assert!(
+        line.contains("apt:linux-image-") && line.contains(" no  yes"),
+        "{list}"
+    );
 }

@@ -212,15 +212,26 @@ fn from_release(
 }
 
 fn images_in(dir: &Path) -> Vec<PathBuf> {
+    image_files(dir, true)
+}
+
+/// Kernel images (`vmlinuz*`, `vmlinux*`) in `dir`, oldest release first;
+/// with `versioned`, only names that carry a release (`vmlinuz-REL`).
+pub fn image_files(dir: &Path, versioned: bool) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-") || n.starts_with("vmlinux-"))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                ["vmlinuz", "vmlinux"]
+                    .iter()
+                    .any(|k| match n.strip_prefix(k) {
+                        Some(rest) => !versioned || rest.starts_with('-'),
+                        None => false,
+                    })
+            })
         })
         .filter(|p| p.is_file())
         .collect();

@@ -178,3 +178,35 @@ pub fn transport_args(which: &str) -> Option<Vec<std::ffi::OsString>> {
         other => panic!("unknown transport {other}"),
     }
 }
+
+/// vexec with its cache in `cache` and no kernel from the environment.
+pub fn vexec_in(cache: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vexec"));
+    c.env("XDG_CACHE_HOME", cache)
+        .env_remove("VEXEC_KERNEL")
+        .stdin(Stdio::null());
+    c
+}
+
+/// Asserts exit status 0, showing stderr otherwise.
+pub fn assert_ok(out: &Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Boots the kernel stored under `cache` as `release` (over virtio-fs, which
+/// every test kernel has) and checks `uname -r`.
+pub fn assert_boots_by_release(cache: &Path, release: &str) {
+    let out = vexec_in(cache)
+        .args(["--accel", "tcg", "-q", "-k", release, "--virtiofsd"])
+        .arg(rust_virtiofsd())
+        .args(["--", "uname", "-r"])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    assert_eq!(stdout(&out), format!("{release}\n"));
+}
