@@ -98,6 +98,25 @@ fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
     }
 }
 
+/// Unpacks a tarball, decompressing by its name (gzip, xz, zstd, bzip2).
+fn untar(path: &Path, name: &str, dest: &Path) -> std::io::Result<()> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let reader: Box<dyn Read> = if name.ends_with(".gz") || name.ends_with(".tgz") {
+        Box::new(flate2::read::GzDecoder::new(file))
+    } else if name.ends_with(".xz") || name.ends_with(".txz") {
+        Box::new(liblzma::read::XzDecoder::new(file))
+    } else if name.ends_with(".zst") {
+        Box::new(zstd::Decoder::new(file)?)
+    } else if name.ends_with(".bz2") {
+        Box::new(bzip2::read::BzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
+    std::fs::create_dir_all(dest)?;
+    tar::Archive::new(reader).unpack(dest)
+}
+
 /// Finds the kernel image inside an unpacked archive.
 fn find_image(root: &Path) -> Option<PathBuf> {
     let mut stack = vec![root.to_path_buf()];
@@ -142,15 +161,7 @@ pub fn add(store: &Path, path: &Path, source: &str) -> Result<String, String> {
     .iter()
     .any(|s| name.ends_with(s))
     {
-        std::fs::create_dir_all(&unpacked).map_err(|e| e.to_string())?;
-        run(
-            Command::new("tar")
-                .arg("-xf")
-                .arg(path)
-                .arg("-C")
-                .arg(&unpacked),
-            &format!("unpacking {} with tar", path.display()),
-        )?;
+        untar(path, &name, &unpacked).map_err(|e| format!("unpacking {}: {e}", path.display()))?;
         // A package layout (boot/vmlinuz-*), else wherever the image is.
         if unpacked.join("boot").is_dir() {
             unpacked.clone()
@@ -167,8 +178,17 @@ pub fn add(store: &Path, path: &Path, source: &str) -> Result<String, String> {
         boot_dir: "/nonexistent".into(),
         store: None,
     };
-    let k = kernel::resolve(Some(&reference.to_string_lossy()), None, &defaults)
-        .map_err(|e| e.to_string())?;
+    // drgn's packages put the module tree in `modules/` beside the image.
+    let beside = reference
+        .parent()
+        .map(|d| d.join("modules"))
+        .filter(|m| m.join("kernel").is_dir() || m.join("modules.order").is_file());
+    let k = kernel::resolve(
+        Some(&reference.to_string_lossy()),
+        beside.as_deref(),
+        &defaults,
+    )
+    .map_err(|e| e.to_string())?;
     let rel = k.release().to_string();
     if rel.is_empty() || rel.contains('/') {
         return Err(format!("cannot tell the release of {}", path.display()));

@@ -109,6 +109,42 @@ fn add_list_run_and_remove_stored_kernels() {
     assert_eq!(out.status.code(), Some(0));
     let out = kernel_cmd(&cache, &["path", &rel_cloud]);
     assert_eq!(out.status.code(), Some(125));
+    // drgn's package layout: vmlinuz and modules/ at the top of a tarball
+    // (the cloud kernel's image again, with a token module tree).
+    let drgn = home.path().join("drgn");
+    let mods = home.path().join("drgn-modules");
+    std::fs::create_dir_all(mods.join("kernel/fs")).unwrap();
+    std::fs::write(mods.join("kernel/fs/token.ko"), b"").unwrap();
+    std::fs::write(mods.join("modules.order"), "kernel/fs/token.ko\n").unwrap();
+    std::fs::create_dir_all(&drgn).unwrap();
+    let rel_old = release_of(&kernel("6.1-cloud"));
+    std::fs::copy(kernel("6.1-cloud"), drgn.join("vmlinuz")).unwrap();
+    let drgn_tar = home.path().join("kernel-drgn.tar.zst");
+    {
+        let enc = zstd::Encoder::new(std::fs::File::create(&drgn_tar).unwrap(), 1)
+            .unwrap()
+            .auto_finish();
+        let mut b = tar::Builder::new(enc);
+        b.follow_symlinks(true);
+        b.append_path_with_name(drgn.join("vmlinuz"), "vmlinuz")
+            .unwrap();
+        b.append_dir_all("modules", &mods).unwrap();
+        b.finish().unwrap();
+    }
+    let out = kernel_cmd(&cache, &["add", drgn_tar.to_str().unwrap()]);
+    assert_ok(&out);
+    assert!(
+        cache
+            .join("vexec/kernels")
+            .join(&rel_old)
+            .join("lib/modules")
+            .join(&rel_old)
+            .join("kernel")
+            .is_dir()
+    );
+    let out = kernel_cmd(&cache, &["rm", &rel_old]);
+    assert_ok(&out);
+
     // Nothing half-written is left in the store.
     let leftovers: Vec<_> = std::fs::read_dir(cache.join("vexec/kernels"))
         .unwrap()
