@@ -179,7 +179,7 @@ pub fn build(args: &[std::ffi::OsString]) -> Result<(), String> {
         .spawn()
         .map_err(|e| format!("running make: {e}; install build-essential"))?;
     let bar = indicatif::ProgressBar::new_spinner();
-    if !console_is_tty() {
+    if !crate::host::terminal::is_tty(2) {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
@@ -211,11 +211,6 @@ pub fn build(args: &[std::ffi::OsString]) -> Result<(), String> {
         dir.display()
     );
     Ok(())
-}
-
-fn console_is_tty() -> bool {
-    // SAFETY: isatty only queries fd 2.
-    unsafe { libc::isatty(2) == 1 }
 }
 
 #[cfg(test)]

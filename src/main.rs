@@ -111,7 +111,7 @@ fn main() {
         Ok(k)
             if k.len() > 1 || cli.shard.is_some() || cli.junit.is_some() || cli.json.is_some() =>
         {
-            std::process::exit(run_matrix(&cli, &args, command_at, &host, k));
+            std::process::exit(run_matrix(&cli, &args, command_at, k));
         }
         Ok(k) => cli.kernel = k,
         Err(e) => {
@@ -205,7 +205,6 @@ fn run_matrix(
     cli: &cli::Cli,
     args: &[OsString],
     command_at: Option<usize>,
-    host: &settings::Host,
     kernels: Vec<String>,
 ) -> i32 {
     let Some(at) = command_at else {
@@ -238,7 +237,6 @@ fn run_matrix(
         json: cli.json.clone(),
         dry_run: cli.dry_run,
     };
-    let _ = host;
     match matrix::run(&m) {
         Ok(code) => code,
         Err(e) => {

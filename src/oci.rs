@@ -87,8 +87,7 @@ fn download(
     path: &Path,
 ) -> Result<(), String> {
     let bar = indicatif::ProgressBar::new(layer.size.max(0) as u64);
-    // SAFETY: isatty only queries fd 2.
-    if unsafe { libc::isatty(2) } != 1 {
+    if !crate::host::terminal::is_tty(2) {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     bar.set_style(

@@ -103,8 +103,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         return Err(RunError::Failed(format!("--net is not possible: {why}")));
     }
     let agent = std::env::current_exe().map_err(RunError::SelfExe)?;
-    // SAFETY: isatty only queries fd 2.
-    let interactive = !spec.quiet && unsafe { libc::isatty(2) } == 1;
+    let interactive = !spec.quiet && terminal::is_tty(2);
     let art = artifacts::prepare(
         &cache,
         &kernel,

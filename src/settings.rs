@@ -52,6 +52,21 @@ fn enum_value<T: ValueEnum>(config: &Loaded, key: &str, v: &str) -> Result<T, Co
     })
 }
 
+/// A choice (`accel`, `transport`) from the file, if it sets one.
+fn file_choice<T: ValueEnum>(
+    config: Option<&Loaded>,
+    key: &str,
+    field: impl Fn(&crate::config::Config) -> &Option<String>,
+) -> Result<Option<T>, ConfigError> {
+    match config {
+        Some(c) => field(&c.config)
+            .as_deref()
+            .map(|v| enum_value::<T>(c, key, v))
+            .transpose(),
+        None => Ok(None),
+    }
+}
+
 fn duration(
     config: &Loaded,
     key: &str,
@@ -94,21 +109,15 @@ pub fn build(
         }
         (None, None) => 2,
     };
-    let accel = match (cli.accel, config) {
-        (Some(a), _) => a,
-        (None, Some(c)) => match &c.config.accel {
-            Some(a) => enum_value::<AccelChoice>(c, "accel", a)?,
-            None => AccelChoice::Auto,
-        },
-        (None, None) => AccelChoice::Auto,
+    let accel = match cli.accel {
+        Some(a) => a,
+        None => file_choice(config, "accel", |f| &f.accel)?.unwrap_or(AccelChoice::Auto),
     };
-    let transport = match (cli.transport, config) {
-        (Some(t), _) => t,
-        (None, Some(c)) => match &c.config.transport {
-            Some(t) => enum_value::<TransportChoice>(c, "transport", t)?,
-            None => TransportChoice::Auto,
-        },
-        (None, None) => TransportChoice::Auto,
+    let transport = match cli.transport {
+        Some(t) => t,
+        None => {
+            file_choice(config, "transport", |f| &f.transport)?.unwrap_or(TransportChoice::Auto)
+        }
     };
     let (timeout, boot_timeout) = match config {
         Some(c) => (

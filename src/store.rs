@@ -98,6 +98,19 @@ fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
     }
 }
 
+/// Resolves a kernel by its path only (never /boot or the store itself).
+fn resolve_path(
+    path: &Path,
+    modules: Option<&Path>,
+) -> Result<kernel::Kernel, kernel::ResolveError> {
+    let defaults = Defaults {
+        running: None,
+        boot_dir: "/nonexistent".into(),
+        store: None,
+    };
+    kernel::resolve(Some(&path.to_string_lossy()), modules, &defaults)
+}
+
 /// Unpacks a tarball, decompressing by its name (gzip, xz, zstd, bzip2).
 fn untar(path: &Path, name: &str, dest: &Path) -> std::io::Result<()> {
     use std::io::Read;
@@ -173,22 +186,12 @@ pub fn add(store: &Path, path: &Path, source: &str) -> Result<String, String> {
     } else {
         path.to_path_buf()
     };
-    let defaults = Defaults {
-        running: None,
-        boot_dir: "/nonexistent".into(),
-        store: None,
-    };
     // drgn's packages put the module tree in `modules/` beside the image.
     let beside = reference
         .parent()
         .map(|d| d.join("modules"))
         .filter(|m| m.join("kernel").is_dir() || m.join("modules.order").is_file());
-    let k = kernel::resolve(
-        Some(&reference.to_string_lossy()),
-        beside.as_deref(),
-        &defaults,
-    )
-    .map_err(|e| e.to_string())?;
+    let k = resolve_path(&reference, beside.as_deref()).map_err(|e| e.to_string())?;
     let rel = k.release().to_string();
     if rel.is_empty() || rel.contains('/') {
         return Err(format!("cannot tell the release of {}", path.display()));
@@ -330,12 +333,7 @@ fn list(cache: &Cache, store: &Path) -> Result<(), String> {
         let source = std::fs::read_to_string(dir.join("source")).unwrap_or_default();
         let size = format!("{:.0}M", du(&dir) as f64 / (1 << 20) as f64);
         let img = dir.join("boot").join(format!("vmlinuz-{rel}"));
-        let defaults = Defaults {
-            running: None,
-            boot_dir: "/nonexistent".into(),
-            store: None,
-        };
-        let facts = kernel::resolve(Some(&img.to_string_lossy()), None, &defaults)
+        let facts = resolve_path(&img, None)
             .ok()
             .and_then(|k| artifacts::inspect(cache, &k).ok().map(|i| (k, i)));
         match facts {
