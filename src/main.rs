@@ -40,7 +40,7 @@ fn main() {
         Ok(false) => {}
         Err(e) => {
             eprintln!("vexec: error: {e}");
-            std::process::exit(2);
+            std::process::exit(run::STATUS_FAILED);
         }
     }
     match args.get(1).and_then(|a| a.to_str()) {
@@ -88,7 +88,16 @@ fn main() {
         _ => {}
     }
     let separator = args.iter().any(|a| a == "--");
-    let mut cli = cli::Cli::parse_from(&args);
+    let mut cli = match cli::Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        // --help and --version are answers, not errors.
+        Err(e) if !e.use_stderr() => e.exit(),
+        // Bad input is vexec's failure: 125, which `git bisect run` skips.
+        Err(e) => {
+            let _ = e.print();
+            std::process::exit(run::STATUS_FAILED);
+        }
+    };
     // Where the command starts in argv (for the matrix's per-kernel runs):
     // it is always the trailing words.
     let command_at = (!cli.command.is_empty()).then(|| args.len() - cli.command.len());

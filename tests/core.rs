@@ -287,6 +287,19 @@ fn bad_input_is_125_with_a_clear_message() {
             ],
             "QEMU",
         ),
+        // Bad option values: clap's messages, vexec's status.
+        (
+            vec!["--memory".into(), "lots".into(), "true".into()],
+            "is not a size",
+        ),
+        (
+            vec!["--shard".into(), "3/2".into(), "true".into()],
+            "is not I/N",
+        ),
+        (
+            vec!["--forward".into(), "80".into(), "true".into()],
+            "is not HOST:GUEST",
+        ),
     ];
     for (args, want) in cases {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_vexec"))

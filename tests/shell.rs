@@ -41,6 +41,14 @@ fn termios(fd: i32) -> libc::termios {
     }
 }
 
+/// A test that fails midway must not leave its VM running.
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Terminal {
     fn start(args: &[&str], rows: u16, cols: u16) -> (Terminal, OwnedFd) {
         let (mut m, mut s) = (-1, -1);
@@ -55,6 +63,12 @@ impl Terminal {
             )
         };
         assert_eq!(rc, 0);
+        // Not inherited by vexec: a master it held itself would keep its
+        // terminal from ever hanging up.
+        for fd in [m, s] {
+            // SAFETY: fcntl on descriptors we own.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
         // SAFETY: fresh descriptors we own.
         let (master, slave) = unsafe { (File::from_raw_fd(m), OwnedFd::from_raw_fd(s)) };
         set_size(master.as_raw_fd(), rows, cols);
