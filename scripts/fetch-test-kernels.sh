@@ -9,7 +9,9 @@
 #
 # Usage: scripts/fetch-test-kernels.sh [--only NAME] [DEST]
 #   DEST defaults to $VEXEC_TEST_KERNELS, else ~/.cache/vexec-test-kernels.
-#   NAME is one of 5.10, 6.1, 6.1-cloud, 6.12.
+#   NAME is one of 5.10, 6.1, 6.1-cloud, 6.12, arm64-6.1, arm64-busybox.
+#   arm64-6.1 is Debian's arm64 kernel and arm64-busybox its busybox-static
+#   (busybox at DEST/arm64-busybox/bin/busybox), for the arm64 guest tests.
 # Prints one line per kernel: NAME RELEASE DIR
 set -euo pipefail
 
@@ -21,12 +23,14 @@ fi
 dest="${1:-${VEXEC_TEST_KERNELS:-${XDG_CACHE_HOME:-$HOME/.cache}/vexec-test-kernels}}"
 mkdir -p "$dest"
 
-# name  suite     meta-package
+# name           suite     arch   meta-package (or plain package)
 kernels=(
-  "5.10       bullseye  linux-image-amd64"
-  "6.1        bookworm  linux-image-amd64"
-  "6.1-cloud  bookworm  linux-image-cloud-amd64"
-  "6.12       trixie    linux-image-amd64"
+  "5.10           bullseye  amd64  linux-image-amd64"
+  "6.1            bookworm  amd64  linux-image-amd64"
+  "6.1-cloud      bookworm  amd64  linux-image-cloud-amd64"
+  "6.12           trixie    amd64  linux-image-amd64"
+  "arm64-6.1      bookworm  arm64  linux-image-arm64"
+  "arm64-busybox  bookworm  arm64  busybox-static"
 )
 
 # The Debian archive this machine already uses (first deb822 URIs or
@@ -72,26 +76,33 @@ apt_opts=(
   -o "Dir::State::status=$aptdir/status"
   -o "Dir::Cache=$aptdir/cache"
   -o "APT::Architecture=amd64"
+  -o "APT::Architectures::=amd64"
+  -o "APT::Architectures::=arm64"
   -o "Debug::NoLocking=1"
 )
 mkdir -p "$aptdir/cache"
 apt-get "${apt_opts[@]}" -qq update
 
 for entry in "${kernels[@]}"; do
-  read -r name suite meta <<<"$entry"
+  read -r name suite arch meta <<<"$entry"
   if [ -n "$only" ] && [ "$only" != "$name" ]; then
     continue
   fi
   # The meta-package of that suite names the current ABI's image package.
-  ver=$(apt-cache "${apt_opts[@]}" madison "$meta" | awk -v s="$suite" '$0 ~ " "s"[/ -]" {print $3; exit}')
-  [ -n "$ver" ] || { echo "fetch-test-kernels: $meta not found in $suite" >&2; exit 1; }
-  pkg=$(apt-cache "${apt_opts[@]}" show "$meta=$ver" | awk -F': ' '/^Depends:/ {print $2; exit}' \
-        | tr ',' '\n' | sed 's/^ *//; s/ .*//' | grep '^linux-image-' | head -1)
-  [ -n "$pkg" ] || { echo "fetch-test-kernels: cannot resolve $meta=$ver" >&2; exit 1; }
+  ver=$(apt-cache "${apt_opts[@]}" madison "$meta:$arch" | awk -v s="$suite" '$0 ~ " "s"[/ -]" {print $3; exit}')
+  [ -n "$ver" ] || { echo "fetch-test-kernels: $meta ($arch) not found in $suite" >&2; exit 1; }
+  case "$meta" in
+    linux-image-*)
+      pkg=$(apt-cache "${apt_opts[@]}" show "$meta:$arch=$ver" | awk -F': ' '/^Depends:/ {print $2; exit}' \
+            | tr ',' '\n' | sed 's/^ *//; s/ .*//' | grep '^linux-image-' | head -1)
+      [ -n "$pkg" ] || { echo "fetch-test-kernels: cannot resolve $meta=$ver" >&2; exit 1; }
+      pkg="$pkg:$arch" ;;
+    *) pkg="$meta:$arch=$ver" ;;
+  esac
   out="$dest/$name"
   if [ -f "$out/.complete" ] && [ "$(cat "$out/.complete")" = "$pkg" ]; then
-    rel=${pkg#linux-image-}; rel=${rel%-unsigned}
-    echo "$name $rel $out"
+    rel=$(ls "$out/boot" 2>/dev/null | sed -n 's/^vmlinuz-//p' | head -1)
+    echo "$name ${rel:-$pkg} $out"
     continue
   fi
   tmp=$(mktemp -d "$dest/.tmp.XXXXXX")
@@ -106,6 +117,6 @@ for entry in "${kernels[@]}"; do
   rm -rf "$out"
   mv "$tmp/root" "$out"
   rmdir "$tmp"
-  rel=$(ls "$out/boot" | sed -n 's/^vmlinuz-//p' | head -1)
-  echo "$name $rel $out"
+  rel=$(ls "$out/boot" 2>/dev/null | sed -n 's/^vmlinuz-//p' | head -1)
+  echo "$name ${rel:-$pkg} $out"
 done

@@ -6,11 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=""
-for tool in qemu-system-x86_64 apt-get dpkg-deb; do
+for tool in qemu-system-x86_64 qemu-system-aarch64 busybox aarch64-linux-gnu-gcc apt-get dpkg-deb; do
   command -v "$tool" >/dev/null || missing="$missing $tool"
 done
 if [ -n "$missing" ]; then
-  echo "scripts/test.sh: missing:$missing (Debian/Ubuntu: sudo apt-get install qemu-system-x86 kmod libcap-ng-dev libseccomp-dev)" >&2
+  echo "scripts/test.sh: missing:$missing (Debian/Ubuntu: sudo apt-get install qemu-system-x86 qemu-system-arm qemu-efi-aarch64 busybox-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross kmod libcap-ng-dev libseccomp-dev)" >&2
   exit 1
 fi
 

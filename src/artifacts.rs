@@ -129,6 +129,8 @@ pub fn inspect(cache: &Cache, kernel: &Kernel) -> Result<Inspected, PrepareError
             image::has_pvh_entry(&read_image()?),
             None,
         ),
+        // QEMU's arm64 loader takes the Image (or its gzip) as it is.
+        ImageKind::Arm64 => (kernel.image.clone(), false, None),
         ImageKind::BzImage { .. } => {
             let entry = cache.entry("vmlinux", &image_hash);
             if entry.exists() {
@@ -381,4 +383,66 @@ fn load_config(
         None => return None,
     };
     image::embedded_config(elf).map(|t| KernelConfig::parse(&t))
+}
+
+/// The modules a batch run's guest must load (virtio PCI and the console
+/// port, without what sharing the host's root needs), in load order, with
+/// notes on what could not be determined. Keyed in the cache like
+/// [`prepare`]'s initramfs, as module selection reads every module's
+/// `.modinfo`.
+pub fn batch_modules(
+    cache: &Cache,
+    kernel: &Kernel,
+    inspected: &Inspected,
+) -> Result<Vec<modules::LoadableModule>, PrepareError> {
+    let key = hash_parts(&[
+        FORMAT,
+        b"batch",
+        inspected.image_hash.as_bytes(),
+        &inspected.modules_id,
+        &inspected.config_id,
+    ]);
+    let entry = cache.entry("batch-modules", &key);
+    if let Ok(b) = std::fs::read(&entry)
+        && let Ok(list) = postcard::from_bytes::<Vec<(String, Vec<String>, Vec<u8>)>>(&b)
+    {
+        return Ok(list
+            .into_iter()
+            .map(|(name, depends, data)| modules::LoadableModule {
+                name,
+                depends,
+                data,
+            })
+            .collect());
+    }
+    let tree = scan_tree(kernel)?;
+    let config = load_config(kernel, None, &inspected.boot_kernel, inspected.pvh);
+    let features: Vec<caps::Feature> = caps::BASE
+        .iter()
+        .copied()
+        .filter(|f| f.what != "overlayfs")
+        .collect();
+    let wanted = caps::check(kernel, config.as_ref(), tree.as_ref(), &features)?.modules;
+    let list = match (&tree, wanted.is_empty()) {
+        (_, true) => Vec::new(),
+        (Some(t), false) => t.load_order(&wanted)?,
+        (None, false) => {
+            return Err(PrepareError::NoModuleTree {
+                release: kernel.release().to_string(),
+                modules: wanted.join(", "),
+                searched: format!(
+                    "lib/modules/{0} beside the image, /lib/modules/{0}, /usr/lib/modules/{0}",
+                    kernel.release()
+                ),
+            });
+        }
+    };
+    let stored: Vec<(&str, &[String], &[u8])> = list
+        .iter()
+        .map(|m| (m.name.as_str(), &m.depends[..], &m.data[..]))
+        .collect();
+    if let Ok(b) = postcard::to_allocvec(&stored) {
+        cache.write(&entry, &b)?;
+    }
+    Ok(list)
 }

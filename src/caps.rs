@@ -162,6 +162,7 @@ mod tests {
             image: "/boot/vmlinuz-x".into(),
             info: ImageInfo {
                 kind: ImageKind::Elf,
+                arch: Default::default(),
                 release: "6.1.0-test".into(),
                 banner: String::new(),
             },

@@ -12,6 +12,8 @@ use crate::kernel::modules::LoadableModule;
 pub const MODULE_LIST: &str = "vexec/modules.list";
 /// Directory of module files inside the initramfs.
 pub const MODULE_DIR: &str = "vexec/modules";
+/// Batch runs (`vexec run-dir`): the programs to run, in name order.
+pub const BATCH_DIR: &str = "vexec/run";
 
 /// Why the initramfs could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +101,27 @@ impl Cpio {
         self.header(path, 0o100000 | (mode & 0o7777), data.len(), (0, 0));
         self.buf.extend_from_slice(data);
         self.pad();
+    }
+
+    /// Adds a symbolic link (parents created as needed).
+    pub fn symlink(&mut self, path: &str, target: &[u8]) {
+        let path = path.trim_start_matches('/');
+        if let Some((parent, _)) = path.rsplit_once('/') {
+            self.dir(parent);
+        }
+        self.header(path, 0o120777, target.len(), (0, 0));
+        self.buf.extend_from_slice(target);
+        self.pad();
+    }
+
+    /// Adds the modules in load order, and the list the guest loads them by.
+    pub fn modules(&mut self, modules: &[LoadableModule]) {
+        let mut list = String::new();
+        for m in modules {
+            self.file(&format!("{MODULE_DIR}/{}.ko", m.name), 0o644, &m.data);
+            list.push_str(&format!("{} {}\n", m.name, m.depends.join(",")));
+        }
+        self.file(MODULE_LIST, 0o644, list.as_bytes());
     }
 
     /// Adds a character device node.
@@ -248,12 +271,7 @@ pub fn build(agent: &Path, modules: &[LoadableModule]) -> Result<Vec<u8>, Initra
     for lib in elf_dependencies(agent)? {
         cpio.file(&lib.to_string_lossy(), 0o755, &read(&lib)?);
     }
-    let mut list = String::new();
-    for m in modules {
-        cpio.file(&format!("{MODULE_DIR}/{}.ko", m.name), 0o644, &m.data);
-        list.push_str(&format!("{} {}\n", m.name, m.depends.join(",")));
-    }
-    cpio.file(MODULE_LIST, 0o644, list.as_bytes());
+    cpio.modules(modules);
     Ok(cpio.finish())
 }
 

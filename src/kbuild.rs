@@ -21,6 +21,20 @@ CONFIG_GDB_SCRIPTS=y
 CONFIG_FRAME_POINTER=y
 ";
 
+/// Kernel coverage (`vexec run-dir` collects it into LCOV).
+pub const GCOV_OPTIONS: &str = "\
+CONFIG_DEBUG_FS=y
+CONFIG_GCOV_KERNEL=y
+CONFIG_GCOV_PROFILE_ALL=y
+";
+
+/// Which option sets to add on top of the guest's.
+#[derive(Debug, Clone, Copy, Default)]
+struct Extras {
+    debug: bool,
+    gcov: bool,
+}
+
 /// The option a `.config` line sets, if any (`CONFIG_X=...` or
 /// `# CONFIG_X is not set`).
 fn option_of(line: &str) -> Option<&str> {
@@ -74,42 +88,56 @@ pub fn missing(config: &str, fragment: &str) -> Vec<String> {
         .collect()
 }
 
-fn fragment(debug: bool) -> String {
+fn fragment(x: Extras) -> String {
     let mut f = GUEST_OPTIONS.to_string();
-    if debug {
+    if x.debug {
         f.push_str(DEBUG_OPTIONS);
+    }
+    if x.gcov {
+        f.push_str(GCOV_OPTIONS);
     }
     f
 }
 
-/// `vexec kconfig [--debug] [DIR]`: merges vexec's options into DIR/.config.
+fn extras_words(x: Extras) -> &'static str {
+    match (x.debug, x.gcov) {
+        (false, false) => "",
+        (true, false) => " and the debug ones",
+        (false, true) => " and the coverage ones",
+        (true, true) => " and the debug and coverage ones",
+    }
+}
+
+/// `vexec kconfig [--debug] [--gcov] [DIR]`: merges vexec's options into
+/// DIR/.config.
 pub fn kconfig(args: &[std::ffi::OsString]) -> Result<(), String> {
-    let (debug, dir) = parse(args, "kconfig")?;
+    let (extras, dir) = parse(args, "kconfig")?;
     let path = dir.join(".config");
     let existing = std::fs::read_to_string(&path).unwrap_or_default();
-    let merged = merge(&existing, &fragment(debug));
+    let merged = merge(&existing, &fragment(extras));
     std::fs::write(&path, merged).map_err(|e| format!("writing {}: {e}", path.display()))?;
     eprintln!(
         "vexec: merged vexec's options{} into {}; run `make olddefconfig` there (or `vexec build`)",
-        if debug { " and the debug ones" } else { "" },
+        extras_words(extras),
         path.display()
     );
     Ok(())
 }
 
-fn parse(args: &[std::ffi::OsString], verb: &str) -> Result<(bool, PathBuf), String> {
-    let mut debug = false;
+fn parse(args: &[std::ffi::OsString], verb: &str) -> Result<(Extras, PathBuf), String> {
+    let mut x = Extras::default();
     let mut dir = None;
     for a in args {
         match a.to_str() {
-            Some("--debug") => debug = true,
+            Some("--debug") => x.debug = true,
+            Some("--gcov") => x.gcov = true,
             Some(s) if s.starts_with('-') => {
                 return Err(format!(
-                    "unknown option {s}; usage: vexec {verb} [--debug] [DIR]"
+                    "unknown option {s}; usage: vexec {verb} [--debug] [--gcov] [DIR]"
                 ));
             }
             _ if dir.is_none() => dir = Some(PathBuf::from(a)),
-            _ => return Err(format!("usage: vexec {verb} [--debug] [DIR]")),
+            _ => return Err(format!("usage: vexec {verb} [--debug] [--gcov] [DIR]")),
         }
     }
     let dir = dir.unwrap_or_else(|| ".".into());
@@ -119,7 +147,7 @@ fn parse(args: &[std::ffi::OsString], verb: &str) -> Result<(bool, PathBuf), Str
             dir.display()
         ));
     }
-    Ok((debug, dir))
+    Ok((x, dir))
 }
 
 fn make(dir: &Path, args: &[&str]) -> Result<(), String> {
@@ -142,11 +170,11 @@ fn make(dir: &Path, args: &[&str]) -> Result<(), String> {
     }
 }
 
-/// `vexec build [--debug] [DIR]`: configures (tinyconfig when there is no
+/// `vexec build [--debug] [--gcov] [DIR]`: configures (tinyconfig when there is no
 /// .config yet, then vexec's options and olddefconfig) and compiles the
 /// tree with a progress line. ARCH and CROSS_COMPILE pass through to make.
 pub fn build(args: &[std::ffi::OsString]) -> Result<(), String> {
-    let (debug, dir) = parse(args, "build")?;
+    let (extras, dir) = parse(args, "build")?;
     let config = dir.join(".config");
     if !config.exists() {
         eprintln!(
@@ -155,7 +183,7 @@ pub fn build(args: &[std::ffi::OsString]) -> Result<(), String> {
         );
         make(&dir, &["tinyconfig"])?;
     }
-    let frag = fragment(debug);
+    let frag = fragment(extras);
     let existing = std::fs::read_to_string(&config)
         .map_err(|e| format!("reading {}: {e}", config.display()))?;
     std::fs::write(&config, merge(&existing, &frag))

@@ -19,6 +19,7 @@ mod oops;
 mod protocol;
 mod record;
 mod run;
+mod rundir;
 mod settings;
 mod shares;
 mod spec;
@@ -65,6 +66,7 @@ fn main() {
             }
             std::process::exit(0);
         }
+        Some("run-dir") => std::process::exit(rundir::main(&args[2..])),
         Some("kernel") => {
             let root = cache::Cache::default_root(
                 std::env::var_os("XDG_CACHE_HOME").map(Into::into),

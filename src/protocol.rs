@@ -5,13 +5,20 @@
 //! [`HostMsg::Setup`] and [`HostMsg::Exec`], then streams stdin and signals;
 //! the guest streams output and sends [`GuestMsg::Exited`] only after both
 //! output pipes reached end-of-file, so no byte is lost or reordered.
+//!
+//! Batch runs (`vexec run-dir`) use a subset the guest speaks on its own,
+//! with no message from the host: `Ready`, then for each program `Begin`,
+//! `Stdout`/`Stderr`, `Exited`; then `Coverage` pieces and `Finished`. The
+//! foreign-architecture init, a busybox `sh` script, encodes exactly these
+//! (see `src/rundir/init.sh` and docs/run-dir.md), so the variant order
+//! here is part of the protocol.
 
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change; both ends refuse a mismatch.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// Name of the virtio-serial port carrying the protocol.
 pub const PORT_NAME: &str = "vexec.ctl";
@@ -168,6 +175,15 @@ pub enum GuestMsg {
     },
     /// Setup failed; the text says what and why.
     Error(String),
+    /// Batch runs (`vexec run-dir`): the next program's output and
+    /// [`GuestMsg::Exited`] follow.
+    Begin {
+        name: String,
+    },
+    /// Batch runs: a piece of a tar archive of the kernel's GCOV data.
+    Coverage(Vec<u8>),
+    /// Batch runs: every program ran; the guest powers off next.
+    Finished,
 }
 
 /// Writes one frame.

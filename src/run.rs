@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::artifacts::{self, PrepareError};
 use crate::cache::{Cache, CacheError};
-use crate::host::session::{self, Outcome, Params, SignalRelay, Timings};
+use crate::host::session::{self, Job, Outcome, Params, SignalRelay, Timings};
 use crate::host::terminal;
 use crate::kernel::{self, ResolveError, resolve::Defaults};
 use crate::oops;
@@ -86,6 +86,14 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         store: Some(cache.root().join("kernels")),
     };
     let kernel = kernel::resolve(spec.kernel.as_deref(), spec.modules.as_deref(), &defaults)?;
+    if kernel.info.arch != kernel::image::Arch::X86_64 {
+        return Err(RunError::Failed(format!(
+            "{} is a kernel for {}: commands run with the host's x86_64 userspace need an x86_64 kernel; to boot it, use `vexec run-dir --arch {} -k KERNEL DIR` (initramfs only) or add `--root DIR` with a root filesystem of that architecture",
+            kernel.image.display(),
+            kernel.info.arch.name(),
+            kernel.info.arch.name()
+        )));
+    }
     let inspected = artifacts::inspect(&cache, &kernel)?;
     let chosen = transport::choose(spec.transport, &inspected.support, || {
         let dirs: Vec<PathBuf> = virtiofsd::DESCRIPTOR_DIRS
@@ -224,6 +232,8 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
     }
     let mut config = QemuConfig {
         binary: qemu_bin,
+        arch: kernel::image::Arch::X86_64,
+        firmware: None,
         accel,
         cpus: spec.cpus,
         memory: spec.memory.clone(),
@@ -274,8 +284,10 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         let params = Params {
             qemu: config.clone(),
             daemons: daemons.clone(),
-            setup: setup.clone(),
-            exec: exec.clone(),
+            job: Job::Command {
+                setup: Box::new(setup.clone()),
+                exec: Box::new(exec.clone()),
+            },
             timeout: spec.timeout,
             boot_timeout: match (spec.gdb, spec.boot_timeout, accel) {
                 // The CPUs wait for gdb for as long as the user needs.
@@ -428,12 +440,13 @@ fn tty_for(spec: &RunSpec) -> Option<Tty> {
 
 /// The kernel image with debug symbols for gdb: `vmlinux` in a build
 /// tree, Debian's and Ubuntu's debug packages, else the image vexec boots.
-fn symbol_file(kernel: &kernel::Kernel, booted: &Path) -> PathBuf {
+pub(crate) fn symbol_file(kernel: &kernel::Kernel, booted: &Path) -> PathBuf {
     let rel = kernel.release();
     let mut candidates = Vec::new();
-    // .../arch/x86/boot/bzImage -> .../vmlinux
+    // .../arch/x86/boot/bzImage (or arch/arm64/boot/Image) -> .../vmlinux
     if let Some(tree) = kernel.image.ancestors().nth(4)
-        && kernel.image.ends_with("arch/x86/boot/bzImage")
+        && (kernel.image.ends_with("arch/x86/boot/bzImage")
+            || kernel.image.ends_with("arch/arm64/boot/Image"))
     {
         candidates.push(tree.join("vmlinux"));
     }
@@ -452,8 +465,9 @@ fn symbol_file(kernel: &kernel::Kernel, booted: &Path) -> PathBuf {
 }
 
 /// How the session ended, in words (for run.json).
-fn outcome_words(outcome: &Outcome) -> String {
+pub(crate) fn outcome_words(outcome: &Outcome) -> String {
     match outcome {
+        Outcome::Finished => "finished".into(),
         Outcome::Exited(Exit::Code(c)) => format!("exited with status {c}"),
         Outcome::Exited(Exit::Signal(n)) => format!("killed by signal {n}"),
         Outcome::Exited(Exit::NotStarted { message, .. }) => format!("not started: {message}"),
@@ -483,8 +497,9 @@ fn report_splats(splats: &[oops::Splat], failing: bool) {
 
 /// Maps how the session ended to vexec's exit status, telling the user why
 /// when it was not the command's own doing.
-fn status_of(outcome: Outcome) -> i32 {
+pub(crate) fn status_of(outcome: Outcome) -> i32 {
     match outcome {
+        Outcome::Finished => 0,
         Outcome::Exited(Exit::Code(c)) => c,
         Outcome::Exited(Exit::Signal(n)) => 128 + n,
         Outcome::Exited(Exit::NotStarted { status, message }) => {

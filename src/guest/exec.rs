@@ -239,26 +239,8 @@ fn command(port: &PortWriter, mut reader: File, exec: &Exec) -> Exit {
     });
 
     let (done_tx, done_rx) = mpsc::channel::<()>();
-    let pump = |mut from: Box<dyn Read + Send>, wrap: fn(Vec<u8>) -> GuestMsg| {
-        let port = Arc::clone(port);
-        let done = done_tx.clone();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match from.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        if send(&port, &wrap(buf[..n].to_vec())).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    // EIO on a terminal master: every slave side is closed.
-                    Err(_) => break,
-                }
-            }
-            let _ = done.send(());
-        });
+    let pump = |from: Box<dyn Read + Send>, wrap: fn(Vec<u8>) -> GuestMsg| {
+        pump_output(port, from, wrap, done_tx.clone());
     };
     let mut pumps = 0;
     if let Some(out) = child.stdout.take() {
@@ -283,18 +265,52 @@ fn command(port: &PortWriter, mut reader: File, exec: &Exec) -> Exit {
     drop(done_tx);
 
     let exit = reap(pid);
-    let deadline = std::time::Instant::now() + DRAIN_GRACE;
-    for _ in 0..pumps {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if done_rx.recv_timeout(left).is_err() {
-            break;
-        }
-    }
+    drain(&done_rx, pumps);
     exit
 }
 
+/// Streams `from` to the host as `wrap` messages on a thread of its own;
+/// `done` is told at end of file.
+pub fn pump_output(
+    port: &PortWriter,
+    mut from: Box<dyn Read + Send>,
+    wrap: fn(Vec<u8>) -> GuestMsg,
+    done: mpsc::Sender<()>,
+) {
+    let port = Arc::clone(port);
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if send(&port, &wrap(buf[..n].to_vec())).is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // EIO on a terminal master: every slave side is closed.
+                Err(_) => break,
+            }
+        }
+        let _ = done.send(());
+    });
+}
+
+/// Waits for `pumps` output pumps to finish, at most [`DRAIN_GRACE`] (a
+/// background child may hold a pipe open forever).
+pub fn drain(done: &mpsc::Receiver<()>, pumps: usize) {
+    let deadline = std::time::Instant::now() + DRAIN_GRACE;
+    for _ in 0..pumps {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if done.recv_timeout(left).is_err() {
+            break;
+        }
+    }
+}
+
 /// Waits for `pid`, reaping any other orphan that PID 1 inherits meanwhile.
-fn reap(pid: i32) -> Exit {
+pub fn reap(pid: i32) -> Exit {
     loop {
         let mut status = 0;
         // SAFETY: status is a valid out-pointer.

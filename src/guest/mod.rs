@@ -2,6 +2,7 @@
 //! its initramfs carries, opens the control port, builds the root
 //! filesystem the host describes, runs the command, reports, powers off.
 
+mod batch;
 mod exec;
 mod modules;
 mod mounts;
@@ -25,7 +26,12 @@ pub fn run() -> ! {
         Arc::new(Mutex::new(port.try_clone().unwrap_or_else(|e| {
             fail_console(&format!("duplicating the control port: {e}"))
         })));
-    if let Err(e) = serve(&writer, port) {
+    let served = if batch::wanted() {
+        batch::run(&writer)
+    } else {
+        serve(&writer, port)
+    };
+    if let Err(e) = served {
         eprintln!("vexec-init: error: {e}");
         let _ = exec::send(&writer, &GuestMsg::Error(e));
     }

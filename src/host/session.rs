@@ -75,8 +75,8 @@ pub struct Params {
     pub qemu: QemuConfig,
     /// The virtiofsd for each virtio-fs share, by index into `qemu.shares`.
     pub daemons: Vec<(usize, DaemonSpec)>,
-    pub setup: Setup,
-    pub exec: Exec,
+    /// What the guest runs.
+    pub job: Job,
     pub timeout: Option<Duration>,
     /// Deadline for the agent to report in.
     pub boot_timeout: Duration,
@@ -90,9 +90,41 @@ pub struct Params {
     pub dump_on_panic: Option<std::path::PathBuf>,
 }
 
+/// What a session has the guest do.
+pub enum Job {
+    /// Set up the root described by `Setup`, run one command.
+    Command { setup: Box<Setup>, exec: Box<Exec> },
+    /// A batch run (`vexec run-dir`): the guest runs what its initramfs
+    /// holds and reports each program to the sink.
+    Batch(Box<dyn BatchSink>),
+}
+
+impl Job {
+    fn exec(&self) -> Option<&Exec> {
+        match self {
+            Job::Command { exec, .. } => Some(exec),
+            Job::Batch(_) => None,
+        }
+    }
+}
+
+/// Where a batch run's reports go, as they arrive.
+pub trait BatchSink: Send {
+    /// The next program starts.
+    fn begin(&mut self, name: &str);
+    fn stdout(&mut self, data: &[u8]);
+    fn stderr(&mut self, data: &[u8]);
+    /// The current program ended (guest clock).
+    fn exited(&mut self, exit: &Exit, uptime_ms: u64);
+    /// A piece of the GCOV archive.
+    fn coverage(&mut self, data: &[u8]);
+}
+
 /// How the run ended.
 #[derive(Debug)]
 pub enum Outcome {
+    /// A batch run finished every program.
+    Finished,
     Exited(Exit),
     TimedOut(Duration),
     Interrupted(i32),
@@ -408,23 +440,55 @@ fn event_loop(
                         "the guest agent speaks protocol {version}, this vexec {VERSION}; rebuild the initramfs by clearing vexec's cache"
                     ));
                 }
-                let sent = send(ctl, &HostMsg::Setup(p.setup.clone()))
-                    .and_then(|_| send(ctl, &HostMsg::Exec(p.exec.clone())));
-                if sent.is_err() {
-                    continue; // QEMU exiting; its event explains.
+                if let Job::Command { setup, exec } = &p.job {
+                    let sent = send(ctl, &HostMsg::Setup((**setup).clone()))
+                        .and_then(|_| send(ctl, &HostMsg::Exec((**exec).clone())));
+                    if sent.is_err() {
+                        continue; // QEMU exiting; its event explains.
+                    }
+                    // Keys go to the guest's terminal as they are typed.
+                    if exec.tty.as_ref().is_some_and(|t| t.stdin) && terminal::is_tty(0) {
+                        _raw = terminal::RawMode::enter();
+                    }
+                    pump_stdin(Arc::clone(ctl));
                 }
-                // Keys go to the guest's terminal as they are typed.
-                if p.exec.tty.as_ref().is_some_and(|t| t.stdin) && terminal::is_tty(0) {
-                    _raw = terminal::RawMode::enter();
-                }
-                pump_stdin(Arc::clone(ctl));
                 phase = Phase::Running;
                 deadline = p.timeout.map(|d| Instant::now() + d);
             }
             Event::Guest(GuestMsg::Started { uptime_ms }) => t.guest_started_ms = Some(uptime_ms),
-            Event::Guest(GuestMsg::Stdout(d)) => write_fd(1, &d),
-            Event::Guest(GuestMsg::Stderr(d)) => write_fd(2, &d),
+            Event::Guest(GuestMsg::Stdout(d)) => match &mut p.job {
+                Job::Batch(sink) => sink.stdout(&d),
+                Job::Command { .. } => write_fd(1, &d),
+            },
+            Event::Guest(GuestMsg::Stderr(d)) => match &mut p.job {
+                Job::Batch(sink) => sink.stderr(&d),
+                Job::Command { .. } => write_fd(2, &d),
+            },
             Event::Guest(GuestMsg::KernelLog(d)) => t.kernel_log = Some(d),
+            Event::Guest(GuestMsg::Begin { name }) => {
+                if let Job::Batch(sink) = &mut p.job {
+                    sink.begin(&name);
+                }
+            }
+            Event::Guest(GuestMsg::Coverage(d)) => {
+                if let Job::Batch(sink) = &mut p.job {
+                    sink.coverage(&d);
+                }
+            }
+            Event::Guest(GuestMsg::Finished) => {
+                t.guest_exited_ms = None;
+                return match interrupted {
+                    Some(sig) => Outcome::Interrupted(sig),
+                    None => Outcome::Finished,
+                };
+            }
+            Event::Guest(GuestMsg::Exited { exit, uptime_ms })
+                if matches!(p.job, Job::Batch(_)) =>
+            {
+                if let Job::Batch(sink) = &mut p.job {
+                    sink.exited(&exit, uptime_ms);
+                }
+            }
             Event::Guest(GuestMsg::Exited { exit, uptime_ms }) => {
                 t.guest_exited_ms = Some(uptime_ms);
                 return match interrupted {
@@ -455,7 +519,7 @@ fn event_loop(
                 }
             }
             Event::Signal(libc::SIGWINCH) => {
-                if p.exec.tty.is_some()
+                if p.job.exec().is_some_and(|e| e.tty.is_some())
                     && phase == Phase::Running
                     && let Some((rows, cols)) = terminal::window_size(&[0, 1, 2])
                 {
@@ -463,7 +527,11 @@ fn event_loop(
                 }
             }
             Event::Signal(sig) => {
-                if phase == Phase::Booting || interrupted.is_some() {
+                // A batch guest takes no signals: stopping means stopping it.
+                if phase == Phase::Booting
+                    || interrupted.is_some()
+                    || matches!(p.job, Job::Batch(_))
+                {
                     return Outcome::Interrupted(sig);
                 }
                 interrupted = Some(sig);

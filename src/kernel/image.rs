@@ -12,24 +12,46 @@ pub enum ImageKind {
     BzImage { payload: Option<Format> },
     /// An uncompressed ELF vmlinux.
     Elf,
+    /// An arm64 `Image` (possibly gzip-compressed, as some distributions
+    /// ship it); QEMU's `-M virt` loader takes either.
+    Arm64,
+}
+
+/// The architecture a kernel runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Arch {
+    #[default]
+    X86_64,
+    Aarch64,
+}
+
+impl Arch {
+    /// The name users write (`--arch`) and QEMU's binary suffix.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        }
+    }
 }
 
 /// Facts read from an image file without booting it.
 #[derive(Debug, Clone)]
 pub struct ImageInfo {
     pub kind: ImageKind,
+    pub arch: Arch,
     /// `uname -r` of the kernel, e.g. `6.1.0-56-amd64`.
     pub release: String,
     /// The full version banner, when found.
     pub banner: String,
 }
 
-/// Why a file could not be used as an x86_64 kernel image.
+/// Why a file could not be used as a kernel image.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("not a Linux kernel image (no bzImage header and not an ELF vmlinux)")]
+    #[error("not a Linux kernel image (no bzImage header, not an ELF vmlinux, not an arm64 Image)")]
     NotAKernel,
-    #[error("this is a kernel for {0}, but vexec boots x86_64 guests on this host")]
+    #[error("this is a kernel for {0}, which vexec cannot boot (it boots x86_64 and arm64)")]
     WrongArch(String),
     #[error("no Linux version string found in the image")]
     NoVersion,
@@ -44,8 +66,17 @@ pub fn inspect(data: &[u8]) -> Result<ImageInfo, ImageError> {
     if data.starts_with(ELF_MAGIC) {
         return inspect_elf(data);
     }
-    if data.len() > 0x40 && &data[0x38..0x3c] == b"ARM\x64" {
-        return Err(ImageError::WrongArch("arm64 (an Image file)".into()));
+    if is_arm64_image(data) {
+        return arm64_info(data);
+    }
+    if data.starts_with(&[0x1f, 0x8b]) {
+        // A gzip-compressed arm64 Image (Debian's arm64 vmlinuz before 6.x).
+        let head =
+            decompress::decompress(Format::Gzip, data).map_err(|_| ImageError::NotAKernel)?;
+        if is_arm64_image(&head) {
+            return arm64_info(&head);
+        }
+        return Err(ImageError::NotAKernel);
     }
     if data.len() > 0x40 && u32::from_le_bytes(data[0x24..0x28].try_into().unwrap()) == 0x016f2818 {
         return Err(ImageError::WrongArch("32-bit ARM (a zImage file)".into()));
@@ -67,6 +98,7 @@ pub fn inspect(data: &[u8]) -> Result<ImageInfo, ImageError> {
     };
     Ok(ImageInfo {
         kind: ImageKind::BzImage { payload },
+        arch: Arch::X86_64,
         release,
         banner,
     })
@@ -100,12 +132,33 @@ fn payload(data: &[u8]) -> Option<&[u8]> {
     data.get(start..start + length)
 }
 
+/// The arm64 boot header's magic ("ARM\x64" at offset 56).
+fn is_arm64_image(data: &[u8]) -> bool {
+    data.len() > 0x40 && &data[0x38..0x3c] == b"ARM\x64"
+}
+
+fn arm64_info(image: &[u8]) -> Result<ImageInfo, ImageError> {
+    let banner = elf_banner(image).ok_or(ImageError::NoVersion)?;
+    let release = banner
+        .split_whitespace()
+        .next()
+        .ok_or(ImageError::NoVersion)?
+        .to_string();
+    Ok(ImageInfo {
+        kind: ImageKind::Arm64,
+        arch: Arch::Aarch64,
+        release,
+        banner,
+    })
+}
+
 fn inspect_elf(data: &[u8]) -> Result<ImageInfo, ImageError> {
     let file = object::File::parse(data).map_err(|_| ImageError::NotAKernel)?;
-    match file.architecture() {
-        object::Architecture::X86_64 => {}
+    let arch = match file.architecture() {
+        object::Architecture::X86_64 => Arch::X86_64,
+        object::Architecture::Aarch64 => Arch::Aarch64,
         other => return Err(ImageError::WrongArch(format!("{other:?}").to_lowercase())),
-    }
+    };
     let banner = elf_banner(data).ok_or(ImageError::NoVersion)?;
     let release = banner
         .split_whitespace()
@@ -114,6 +167,7 @@ fn inspect_elf(data: &[u8]) -> Result<ImageInfo, ImageError> {
         .to_string();
     Ok(ImageInfo {
         kind: ImageKind::Elf,
+        arch,
         release,
         banner,
     })
@@ -226,7 +280,19 @@ mod tests {
         ));
         let mut arm = vec![0u8; 0x100];
         arm[0x38..0x3c].copy_from_slice(b"ARM\x64");
-        assert!(matches!(inspect(&arm), Err(ImageError::WrongArch(_))));
+        assert!(matches!(inspect(&arm), Err(ImageError::NoVersion)));
+        arm.extend_from_slice(b"Linux version 6.1.0-56-arm64 (debian) #1 SMP\0");
+        let info = inspect(&arm).unwrap();
+        assert_eq!((info.arch, info.kind), (Arch::Aarch64, ImageKind::Arm64));
+        assert_eq!(info.release, "6.1.0-56-arm64");
+        let mut zarm = Vec::new();
+        {
+            use std::io::Write;
+            let mut z = flate2::write::GzEncoder::new(&mut zarm, flate2::Compression::fast());
+            z.write_all(&arm).unwrap();
+            z.finish().unwrap();
+        }
+        assert_eq!(inspect(&zarm).unwrap().release, "6.1.0-56-arm64");
     }
 
     #[test]

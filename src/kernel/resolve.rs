@@ -160,9 +160,11 @@ fn from_image(path: &Path, build_tree: Option<&Path>) -> Result<Kernel, ResolveE
 }
 
 fn from_dir(dir: &Path) -> Result<Kernel, ResolveError> {
-    let bz = dir.join("arch/x86/boot/bzImage");
-    if bz.is_file() {
-        return from_image(&bz, Some(dir));
+    for built in ["arch/x86/boot/bzImage", "arch/arm64/boot/Image"] {
+        let img = dir.join(built);
+        if img.is_file() {
+            return from_image(&img, Some(dir));
+        }
     }
     let boot = dir.join("boot");
     if let Some(img) = newest_image(&boot, |_| true) {

@@ -12,13 +12,15 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use crate::kernel::image::Arch;
+
 /// QEMU could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error(
-        "QEMU ({0}) was not found; install it (Debian/Ubuntu: `sudo apt-get install qemu-system-x86`) or pass --qemu PATH"
+        "QEMU ({0}) was not found; install it (Debian/Ubuntu: `sudo apt-get install {1}`) or pass --qemu PATH"
     )]
-    QemuMissing(String),
+    QemuMissing(String, &'static str),
     #[error("starting {binary}: {source}")]
     Spawn {
         binary: PathBuf,
@@ -28,8 +30,26 @@ pub enum VmError {
     Virtiofsd(#[from] virtiofsd::VirtiofsdError),
 }
 
-/// Finds the QEMU binary: an explicit path, else `name` on `PATH`.
+/// The Debian/Ubuntu package holding QEMU for `arch`.
+fn qemu_package(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => "qemu-system-x86",
+        Arch::Aarch64 => "qemu-system-arm",
+    }
+}
+
+/// Finds the x86_64 QEMU binary: an explicit path, else on `PATH`.
 pub fn find_qemu(explicit: Option<&Path>, path_var: Option<OsString>) -> Result<PathBuf, VmError> {
+    find_qemu_for(Arch::X86_64, explicit, path_var)
+}
+
+/// Finds QEMU for guests of `arch`: an explicit path, else
+/// `qemu-system-ARCH` on `PATH`.
+pub fn find_qemu_for(
+    arch: Arch,
+    explicit: Option<&Path>,
+    path_var: Option<OsString>,
+) -> Result<PathBuf, VmError> {
     use std::os::unix::fs::PermissionsExt;
     let is_exe = |p: &Path| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
@@ -38,16 +58,19 @@ pub fn find_qemu(explicit: Option<&Path>, path_var: Option<OsString>) -> Result<
         return if is_exe(p) {
             Ok(p.to_path_buf())
         } else {
-            Err(VmError::QemuMissing(p.display().to_string()))
+            Err(VmError::QemuMissing(
+                p.display().to_string(),
+                qemu_package(arch),
+            ))
         };
     }
-    let name = "qemu-system-x86_64";
+    let name = format!("qemu-system-{}", arch.name());
     path_var
         .iter()
         .flat_map(std::env::split_paths)
-        .map(|d| d.join(name))
+        .map(|d| d.join(&name))
         .find(|p| is_exe(p))
-        .ok_or_else(|| VmError::QemuMissing(name.into()))
+        .ok_or_else(|| VmError::QemuMissing(name.clone(), qemu_package(arch)))
 }
 
 /// A running QEMU and the daemons serving its shares. Dropping it kills and
@@ -97,7 +120,7 @@ impl Vm {
         }
         let mut child = cmd.spawn().map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
-                VmError::QemuMissing(binary.display().to_string())
+                VmError::QemuMissing(binary.display().to_string(), "qemu-system-x86")
             } else {
                 VmError::Spawn {
                     binary: binary.to_path_buf(),
@@ -199,7 +222,7 @@ mod tests {
             "{e}"
         );
         let e = find_qemu(Some(Path::new("/nonexistent/qemu")), None).unwrap_err();
-        assert!(matches!(e, VmError::QemuMissing(_)));
+        assert!(matches!(e, VmError::QemuMissing(..)));
     }
 
     #[test]

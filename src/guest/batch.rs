@@ -1,0 +1,165 @@
+//! Batch runs (`vexec run-dir`): the agent runs every program its
+//! initramfs carries, in name order, reports each one's output and end,
+//! then sends the kernel's GCOV data and powers off. The host sends
+//! nothing; the foreign-architecture shell init speaks the same subset.
+
+use std::io::{ErrorKind, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+
+use crate::initramfs::BATCH_DIR;
+use crate::protocol::{Exit, GuestMsg, VERSION};
+
+use super::exec::{self, PortWriter, send};
+use super::{mounts, sys};
+
+/// Where debugfs shows the kernel's coverage counters.
+const GCOV_DIR: &str = "/sys/kernel/debug/gcov";
+/// Coverage is sent in pieces of this size (well under a frame's limit).
+const CHUNK: usize = 1 << 20;
+
+/// True when the initramfs is a batch run's.
+pub fn wanted() -> bool {
+    Path::new("/").join(BATCH_DIR).is_dir()
+}
+
+/// Runs the batch; returns once everything is reported.
+pub fn run(port: &PortWriter) -> Result<(), String> {
+    mounts::late();
+    install_busybox();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let io = |e: std::io::Error| format!("writing to the control port: {e}");
+    send(
+        port,
+        &GuestMsg::Ready {
+            version: VERSION,
+            release: release.trim().to_string(),
+            uptime_ms: sys::uptime_ms(),
+        },
+    )
+    .map_err(io)?;
+    for (name, path) in programs(&Path::new("/").join(BATCH_DIR)) {
+        send(port, &GuestMsg::Begin { name }).map_err(io)?;
+        let exit = run_one(port, &path);
+        send(
+            port,
+            &GuestMsg::Exited {
+                exit,
+                uptime_ms: sys::uptime_ms(),
+            },
+        )
+        .map_err(io)?;
+    }
+    if Path::new(GCOV_DIR).is_dir() {
+        let archive =
+            gcov_archive(Path::new(GCOV_DIR)).map_err(|e| format!("archiving {GCOV_DIR}: {e}"))?;
+        for piece in archive.chunks(CHUNK) {
+            send(port, &GuestMsg::Coverage(piece.to_vec())).map_err(io)?;
+        }
+    }
+    sys::sync();
+    send(port, &GuestMsg::Finished).map_err(io)
+}
+
+/// busybox's applets as links in /bin, so `#!/bin/sh` scripts run.
+fn install_busybox() {
+    if Path::new("/bin/busybox").exists() {
+        let _ = Command::new("/bin/busybox")
+            .args(["--install", "-s", "/bin"])
+            .status();
+    }
+}
+
+/// The executable regular files of `dir`, in byte order of their names.
+fn programs(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut out: Vec<(Vec<u8>, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            std::fs::metadata(e.path())
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .map(|e| (e.file_name().as_bytes().to_vec(), e.path()))
+        .collect();
+    out.sort();
+    out.into_iter()
+        .map(|(n, p)| (String::from_utf8_lossy(&n).into_owned(), p))
+        .collect()
+}
+
+/// Runs one program with its output streamed; how it ended.
+fn run_one(port: &PortWriter, path: &Path) -> Exit {
+    let child = Command::new(path)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+        .env("HOME", "/")
+        .env("TERM", "linux")
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            let status = if e.kind() == ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
+            let hint = if e.kind() == ErrorKind::NotFound {
+                " (a script whose interpreter is missing? pass --busybox, or link it statically)"
+            } else {
+                ""
+            };
+            return Exit::NotStarted {
+                status,
+                message: format!("vexec: cannot run {}: {e}{hint}", path.display()),
+            };
+        }
+    };
+    let (done_tx, done_rx) = mpsc::channel();
+    let mut pumps = 0;
+    if let Some(out) = child.stdout.take() {
+        exec::pump_output(port, Box::new(out), GuestMsg::Stdout, done_tx.clone());
+        pumps += 1;
+    }
+    if let Some(err) = child.stderr.take() {
+        exec::pump_output(port, Box::new(err), GuestMsg::Stderr, done_tx.clone());
+        pumps += 1;
+    }
+    drop(done_tx);
+    let exit = exec::reap(child.id() as i32);
+    exec::drain(&done_rx, pumps);
+    exit
+}
+
+/// A tar of every `.gcda` file under `root`. debugfs reports them with
+/// size 0, so each is read to its end rather than copied by size.
+fn gcov_archive(root: &Path) -> std::io::Result<Vec<u8>> {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            let ft = e.file_type()?;
+            let path = e.path();
+            if ft.is_dir() {
+                stack.push(path);
+            } else if ft.is_file() && path.extension().is_some_and(|x| x == "gcda") {
+                let mut data = Vec::new();
+                std::fs::File::open(&path)?.read_to_end(&mut data)?;
+                let mut h = tar::Header::new_gnu();
+                h.set_size(data.len() as u64);
+                h.set_mode(0o644);
+                h.set_cksum();
+                let rel = path.strip_prefix(root).unwrap_or(&path);
+                tar.append_data(&mut h, rel, &data[..])?;
+            }
+        }
+    }
+    tar.into_inner()
+}

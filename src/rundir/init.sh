@@ -1,0 +1,110 @@
+#!/bin/busybox sh
+# vexec's init for guests of an architecture vexec's own binary cannot run
+# on: a script for a static busybox. It runs every program in /vexec/run in
+# name order and reports to the host over the virtio-serial port vexec.ctl
+# in the batch subset of vexec's protocol (src/protocol.rs): frames of a
+# little-endian u32 length and a postcard-encoded GuestMsg. Unlike the Rust
+# agent it sends each program's output when the program ends, and reports
+# an exit status above 128 as death by signal (the shell cannot tell).
+/bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys /dev /tmp
+/bin/busybox --install -s /bin
+export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/ TERM=linux
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t tmpfs tmpfs /tmp
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+
+VERSION=@VERSION@
+CHUNK=1048576
+F=/tmp/.vexec-frame
+
+say() { echo "vexec-init: $*" >/dev/console; }
+halt() { sync; poweroff -f; sleep 10; }
+
+# One byte, by value.
+byte() { printf "\\$(printf %o "$1")"; }
+# postcard's unsigned LEB128 varint.
+varint() {
+  local v=$1
+  while [ "$v" -ge 128 ]; do byte $(((v & 127) | 128)); v=$((v >> 7)); done
+  byte "$v"
+}
+u32le() { byte $(($1 & 255)); byte $((($1 >> 8) & 255)); byte $((($1 >> 16) & 255)); byte $((($1 >> 24) & 255)); }
+# A string: its length in bytes, then the bytes.
+str() { varint "$(printf %s "$1" | wc -c)"; printf %s "$1"; }
+uptime_ms() { read -r up rest </proc/uptime; echo $((${up%.*} * 1000 + 1${up#*.}0 - 1000)); }
+# Sends the frame whose body is in $F.
+send() { { u32le "$(wc -c <"$F")"; cat "$F"; } >&3; }
+# Sends file $2 as GuestMsg variant $1 (Stdout 2, Stderr 3, Coverage 8), in
+# pieces of $CHUNK bytes.
+send_file() {
+  local size i=0 len
+  size=$(wc -c <"$2")
+  while [ $((i * CHUNK)) -lt "$size" ]; do
+    len=$((size - i * CHUNK)); [ "$len" -gt "$CHUNK" ] && len=$CHUNK
+    { varint "$1"; varint "$len"; dd if="$2" bs=$CHUNK skip=$i count=1 2>/dev/null; } >"$F"
+    send; i=$((i + 1))
+  done
+}
+
+if [ -r /vexec/modules.list ]; then
+  while read -r name deps; do
+    insmod "/vexec/modules/$name.ko" 2>/tmp/.insmod || grep -q "exists" /tmp/.insmod ||
+      say "error: loading module $name: $(cat /tmp/.insmod)"
+  done </vexec/modules.list
+fi
+
+port=""; tries=0
+while [ -z "$port" ]; do
+  for p in /sys/class/virtio-ports/*; do
+    if [ -r "$p/name" ] && [ "$(cat "$p/name")" = vexec.ctl ] && [ -e "/dev/${p##*/}" ]; then
+      port="/dev/${p##*/}"
+    fi
+  done
+  [ -n "$port" ] && break
+  tries=$((tries + 1))
+  if [ "$tries" -gt 1000 ]; then
+    say "error: the control port vexec.ctl did not appear (is virtio_console loaded?)"
+    halt
+  fi
+  usleep 10000
+done
+exec 3>"$port"
+
+# Ready { version, release, uptime_ms }
+{ varint 0; varint "$VERSION"; str "$(cat /proc/sys/kernel/osrelease)"; varint "$(uptime_ms)"; } >"$F"
+send
+
+for prog in /vexec/run/*; do
+  [ -f "$prog" ] && [ -x "$prog" ] || continue
+  # Begin { name }
+  { varint 7; str "${prog##*/}"; } >"$F"; send
+  (cd / && exec "$prog") </dev/null >/tmp/.out 2>/tmp/.err
+  code=$?
+  send_file 2 /tmp/.out
+  send_file 3 /tmp/.err
+  rm -f /tmp/.out /tmp/.err
+  # Exited { exit: Code(i32) | Signal(i32), uptime_ms }; i32 is zigzag-encoded.
+  if [ "$code" -gt 128 ] && [ "$code" -lt 193 ]; then
+    { varint 5; varint 1; varint $(((code - 128) * 2)); varint "$(uptime_ms)"; } >"$F"
+  else
+    { varint 5; varint 0; varint $((code * 2)); varint "$(uptime_ms)"; } >"$F"
+  fi
+  send
+done
+
+# The kernel's GCOV counters: debugfs reports their size as 0, so each is
+# read to its end with cat before tar sees it.
+G=/sys/kernel/debug/gcov
+if [ -d "$G" ]; then
+  mkdir -p /tmp/gcov
+  (cd "$G" && find . -type d) | while read -r d; do mkdir -p "/tmp/gcov/$d"; done
+  (cd "$G" && find . -name '*.gcda') | while read -r f; do cat "$G/$f" >"/tmp/gcov/$f"; done
+  tar -cf /tmp/gcov.tar -C /tmp/gcov .
+  send_file 8 /tmp/gcov.tar
+fi
+
+# Finished
+{ varint 9; } >"$F"; send
+halt

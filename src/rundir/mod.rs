@@ -1,0 +1,402 @@
+//! `vexec run-dir`: boot a kernel with nothing but an initramfs, run every
+//! executable of a directory in it, report each one, keep the run's
+//! record, and collect the kernel's GCOV coverage. x86_64 guests run
+//! vexec's own agent as init; guests of other architectures (aarch64 under
+//! `qemu-system-aarch64 -M virt`) run a busybox script speaking the same
+//! protocol's batch subset.
+
+mod cli;
+mod coverage;
+mod outdir;
+mod payload;
+mod report;
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+use crate::artifacts;
+use crate::cache::Cache;
+use crate::host::session::{self, Job, Outcome, Params, SignalRelay};
+use crate::kernel::image::Arch;
+use crate::kernel::{self, resolve::Defaults};
+use crate::run::{STATUS_FAILED, outcome_words, status_of};
+use crate::vm::accel::{self, Accel, AccelChoice};
+use crate::vm::qemu::{self, QemuConfig};
+
+/// Firmware files tried by `--uefi`, per architecture (Debian/Ubuntu paths).
+const AARCH64_FIRMWARE: &[&str] = &[
+    "/usr/share/qemu-efi-aarch64/QEMU_EFI.fd",
+    "/usr/share/edk2/aarch64/QEMU_EFI.fd",
+];
+const X86_64_FIRMWARE: &[&str] = &["/usr/share/ovmf/OVMF.fd", "/usr/share/qemu/OVMF.fd"];
+
+/// Entry point: `vexec run-dir ARGS`; returns the exit status.
+pub fn main(args: &[OsString]) -> i32 {
+    let argv = std::iter::once(OsString::from("vexec run-dir")).chain(args.iter().cloned());
+    let cli = match cli::RunDirCli::try_parse_from(argv) {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let _ = e.print();
+            return STATUS_FAILED;
+        }
+    };
+    let relay = match SignalRelay::install() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vexec: error: installing signal handlers: {e}");
+            return STATUS_FAILED;
+        }
+    };
+    match run(&cli, &relay) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vexec: error: {e}");
+            STATUS_FAILED
+        }
+    }
+}
+
+fn arch_named(name: &str) -> Arch {
+    match name {
+        "aarch64" | "arm64" => Arch::Aarch64,
+        _ => Arch::X86_64,
+    }
+}
+
+fn firmware(cli: &cli::RunDirCli, arch: Arch) -> Result<Option<PathBuf>, String> {
+    if let Some(f) = &cli.firmware {
+        if !f.is_file() {
+            return Err(format!(
+                "--firmware {}: no such file; give the path of a QEMU firmware image (e.g. QEMU_EFI.fd)",
+                f.display()
+            ));
+        }
+        return Ok(Some(f.clone()));
+    }
+    if !cli.uefi {
+        return Ok(None);
+    }
+    let (candidates, package) = match arch {
+        Arch::Aarch64 => (AARCH64_FIRMWARE, "qemu-efi-aarch64"),
+        Arch::X86_64 => (X86_64_FIRMWARE, "ovmf"),
+    };
+    candidates
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .map(Some)
+        .ok_or_else(|| {
+            format!(
+                "--uefi: no {} UEFI firmware found (looked at {}); install it (Debian/Ubuntu: apt-get install {package}) or pass --firmware PATH",
+                arch.name(),
+                candidates.join(", ")
+            )
+        })
+}
+
+fn run(cli: &cli::RunDirCli, relay: &SignalRelay) -> Result<i32, String> {
+    let t0 = Instant::now();
+    for t in &cli.tag {
+        outdir::check_tag(t)?;
+    }
+    let path_var = std::env::var_os("PATH");
+    let cache = Cache::open(Cache::default_root(
+        std::env::var_os("XDG_CACHE_HOME").map(Into::into),
+        std::env::var_os("HOME").map(Into::into),
+    ))
+    .map_err(|e| e.to_string())?;
+    let wanted_arch = cli.arch.as_deref().map(arch_named);
+    if wanted_arch.is_some_and(|a| a != Arch::X86_64) && cli.kernel.is_none() {
+        return Err(format!(
+            "an {} guest needs a kernel of its own: pass -k KERNEL (e.g. Debian's linux-image-arm64, unpacked with dpkg-deb -x, or `vexec kernel fetch linux-image-arm64:arm64`)",
+            wanted_arch.unwrap_or_default().name()
+        ));
+    }
+    let defaults = Defaults {
+        running: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .ok()
+            .map(|s| s.trim().to_string()),
+        boot_dir: PathBuf::from("/boot"),
+        store: Some(cache.root().join("kernels")),
+    };
+    let kernel = kernel::resolve(cli.kernel.as_deref(), cli.modules.as_deref(), &defaults)
+        .map_err(|e| e.to_string())?;
+    let arch = kernel.info.arch;
+    if let Some(w) = wanted_arch
+        && w != arch
+    {
+        return Err(format!(
+            "--arch {} but {} is a kernel for {}",
+            w.name(),
+            kernel.image.display(),
+            arch.name()
+        ));
+    }
+    let inspected = artifacts::inspect(&cache, &kernel).map_err(|e| e.to_string())?;
+    let modules =
+        artifacts::batch_modules(&cache, &kernel, &inspected).map_err(|e| e.to_string())?;
+    let agent = std::env::current_exe()
+        .map_err(|e| format!("cannot find vexec's own executable for the guest's init: {e}"))?;
+    let payload = payload::build(&payload::Inputs {
+        arch,
+        dir: &cli.dir,
+        adds: &cli.add,
+        busybox: cli.busybox.as_deref(),
+        path_var: path_var.as_deref(),
+        agent: &agent,
+        modules: &modules,
+    })
+    .map_err(|e| e.to_string())?;
+    let scratch = cache.root().join("tmp");
+    std::fs::create_dir_all(&scratch)
+        .map_err(|e| format!("creating {}: {e}", scratch.display()))?;
+    let initrd = tempfile::Builder::new()
+        .prefix("run-dir-")
+        .suffix(".cpio")
+        .tempfile_in(&scratch)
+        .map_err(|e| format!("creating the initramfs in {}: {e}", scratch.display()))?;
+    std::fs::write(initrd.path(), &payload.bytes)
+        .map_err(|e| format!("writing {}: {e}", initrd.path().display()))?;
+
+    let qemu_bin = crate::vm::find_qemu_for(arch, cli.qemu.as_deref(), path_var.clone())
+        .map_err(|e| e.to_string())?;
+    let firmware = firmware(cli, arch)?;
+    let (mut accel, why_not_kvm) = match arch {
+        Arch::X86_64 => accel::choose(cli.accel, cache.root()),
+        Arch::Aarch64 if cli.accel == AccelChoice::Kvm => {
+            return Err(
+                "--accel kvm: an aarch64 guest on this x86_64 host can only be emulated (TCG)"
+                    .into(),
+            );
+        }
+        Arch::Aarch64 => (Accel::Tcg, None),
+    };
+    if let (Some(why), false) = (&why_not_kvm, cli.quiet) {
+        eprintln!("vexec: KVM not usable ({why}); using TCG emulation (slower)");
+    }
+    let mut kernel_args = Vec::new();
+    if cli.output.is_some() {
+        // The record's serial log is the whole console, boot messages too.
+        kernel_args.push("loglevel=7".to_string());
+    }
+    kernel_args.extend(cli.kernel_args.iter().cloned());
+    let mut extra = cli.qemu_args.clone();
+    if let Some(port) = cli.debug {
+        kernel_args.push("nokaslr".into());
+        extra.splice(
+            0..0,
+            [
+                OsString::from("-gdb"),
+                format!("tcp:127.0.0.1:{port}").into(),
+                "-S".into(),
+            ],
+        );
+        let symbols = crate::run::symbol_file(&kernel, &kernel.image);
+        let gdb = match arch {
+            Arch::X86_64 => "gdb",
+            Arch::Aarch64 => "gdb-multiarch",
+        };
+        eprintln!(
+            "vexec: the guest waits for gdb; attach with:\n  {gdb} -ex 'target remote localhost:{port}' {}",
+            symbols.display()
+        );
+    }
+    // Firmware boots the image it is handed through its own loader: a
+    // bzImage or arm64 Image, never the PVH vmlinux.
+    let boot_kernel = if firmware.is_some() || arch != Arch::X86_64 {
+        kernel.image.clone()
+    } else {
+        inspected.boot_kernel.clone()
+    };
+    let mut config = QemuConfig {
+        binary: qemu_bin,
+        arch,
+        firmware: firmware.clone(),
+        accel,
+        cpus: cli.cpus,
+        memory: cli.memory.clone(),
+        kernel: boot_kernel,
+        initrd: initrd.path().to_path_buf(),
+        cmdline: qemu::cmdline_for(arch, cli.verbose, false, &kernel_args),
+        shares: Vec::new(),
+        net: None,
+        console_fd: 3,
+        control_fd: 4,
+        qmp_fd: None,
+        extra,
+    };
+    let out = cli
+        .output
+        .as_deref()
+        .map(|o| outdir::create(o, &cli.tag))
+        .transpose()?;
+    if !cli.quiet {
+        eprintln!(
+            "vexec: run-dir: {} program(s) of {} on {} ({}, {}){}",
+            payload.programs.len(),
+            cli.dir.display(),
+            kernel.release(),
+            arch.name(),
+            if firmware.is_some() {
+                "UEFI"
+            } else {
+                "direct boot"
+            },
+            out.as_ref()
+                .map(|o| format!("; record in {}", o.display()))
+                .unwrap_or_default()
+        );
+    }
+    let prep = t0.elapsed();
+    let report = Arc::new(Mutex::new(report::Report::new(
+        out.as_ref().map(|o| o.join("results")),
+        cli.quiet,
+    )));
+    let (outcome, timings) = loop {
+        let serial = match &out {
+            Some(o) => Some(
+                File::create(o.join("serial"))
+                    .map_err(|e| format!("creating {}: {e}", o.join("serial").display()))?,
+            ),
+            None => None,
+        };
+        let probing = cli.accel == AccelChoice::Auto && accel == Accel::Kvm;
+        let params = Params {
+            qemu: config.clone(),
+            daemons: Vec::new(),
+            job: Job::Batch(Box::new(report::Sink(Arc::clone(&report)))),
+            timeout: cli.timeout,
+            boot_timeout: match (cli.debug, cli.boot_timeout) {
+                (Some(_), _) => Duration::from_secs(7 * 24 * 3600),
+                (None, Some(t)) => t,
+                // Emulated arm64, and firmware, take longer to reach init.
+                (None, None) => Duration::from_secs(match (arch, firmware.is_some(), accel) {
+                    (Arch::X86_64, false, Accel::Kvm) => 20,
+                    (Arch::X86_64, false, Accel::Tcg) => 60,
+                    _ => 180,
+                }),
+            },
+            kvm_probe: (probing && cli.debug.is_none()).then(|| Duration::from_secs(8)),
+            verbose: cli.verbose,
+            console_log: serial,
+            print_qemu: cli.verbose,
+            dump_on_panic: None,
+        };
+        let (outcome, timings) = session::run(params, relay).map_err(|e| e.to_string())?;
+        if let Outcome::KvmBroken(why) = &outcome {
+            accel::mark_broken(cache.root());
+            if !cli.quiet {
+                eprintln!(
+                    "vexec: KVM cannot boot Linux on this host ({why}); rerunning under TCG, and using TCG until the host reboots"
+                );
+            }
+            accel = Accel::Tcg;
+            config.accel = Accel::Tcg;
+            continue;
+        }
+        break (outcome, timings);
+    };
+    drop(initrd);
+
+    let (mut results, coverage_data) = {
+        let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            std::mem::take(&mut r.results),
+            std::mem::take(&mut r.coverage),
+        )
+    };
+    report::complete(&mut results, &payload.programs);
+    let finished = matches!(outcome, Outcome::Finished);
+    let words = outcome_words(&outcome);
+    let mut status = status_of(outcome);
+    if finished && results.iter().any(|r| r.result != "pass") {
+        status = 1;
+    }
+    if !cli.quiet || status != 0 {
+        eprintln!(
+            "vexec: run-dir on {} ({}):\n{}",
+            kernel.release(),
+            arch.name(),
+            report::summary(&results)
+        );
+    }
+    let build_tree = cli.build_tree.clone().or_else(|| {
+        kernel
+            .config
+            .as_deref()
+            .and_then(Path::parent)
+            .filter(|d| d.join("Makefile").is_file())
+            .map(Path::to_path_buf)
+    });
+    let mut coverage_saved = None;
+    if !coverage_data.is_empty() {
+        match &out {
+            Some(o) => {
+                let saved = coverage::save(
+                    &coverage_data,
+                    &coverage::Capture {
+                        out: o,
+                        build_tree: build_tree.as_deref(),
+                        lcov: !cli.no_lcov,
+                        path_var: path_var.as_deref(),
+                    },
+                )?;
+                if !cli.quiet {
+                    eprintln!(
+                        "vexec: kernel coverage: {}{}",
+                        saved
+                            .lcov
+                            .as_ref()
+                            .or(saved.archive.as_ref())
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_default(),
+                        saved
+                            .note
+                            .as_ref()
+                            .map(|n| format!(" ({n})"))
+                            .unwrap_or_default()
+                    );
+                }
+                coverage_saved = Some(saved);
+            }
+            None if !cli.quiet => eprintln!(
+                "vexec: the kernel has GCOV data ({} KiB); pass --output DIR to keep it",
+                coverage_data.len() / 1024
+            ),
+            None => {}
+        }
+    }
+    if let Some(o) = &out {
+        let record = serde_json::json!({
+            "kernel": kernel.image,
+            "release": kernel.release(),
+            "banner": kernel.info.banner,
+            "arch": arch.name(),
+            "accel": match config.accel { Accel::Kvm => "kvm", Accel::Tcg => "tcg" },
+            "firmware": firmware,
+            "dir": std::path::absolute(&cli.dir).unwrap_or_else(|_| cli.dir.clone()),
+            "busybox": payload.busybox,
+            "tags": cli.tag,
+            "qemu_command": qemu::shell_line(&config.binary, &qemu::argv(&config)),
+            "outcome": words,
+            "exit_status": status,
+            "programs": results,
+            "coverage": coverage_saved,
+            "timings_ms": {
+                "host_prep": prep.as_millis() as u64,
+                "boot_to_init": timings.ready.zip(timings.spawned).map(|(r, s)| (r - s).as_millis() as u64),
+                "total": t0.elapsed().as_millis() as u64,
+            },
+        });
+        let path = o.join("run.json");
+        let json = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
+        std::fs::write(&path, json).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    Ok(status)
+}

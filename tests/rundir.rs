@@ -1,0 +1,364 @@
+//! `vexec run-dir`: initramfs-only runs of a directory of programs, on
+//! x86_64 (vexec's agent as init) and arm64 (busybox script as init, under
+//! qemu-system-aarch64 -M virt, direct and UEFI boot), the output
+//! directory's layout, --debug and QEMU argument pass-through.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const PASS_C: &str = r#"#include <stdio.h>
+#include <sys/utsname.h>
+int main(void) { struct utsname u; uname(&u); printf("static C on %s %s\n", u.release, u.machine); return 0; }
+"#;
+const FAIL_C: &str = r#"#include <stdio.h>
+int main(void) { fprintf(stderr, "failing on purpose\n"); return 3; }
+"#;
+const SCRIPT: &str = "#!/bin/sh\necho \"script sees $(cat /extra/data.txt) on $(uname -m)\"\n";
+
+/// The arm64 test kernel and its static busybox (scripts/fetch-test-kernels.sh).
+fn arm64_busybox() -> PathBuf {
+    let b = kernels_dir().join("arm64-busybox/bin/busybox");
+    assert!(
+        b.is_file(),
+        "{} missing; run scripts/fetch-test-kernels.sh",
+        b.display()
+    );
+    b
+}
+
+fn executable(p: &Path, text: &str) {
+    std::fs::write(p, text).unwrap();
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Compiles `src` statically with `cc` into `out`.
+fn static_c(cc: &str, src: &str, out: &Path) {
+    let c = out.with_extension("c");
+    std::fs::write(&c, src).unwrap();
+    let status = Command::new(cc)
+        .args(["-static", "-O2", "-o"])
+        .arg(out)
+        .arg(&c)
+        .status()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{cc}: {e}; install gcc (and gcc-aarch64-linux-gnu libc6-dev-arm64-cross for arm64)"
+            )
+        });
+    assert!(status.success());
+    std::fs::remove_file(c).unwrap();
+}
+
+/// A directory with a passing and a failing static C program (built with
+/// `cc`), a busybox script, a data file (not executable: not run) and the
+/// extra file the script reads (--add).
+fn fixture(work: &Path, cc: &str) -> (PathBuf, PathBuf) {
+    let progs = work.join("progs");
+    std::fs::create_dir(&progs).unwrap();
+    static_c(cc, PASS_C, &progs.join("01-pass"));
+    static_c(cc, FAIL_C, &progs.join("02-fail"));
+    executable(&progs.join("03-script.sh"), SCRIPT);
+    std::fs::write(progs.join("README"), "not a program\n").unwrap();
+    let extra = work.join("extra");
+    std::fs::create_dir(&extra).unwrap();
+    std::fs::write(extra.join("data.txt"), "added-file").unwrap();
+    (progs, extra)
+}
+
+fn run_dir() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vexec"));
+    c.env("XDG_CACHE_HOME", cache_dir())
+        .env_remove("VEXEC_KERNEL")
+        .arg("run-dir")
+        .stdin(Stdio::null());
+    c
+}
+
+/// The only run directory under `out`.
+fn the_run(out: &Path) -> PathBuf {
+    let runs: Vec<PathBuf> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    runs.into_iter().next().unwrap()
+}
+
+/// Checks what every run of the fixture must show.
+fn check_fixture_run(out: &std::process::Output, record: &Path, machine: &str, release: &str) {
+    assert_eq!(out.status.code(), Some(1), "one program fails");
+    let text = stdout(out);
+    assert_eq!(
+        text,
+        format!("static C on {release} {machine}\nscript sees added-file on {machine}\n")
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("failing on purpose"), "{err}");
+    assert!(err.contains("FAIL    02-fail"), "{err}");
+    assert!(err.contains("2 passed, 1 failed or not run, of 3"), "{err}");
+    // The record: serial, results/NAME/{stdout,stderr,status}, run.json.
+    let name = record.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.ends_with("-ci-smoke"), "{name}");
+    assert!(name.len() == "20261123T235959Z-ci-smoke".len(), "{name}");
+    let serial = std::fs::read_to_string(record.join("serial")).unwrap();
+    assert!(
+        serial.contains(&format!("Linux version {release}")),
+        "{serial}"
+    );
+    let res = record.join("results");
+    assert_eq!(
+        std::fs::read_to_string(res.join("02-fail/stderr")).unwrap(),
+        "failing on purpose\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(res.join("02-fail/status")).unwrap(),
+        "fail exit 3\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(res.join("01-pass/status")).unwrap(),
+        "pass exit 0\n"
+    );
+    assert!(!res.join("README").exists());
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(record.join("run.json")).unwrap()).unwrap();
+    assert_eq!(json["exit_status"], 1);
+    assert_eq!(json["release"], release);
+    let results: Vec<(String, String)> = json["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["result"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        results,
+        [
+            ("01-pass".to_string(), "pass".to_string()),
+            ("02-fail".into(), "fail".into()),
+            ("03-script.sh".into(), "pass".into())
+        ]
+    );
+}
+
+#[test]
+fn x86_64_runs_each_program_from_the_initramfs_alone() {
+    let work = workdir("rundir-x86");
+    let (progs, extra) = fixture(work.path(), "gcc");
+    let out_dir = work.path().join("runs");
+    let image = kernel("6.1");
+    let mut c = run_dir();
+    c.args(["--accel", "tcg", "-k"])
+        .arg(&image)
+        .arg("--add")
+        .arg(format!("{}:/extra", extra.display()))
+        .arg("--output")
+        .arg(&out_dir)
+        .args(["--tag", "ci", "--tag", "smoke"])
+        .arg(&progs);
+    let out = run(c);
+    check_fixture_run(&out, &the_run(&out_dir), "x86_64", &release_of(&image));
+}
+
+#[test]
+fn arm64_runs_the_same_directory_under_busybox_init() {
+    let work = workdir("rundir-arm64");
+    let (progs, extra) = fixture(work.path(), "aarch64-linux-gnu-gcc");
+    let out_dir = work.path().join("runs");
+    let image = kernel("arm64-6.1");
+    let mut c = run_dir();
+    c.args(["--arch", "aarch64", "-k"])
+        .arg(&image)
+        .arg("--busybox")
+        .arg(arm64_busybox())
+        .arg("--add")
+        .arg(format!("{}:/extra", extra.display()))
+        .arg("--output")
+        .arg(&out_dir)
+        .args(["--tag", "ci", "--tag", "smoke"])
+        .arg(&progs);
+    let out = run(c);
+    check_fixture_run(&out, &the_run(&out_dir), "aarch64", &release_of(&image));
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(the_run(&out_dir).join("run.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["arch"], "aarch64");
+    assert_eq!(json["accel"], "tcg");
+}
+
+#[test]
+fn arm64_boots_through_uefi_firmware() {
+    let firmware = Path::new("/usr/share/qemu-efi-aarch64/QEMU_EFI.fd");
+    assert!(
+        firmware.is_file(),
+        "apt-get install qemu-efi-aarch64 (UEFI firmware for arm64 guests)"
+    );
+    let work = workdir("rundir-uefi");
+    let progs = work.path().join("progs");
+    std::fs::create_dir(&progs).unwrap();
+    executable(
+        &progs.join("efi"),
+        "#!/bin/sh\ntest -d /sys/firmware/efi && echo booted-by-uefi\n",
+    );
+    let out_dir = work.path().join("runs");
+    let mut c = run_dir();
+    c.arg("-k")
+        .arg(kernel("arm64-6.1"))
+        .arg("--busybox")
+        .arg(arm64_busybox())
+        .arg("--firmware")
+        .arg(firmware)
+        .arg("--output")
+        .arg(&out_dir)
+        .arg(&progs);
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(stdout(&out), "booted-by-uefi\n");
+    let serial = std::fs::read_to_string(the_run(&out_dir).join("serial")).unwrap();
+    assert!(serial.contains("EFI stub"), "{serial}");
+}
+
+#[test]
+fn qemu_arguments_pass_through_and_debug_waits_for_gdb() {
+    let work = workdir("rundir-qemu");
+    let progs = work.path().join("progs");
+    std::fs::create_dir(&progs).unwrap();
+    executable(
+        &progs.join("serial"),
+        "#!/bin/sh\ncat /sys/class/dmi/id/product_serial\n",
+    );
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut c = run_dir();
+    c.args(["-q", "--accel", "tcg", "-k"])
+        .arg(kernel("6.1"))
+        .arg("--debug")
+        .arg(port.to_string())
+        .arg(&progs)
+        .args(["--", "-smbios", "type=1,serial=passed-through"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut said = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !said.contains("target remote") && Instant::now() < deadline {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        said.push_str(&line);
+    }
+    assert!(
+        said.contains(&format!("target remote localhost:{port}")),
+        "{said}"
+    );
+    // The CPUs are stopped at the reset vector until gdb lets them go.
+    let gdb = Command::new("gdb")
+        .args(["-nx", "-batch", "-ex"])
+        .arg(format!("target remote localhost:{port}"))
+        .args(["-ex", "info registers rip", "-ex", "detach"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("gdb (apt-get install gdb)");
+    let gdb_out = String::from_utf8_lossy(&gdb.stdout);
+    assert!(gdb_out.contains("0xfff0"), "{gdb_out}");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(stdout(&out), "passed-through\n");
+}
+
+#[test]
+fn bad_input_is_refused_before_booting() {
+    let work = workdir("rundir-bad");
+    let empty = work.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let host_prog = work.path().join("host");
+    std::fs::create_dir(&host_prog).unwrap();
+    std::fs::copy("/bin/true", host_prog.join("true")).unwrap();
+    let script = work.path().join("script");
+    std::fs::create_dir(&script).unwrap();
+    executable(&script.join("t.sh"), "#!/bin/sh\ntrue\n");
+    let cases: Vec<(Vec<std::ffi::OsString>, &str)> = vec![
+        (
+            vec![
+                "-k".into(),
+                kernel("6.1").into(),
+                work.path().join("missing").into(),
+            ],
+            "is not a directory",
+        ),
+        (
+            vec!["-k".into(), kernel("6.1").into(), empty.clone().into()],
+            "holds no executable files",
+        ),
+        (
+            vec![
+                "-k".into(),
+                kernel("arm64-6.1").into(),
+                script.clone().into(),
+            ],
+            "pass --busybox PATH",
+        ),
+        (
+            vec![
+                "-k".into(),
+                kernel("arm64-6.1").into(),
+                "--busybox".into(),
+                arm64_busybox().into(),
+                host_prog.clone().into(),
+            ],
+            "is a program for x86_64, but the guest is aarch64",
+        ),
+        (
+            vec![
+                "--arch".into(),
+                "aarch64".into(),
+                "-k".into(),
+                kernel("6.1").into(),
+                host_prog.clone().into(),
+            ],
+            "is a kernel for x86_64",
+        ),
+        (
+            vec![
+                "-k".into(),
+                kernel("6.1").into(),
+                "--add".into(),
+                "/nonexistent/file".into(),
+                host_prog.clone().into(),
+            ],
+            "--add /nonexistent/file",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut c = run_dir();
+        c.args(&args);
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    // An arm64 kernel cannot run the host's userspace: a clear error.
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vexec"));
+    c.env("XDG_CACHE_HOME", cache_dir())
+        .arg("-k")
+        .arg(kernel("arm64-6.1"))
+        .args(["--", "true"]);
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("vexec run-dir --arch aarch64"), "{err}");
+}
