@@ -386,18 +386,23 @@ fn load_config(
 }
 
 /// The modules a batch run's guest must load (virtio PCI and the console
-/// port, without what sharing the host's root needs), in load order, with
-/// notes on what could not be determined. Keyed in the cache like
+/// port; 9p and overlayfs too with `ninep_root`, for `--root`), in load
+/// order. Keyed in the cache like
 /// [`prepare`]'s initramfs, as module selection reads every module's
 /// `.modinfo`.
 pub fn batch_modules(
     cache: &Cache,
     kernel: &Kernel,
     inspected: &Inspected,
+    ninep_root: bool,
 ) -> Result<Vec<modules::LoadableModule>, PrepareError> {
     let key = hash_parts(&[
         FORMAT,
-        b"batch",
+        if ninep_root {
+            b"batch-9p-root"
+        } else {
+            b"batch"
+        },
         inspected.image_hash.as_bytes(),
         &inspected.modules_id,
         &inspected.config_id,
@@ -417,10 +422,13 @@ pub fn batch_modules(
     }
     let tree = scan_tree(kernel)?;
     let config = load_config(kernel, None, &inspected.boot_kernel, inspected.pvh);
+    // A root shared over 9p is overlaid like the host's; without one,
+    // overlayfs is not needed.
     let features: Vec<caps::Feature> = caps::BASE
         .iter()
         .copied()
-        .filter(|f| f.what != "overlayfs")
+        .filter(|f| ninep_root || f.what != "overlayfs")
+        .chain(caps::NINEP.iter().copied().filter(|_| ninep_root))
         .collect();
     let wanted = caps::check(kernel, config.as_ref(), tree.as_ref(), &features)?.modules;
     let list = match (&tree, wanted.is_empty()) {

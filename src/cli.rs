@@ -197,6 +197,19 @@ pub struct Cli {
     #[arg(long, value_name = "PORT", num_args = 0..=1, require_equals = true, default_missing_value = "1234")]
     pub gdb: Option<u16>,
 
+    /// Use DIR as the guest's root filesystem instead of the host's (read
+    /// only, with a writable tmpfs overlay). With a kernel of another
+    /// architecture (arm64), DIR is a root of that architecture (e.g. made
+    /// with debootstrap --foreign and finished under qemu-user); the command
+    /// then runs through vexec's busybox init (see --busybox).
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+
+    /// With --root and a foreign-architecture kernel: the static busybox of
+    /// that architecture that runs the guest's init.
+    #[arg(long, value_name = "PATH")]
+    pub busybox: Option<PathBuf>,
+
     /// If the guest kernel panics, write its memory to FILE as an ELF core
     /// dump (readable by drgn and crash) before ending the run.
     #[arg(long, value_name = "FILE")]

@@ -87,6 +87,10 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
     };
     let kernel = kernel::resolve(spec.kernel.as_deref(), spec.modules.as_deref(), &defaults)?;
     if kernel.info.arch != kernel::image::Arch::X86_64 {
+        if let Some(root) = &spec.root {
+            return crate::rundir::run_in_root(spec, &kernel, root, relay)
+                .map_err(RunError::Failed);
+        }
         return Err(RunError::Failed(format!(
             "{} is a kernel for {}: commands run with the host's x86_64 userspace need an x86_64 kernel; to boot it, use `vexec run-dir --arch {} -k KERNEL DIR` (initramfs only) or add `--root DIR` with a root filesystem of that architecture",
             kernel.image.display(),
@@ -94,6 +98,19 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
             kernel.info.arch.name()
         )));
     }
+    let root = match &spec.root {
+        Some(r) if r.join("bin").exists() || r.join("usr/bin").is_dir() => {
+            std::fs::canonicalize(r).unwrap_or_else(|_| r.clone())
+        }
+        Some(r) => {
+            return Err(RunError::Failed(format!(
+                "--root {}: not a root filesystem (no bin/ or usr/bin/ in it)",
+                r.display()
+            )));
+        }
+        None => PathBuf::from("/"),
+    };
+    let custom_root = spec.root.as_ref().map(|_| root.clone());
     let inspected = artifacts::inspect(&cache, &kernel)?;
     let chosen = transport::choose(spec.transport, &inspected.support, || {
         let dirs: Vec<PathBuf> = virtiofsd::DESCRIPTOR_DIRS
@@ -185,7 +202,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         });
     };
     // The root is read-only and rarely changes under a run: cache it all.
-    add(ROOT_TAG.into(), "/".into(), ShareMode::Overlay, "always");
+    add(ROOT_TAG.into(), root, ShareMode::Overlay, "always");
     let mut guest_shares = Vec::new();
     for (i, s) in shares.iter().enumerate() {
         let tag = format!("vexec-s{i}");
@@ -200,8 +217,18 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         transport: chosen.transport,
         root_tag: ROOT_TAG.into(),
         shares: guest_shares,
-        modules: art.modules.as_deref().map(bytes),
-        module_index: art.module_index.as_deref().map(bytes),
+        // The module tree is shown from the host's root; another root
+        // does not hold it (modules the guest needs to boot are loaded).
+        modules: art
+            .modules
+            .as_deref()
+            .map(bytes)
+            .filter(|_| custom_root.is_none()),
+        module_index: art
+            .module_index
+            .as_deref()
+            .map(bytes)
+            .filter(|_| custom_root.is_none()),
         hostname: spec.hostname.clone(),
         msize: MSIZE,
         verbose: spec.verbose,

@@ -244,6 +244,8 @@ pub fn build(
         fail_on_oops: cli.fail_on_oops || file.and_then(|f| f.fail_on_oops).unwrap_or(false),
         output: cli.output,
         gdb: cli.gdb,
+        root: cli.root,
+        busybox: cli.busybox,
         dump_on_panic: cli.dump_on_panic,
         net,
         forwards,

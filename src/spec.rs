@@ -68,6 +68,10 @@ pub struct RunSpec {
     pub dump_on_panic: Option<PathBuf>,
     /// Port of QEMU's gdb stub (`--gdb`).
     pub gdb: Option<u16>,
+    /// The guest's root filesystem, when not the host's.
+    pub root: Option<PathBuf>,
+    /// busybox for a foreign-architecture `root`.
+    pub busybox: Option<PathBuf>,
     /// Fail when the kernel logs a splat (`--fail-on-oops`).
     pub fail_on_oops: bool,
     /// Where to keep the run's record (`--output`).

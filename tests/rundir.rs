@@ -362,3 +362,59 @@ fn bad_input_is_refused_before_booting() {
     assert_eq!(out.status.code(), Some(125), "{err}");
     assert!(err.contains("vexec run-dir --arch aarch64"), "{err}");
 }
+
+/// A minimal root filesystem: `busybox` and a few applet links, and a
+/// marker file.
+fn busybox_root(dir: &Path, busybox: &Path) {
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::create_dir_all(dir.join("etc")).unwrap();
+    std::fs::copy(busybox, dir.join("bin/busybox")).unwrap();
+    for a in ["sh", "uname", "cat", "echo"] {
+        std::os::unix::fs::symlink("busybox", dir.join("bin").join(a)).unwrap();
+    }
+    std::fs::write(dir.join("etc/marker"), "from the root dir\n").unwrap();
+}
+
+const IN_ROOT: &str =
+    "uname -m; cat /etc/marker; echo new > /etc/new && cat /etc/new; test -d /proc/self; exit 7";
+
+#[test]
+fn a_command_runs_in_a_foreign_architecture_root() {
+    let work = workdir("root-arm64");
+    let root = work.path().join("root");
+    busybox_root(&root, &arm64_busybox());
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vexec"));
+    c.env("XDG_CACHE_HOME", cache_dir())
+        .arg("--root")
+        .arg(&root)
+        .arg("-k")
+        .arg(kernel("arm64-6.1"))
+        .arg("--busybox")
+        .arg(arm64_busybox())
+        .args(["--", "/bin/sh", "-c", IN_ROOT])
+        .stdin(Stdio::null());
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(7), "the command's own status");
+    assert_eq!(stdout(&out), "aarch64\nfrom the root dir\nnew\n");
+    // Writes stay in the guest's overlay.
+    assert!(!root.join("etc/new").exists());
+}
+
+#[test]
+fn a_command_runs_in_another_x86_64_root() {
+    let work = workdir("root-x86");
+    let root = work.path().join("root");
+    let host_busybox = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+        .map(|d| d.join("busybox"))
+        .find(|p| p.is_file())
+        .expect("busybox (apt-get install busybox-static)");
+    busybox_root(&root, &host_busybox);
+    let mut c = vexec("6.1");
+    c.arg("--root")
+        .arg(&root)
+        .args(["--", "/bin/sh", "-c", IN_ROOT]);
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(stdout(&out), "x86_64\nfrom the root dir\nnew\n");
+    assert!(!root.join("etc/new").exists());
+}

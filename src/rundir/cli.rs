@@ -128,4 +128,14 @@ pub struct RunDirCli {
     /// Only the programs' output and errors.
     #[arg(short, long)]
     pub quiet: bool,
+
+    /// `vexec --root DIR` with a foreign kernel: the root filesystem shared
+    /// (over 9p, read-only, overlaid) and chrooted into by the program.
+    #[arg(skip)]
+    pub root: Option<PathBuf>,
+
+    /// One program that stands for the user's command: its exit status is
+    /// vexec's, and no summary is printed.
+    #[arg(skip)]
+    pub command_mode: bool,
 }

@@ -76,6 +76,25 @@ exec 3>"$port"
 { varint 0; varint "$VERSION"; str "$(cat /proc/sys/kernel/osrelease)"; varint "$(uptime_ms)"; } >"$F"
 send
 
+# A root filesystem shared by the host (--root): read-only over 9p, with a
+# tmpfs overlay so the command may write; the program chroots into it.
+if [ -r /vexec/root.tag ]; then
+  tag=$(cat /vexec/root.tag)
+  mkdir -p /vexec/lower /vexec/rw /vexec/root
+  if ! mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,ro,cache=loose "$tag" /vexec/lower 2>/tmp/.mnt ||
+    ! mount -t tmpfs tmpfs /vexec/rw || ! mkdir -p /vexec/rw/upper /vexec/rw/work ||
+    ! mount -t overlay overlay -o lowerdir=/vexec/lower,upperdir=/vexec/rw/upper,workdir=/vexec/rw/work /vexec/root 2>>/tmp/.mnt; then
+    # Error(text)
+    { varint 6; str "mounting the root filesystem ($tag over 9p, overlaid): $(cat /tmp/.mnt)"; } >"$F"
+    send; halt
+  fi
+  for d in proc sys dev tmp; do mkdir -p "/vexec/root/$d"; done
+  mount -t proc proc /vexec/root/proc
+  mount -t sysfs sysfs /vexec/root/sys
+  mount -o bind /dev /vexec/root/dev
+  mount -t tmpfs tmpfs /vexec/root/tmp
+fi
+
 for prog in /vexec/run/*; do
   [ -f "$prog" ] && [ -x "$prog" ] || continue
   # Begin { name }

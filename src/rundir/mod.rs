@@ -26,7 +26,10 @@ use crate::kernel::image::Arch;
 use crate::kernel::{self, resolve::Defaults};
 use crate::run::{STATUS_FAILED, outcome_words, status_of};
 use crate::vm::accel::{self, Accel, AccelChoice};
-use crate::vm::qemu::{self, QemuConfig};
+use crate::vm::qemu::{self, Backend, QemuConfig, ShareDevice};
+
+/// The 9p tag of a `--root` filesystem.
+const ROOT_TAG: &str = "vexec-root";
 
 /// Firmware files tried by `--uefi`, per architecture (Debian/Ubuntu paths).
 const AARCH64_FIRMWARE: &[&str] = &[
@@ -139,8 +142,8 @@ fn run(cli: &cli::RunDirCli, relay: &SignalRelay) -> Result<i32, String> {
         ));
     }
     let inspected = artifacts::inspect(&cache, &kernel).map_err(|e| e.to_string())?;
-    let modules =
-        artifacts::batch_modules(&cache, &kernel, &inspected).map_err(|e| e.to_string())?;
+    let modules = artifacts::batch_modules(&cache, &kernel, &inspected, cli.root.is_some())
+        .map_err(|e| e.to_string())?;
     let agent = std::env::current_exe()
         .map_err(|e| format!("cannot find vexec's own executable for the guest's init: {e}"))?;
     let payload = payload::build(&payload::Inputs {
@@ -151,6 +154,7 @@ fn run(cli: &cli::RunDirCli, relay: &SignalRelay) -> Result<i32, String> {
         path_var: path_var.as_deref(),
         agent: &agent,
         modules: &modules,
+        root_tag: cli.root.as_ref().map(|_| ROOT_TAG),
     })
     .map_err(|e| e.to_string())?;
     let scratch = cache.root().join("tmp");
@@ -224,7 +228,16 @@ fn run(cli: &cli::RunDirCli, relay: &SignalRelay) -> Result<i32, String> {
         kernel: boot_kernel,
         initrd: initrd.path().to_path_buf(),
         cmdline: qemu::cmdline_for(arch, cli.verbose, false, &kernel_args),
-        shares: Vec::new(),
+        shares: cli
+            .root
+            .iter()
+            .map(|r| ShareDevice {
+                tag: ROOT_TAG.into(),
+                path: r.clone(),
+                readonly: true,
+                backend: Backend::NineP,
+            })
+            .collect(),
         net: None,
         console_fd: 3,
         control_fd: 4,
@@ -315,10 +328,23 @@ fn run(cli: &cli::RunDirCli, relay: &SignalRelay) -> Result<i32, String> {
     let finished = matches!(outcome, Outcome::Finished);
     let words = outcome_words(&outcome);
     let mut status = status_of(outcome);
+    if finished && cli.command_mode {
+        // The command's own status, as `vexec` reports it.
+        let r = results.first();
+        status = match (r.and_then(|r| r.exit_code), r.and_then(|r| r.signal)) {
+            (Some(c), _) => c,
+            (None, Some(s)) => 128 + s,
+            (None, None) => STATUS_FAILED,
+        };
+        if let Some(e) = r.and_then(|r| r.error.as_ref()) {
+            eprintln!("{e}");
+        }
+        return Ok(status);
+    }
     if finished && results.iter().any(|r| r.result != "pass") {
         status = 1;
     }
-    if !cli.quiet || status != 0 {
+    if !cli.command_mode && (!cli.quiet || status != 0) {
         eprintln!(
             "vexec: run-dir on {} ({}):\n{}",
             kernel.release(),
@@ -399,4 +425,121 @@ fn run(cli: &cli::RunDirCli, relay: &SignalRelay) -> Result<i32, String> {
         std::fs::write(&path, json).map_err(|e| format!("writing {}: {e}", path.display()))?;
     }
     Ok(status)
+}
+
+/// `vexec --root DIR -k KERNEL -- COMMAND` with a kernel of a foreign
+/// architecture: the command runs chrooted into DIR (shared read-only over
+/// 9p, overlaid with tmpfs) from the busybox init, as root, with a clean
+/// environment. Its output comes back when it ends.
+pub fn run_in_root(
+    spec: &crate::spec::RunSpec,
+    kernel: &kernel::Kernel,
+    root: &Path,
+    relay: &SignalRelay,
+) -> Result<i32, String> {
+    if !(root.join("bin").exists() || root.join("usr/bin").is_dir()) {
+        return Err(format!(
+            "--root {}: not a root filesystem (no bin/ or usr/bin/ in it)",
+            root.display()
+        ));
+    }
+    if spec.argv.is_empty() || spec.shell {
+        return Err(
+            "--root with a foreign-architecture kernel runs a command, not an interactive shell; give the command after --"
+                .into(),
+        );
+    }
+    let root =
+        std::fs::canonicalize(root).map_err(|e| format!("--root {}: {e}", root.display()))?;
+    let dir = tempfile::Builder::new()
+        .prefix("vexec-root-cmd-")
+        .tempdir()
+        .map_err(|e| format!("creating a temporary directory: {e}"))?;
+    let program = dir.path().join("command");
+    let quoted: Vec<String> = spec
+        .argv
+        .iter()
+        .map(|a| shell_quote(&a.to_string_lossy()))
+        .collect();
+    let term = spec
+        .env
+        .iter()
+        .find(|(k, _)| k == "TERM")
+        .map(|(_, v)| v.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "linux".into());
+    std::fs::write(
+        &program,
+        format!(
+            "#!/bin/sh\nexec env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TERM={} chroot /vexec/root {}\n",
+            shell_quote(&term),
+            quoted.join(" ")
+        ),
+    )
+    .map_err(|e| format!("writing {}: {e}", program.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("{}: {e}", program.display()))?;
+    let cli = cli::RunDirCli {
+        dir: dir.path().to_path_buf(),
+        qemu_args: spec.qemu_args.clone(),
+        kernel: Some(kernel.image.to_string_lossy().into_owned()),
+        arch: None,
+        add: Vec::new(),
+        busybox: spec.busybox.clone(),
+        output: None,
+        tag: Vec::new(),
+        firmware: None,
+        uefi: false,
+        debug: spec.gdb,
+        build_tree: None,
+        no_lcov: true,
+        modules: spec.modules.clone(),
+        memory: spec.memory.clone(),
+        cpus: spec.cpus,
+        accel: spec.accel,
+        timeout: spec.timeout,
+        boot_timeout: spec.boot_timeout,
+        kernel_args: spec.kernel_args.clone(),
+        qemu: spec.qemu.clone(),
+        verbose: spec.verbose,
+        quiet: true,
+        root: Some(root),
+        command_mode: true,
+    };
+    let accel_ok = cli.accel != AccelChoice::Kvm;
+    if !accel_ok {
+        return Err(format!(
+            "--accel kvm: a {} guest on this host can only be emulated (TCG)",
+            kernel.info.arch.name()
+        ));
+    }
+    let cli = cli::RunDirCli {
+        accel: AccelChoice::Tcg,
+        ..cli
+    };
+    run(&cli, relay)
+}
+
+/// `s` quoted for `sh`.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_=/,.:+@%".contains(c))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_for_sh() {
+        assert_eq!(shell_quote("uname"), "uname");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
 }

@@ -11,6 +11,9 @@ use crate::kernel::image::Arch;
 use crate::kernel::modules::LoadableModule;
 use crate::protocol::VERSION;
 
+/// Where the shell init finds the tag of the root to mount.
+const ROOT_TAG_FILE: &str = "vexec/root.tag";
+
 /// The init of foreign-architecture guests (a busybox `sh` script).
 const SHELL_INIT: &str = include_str!("init.sh");
 
@@ -72,6 +75,9 @@ pub struct Inputs<'a> {
     /// vexec's own executable (the init of host-architecture guests).
     pub agent: &'a Path,
     pub modules: &'a [LoadableModule],
+    /// The 9p tag of a root filesystem for the init to mount and overlay
+    /// at /vexec/root (foreign-architecture `--root`).
+    pub root_tag: Option<&'a str>,
 }
 
 /// The assembled initramfs and what it holds.
@@ -264,6 +270,9 @@ pub fn build(i: &Inputs) -> Result<Payload, PayloadError> {
         let data = std::fs::read(lib).map_err(io(lib))?;
         batch.file(&lib.to_string_lossy(), 0o755, &data);
     }
+    if let Some(tag) = i.root_tag {
+        batch.file(ROOT_TAG_FILE, 0o644, tag.as_bytes());
+    }
     for spec in i.adds {
         let (src, dst) = parse_add(spec)?;
         add_tree(&mut batch, &src, &dst)?;
@@ -361,6 +370,7 @@ mod tests {
             path_var: None,
             agent: &agent,
             modules: &[],
+            root_tag: None,
         };
         assert!(matches!(
             build(&i),
