@@ -101,7 +101,7 @@ for entry in "${kernels[@]}"; do
   esac
   out="$dest/$name"
   if [ -f "$out/.complete" ] && [ "$(cat "$out/.complete")" = "$pkg" ]; then
-    rel=$(ls "$out/boot" 2>/dev/null | sed -n 's/^vmlinuz-//p' | head -1)
+    rel=$(find "$out/boot" -maxdepth 1 -name 'vmlinuz-*' -printf '%f\n' 2>/dev/null | sed -n 's/^vmlinuz-//p' | head -1 || true)
     echo "$name ${rel:-$pkg} $out"
     continue
   fi
@@ -117,6 +117,6 @@ for entry in "${kernels[@]}"; do
   rm -rf "$out"
   mv "$tmp/root" "$out"
   rmdir "$tmp"
-  rel=$(ls "$out/boot" 2>/dev/null | sed -n 's/^vmlinuz-//p' | head -1)
+  rel=$(find "$out/boot" -maxdepth 1 -name 'vmlinuz-*' -printf '%f\n' 2>/dev/null | sed -n 's/^vmlinuz-//p' | head -1 || true)
   echo "$name ${rel:-$pkg} $out"
 done

@@ -418,3 +418,64 @@ fn a_command_runs_in_another_x86_64_root() {
     assert_eq!(stdout(&out), "x86_64\nfrom the root dir\nnew\n");
     assert!(!root.join("etc/new").exists());
 }
+
+/// Opt-in (VEXEC_SLOW_TESTS=1, a kernel build of 15+ minutes on 2 cores, or
+/// VEXEC_GCOV_TREE=DIR naming a tree already built with `vexec build
+/// --gcov`): a run-dir on a GCOV kernel brings back its coverage data, and
+/// lcov turns it into a tracefile.
+#[test]
+fn gcov_kernel_coverage_is_collected_and_captured() {
+    let prebuilt = std::env::var_os("VEXEC_GCOV_TREE").map(PathBuf::from);
+    if prebuilt.is_none() && std::env::var_os("VEXEC_SLOW_TESTS").is_none() {
+        eprintln!("skipped: set VEXEC_SLOW_TESTS=1 (builds a GCOV kernel) or VEXEC_GCOV_TREE=DIR");
+        return;
+    }
+    let work = workdir("gcov");
+    let tree = match prebuilt {
+        Some(t) => t,
+        None => {
+            let tree = linux_source(work.path());
+            let out = Command::new(env!("CARGO_BIN_EXE_vexec"))
+                .args(["build", "--gcov"])
+                .arg(&tree)
+                .output()
+                .unwrap();
+            assert_ok(&out);
+            tree
+        }
+    };
+    let progs = work.path().join("progs");
+    std::fs::create_dir(&progs).unwrap();
+    static_c("gcc", PASS_C, &progs.join("uname"));
+    let out_dir = work.path().join("runs");
+    let mut c = run_dir();
+    c.args(["--accel", "tcg", "-k"])
+        .arg(&tree)
+        .arg("--output")
+        .arg(&out_dir)
+        .arg(&progs);
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(0));
+    let record = the_run(&out_dir);
+    let tar = std::fs::read(record.join("coverage/gcda.tar")).unwrap();
+    let mut archive = tar::Archive::new(&tar[..]);
+    let mut entries = 0;
+    for e in archive.entries().unwrap() {
+        let e = e.unwrap();
+        let p = e.path().unwrap().into_owned();
+        if p.extension().is_some_and(|x| x == "gcda") {
+            entries += 1;
+        }
+    }
+    assert!(entries > 100, "{entries} .gcda files");
+    let have_lcov =
+        std::env::split_paths(&std::env::var_os("PATH").unwrap()).any(|d| d.join("lcov").is_file());
+    if have_lcov {
+        let info = std::fs::read_to_string(record.join("coverage/lcov.info")).unwrap();
+        assert!(
+            info.contains("SF:") && info.contains("kernel/fork.c"),
+            "{}",
+            &info[..info.len().min(2000)]
+        );
+    }
+}

@@ -117,7 +117,7 @@ fn run(cli: &cli::RunDirCli, relay: &SignalRelay) -> Result<i32, String> {
     let wanted_arch = cli.arch.as_deref().map(arch_named);
     if wanted_arch.is_some_and(|a| a != Arch::X86_64) && cli.kernel.is_none() {
         return Err(format!(
-            "an {} guest needs a kernel of its own: pass -k KERNEL (e.g. Debian's linux-image-arm64, unpacked with dpkg-deb -x, or `vexec kernel fetch linux-image-arm64:arm64`)",
+            "an {} guest needs a kernel of its own: pass -k KERNEL (e.g. Debian's linux-image-arm64: after `dpkg --add-architecture arm64 && apt-get update`, `apt-get download linux-image-arm64:arm64` and `dpkg-deb -x` the package it depends on)",
             wanted_arch.unwrap_or_default().name()
         ));
     }

@@ -40,7 +40,7 @@ pub enum PayloadError {
     )]
     Dynamic(PathBuf),
     #[error(
-        "an {arch} guest runs its init with busybox, and none was given: pass --busybox PATH to a static {arch} busybox (Debian: `apt-get download busybox-static:{deb}` and `dpkg-deb -x` it)"
+        "an {arch} guest runs its init with busybox, and none was given: pass --busybox PATH to a static {arch} busybox (Debian: after `dpkg --add-architecture {deb} && apt-get update`, `apt-get download busybox-static:{deb}` and `dpkg-deb -x` it; scripts/fetch-test-kernels.sh does it with a private apt configuration)"
     )]
     NoForeignBusybox {
         arch: &'static str,

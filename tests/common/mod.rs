@@ -210,3 +210,22 @@ pub fn assert_boots_by_release(cache: &Path, release: &str) {
     assert_ok(&out);
     assert_eq!(stdout(&out), format!("{release}\n"));
 }
+
+/// Unpacks Debian's linux-source-6.1 into `work`; returns the tree.
+pub fn linux_source(work: &Path) -> PathBuf {
+    let tarball = Path::new("/usr/src/linux-source-6.1.tar.xz");
+    assert!(
+        tarball.is_file(),
+        "apt-get install linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev"
+    );
+    let ok = Command::new("tar")
+        .arg("-C")
+        .arg(work)
+        .arg("-xf")
+        .arg(tarball)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "unpacking {}", tarball.display());
+    work.join("linux-source-6.1")
+}
