@@ -59,12 +59,15 @@ aptdir="$dest/.apt"
 mkdir -p "$aptdir/lists/partial" "$aptdir/archives/partial" "$aptdir/etc/preferences.d" "$aptdir/etc/apt.conf.d"
 : > "$aptdir/sources.list"
 for suite in bullseye bookworm trixie; do
-  echo "deb [signed-by=$keyring] $mirror $suite main" >> "$aptdir/sources.list"
+  # arm64 indexes only where an arm64 package is fetched (bookworm).
+  archs=amd64
+  [ "$suite" = bookworm ] && archs=amd64,arm64
+  echo "deb [signed-by=$keyring arch=$archs] $mirror $suite main" >> "$aptdir/sources.list"
 done
 # bookworm's point releases lag its security updates; include them so the
 # meta-package and the image it names agree.
 security="${mirror%/debian}/debian-security"
-echo "deb [signed-by=$keyring] $security bookworm-security main" >> "$aptdir/sources.list"
+echo "deb [signed-by=$keyring arch=amd64,arm64] $security bookworm-security main" >> "$aptdir/sources.list"
 : > "$aptdir/status"
 
 apt_opts=(
