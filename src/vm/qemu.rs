@@ -171,7 +171,9 @@ pub fn argv(c: &QemuConfig) -> Vec<OsString> {
             "-netdev".into(),
             netdev,
             "-device".into(),
-            "virtio-net-pci,netdev=net0".into(),
+            // No iPXE option ROM: the kernel is loaded directly, and running
+            // the ROM under TCG costs time (and once stalled a boot here).
+            "virtio-net-pci,netdev=net0,romfile=".into(),
         ]);
     }
     let mut out: Vec<OsString> = a.into_iter().map(OsString::from).collect();
@@ -318,7 +320,7 @@ mod tests {
             .collect::<Vec<_>>()
             .join(" ");
         assert!(joined.contains(
-            "-netdev user,id=net0,hostfwd=tcp:127.0.0.1:8080-:80 -device virtio-net-pci,netdev=net0 -s"
+            "-netdev user,id=net0,hostfwd=tcp:127.0.0.1:8080-:80 -device virtio-net-pci,netdev=net0,romfile= -s"
         ));
     }
 
