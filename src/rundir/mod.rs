@@ -496,7 +496,8 @@ pub fn run_in_root(
         modules: spec.modules.clone(),
         memory: spec.memory.clone(),
         cpus: spec.cpus,
-        accel: spec.accel,
+        // A foreign architecture is always emulated.
+        accel: AccelChoice::Tcg,
         timeout: spec.timeout,
         boot_timeout: spec.boot_timeout,
         kernel_args: spec.kernel_args.clone(),
@@ -505,17 +506,6 @@ pub fn run_in_root(
         quiet: true,
         root: Some(root),
         command_mode: true,
-    };
-    let accel_ok = cli.accel != AccelChoice::Kvm;
-    if !accel_ok {
-        return Err(format!(
-            "--accel kvm: a {} guest on this host can only be emulated (TCG)",
-            kernel.info.arch.name()
-        ));
-    }
-    let cli = cli::RunDirCli {
-        accel: AccelChoice::Tcg,
-        ..cli
     };
     run(&cli, relay)
 }
