@@ -449,6 +449,12 @@ pub fn run_in_root(
                 .into(),
         );
     }
+    if spec.accel == AccelChoice::Kvm {
+        return Err(format!(
+            "--accel kvm: a {} guest on this host can only be emulated (TCG)",
+            kernel.info.arch.name()
+        ));
+    }
     let root =
         std::fs::canonicalize(root).map_err(|e| format!("--root {}: {e}", root.display()))?;
     let dir = tempfile::Builder::new()
