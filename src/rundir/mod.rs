@@ -451,7 +451,7 @@ pub fn run_in_root(
     }
     if spec.accel == AccelChoice::Kvm {
         return Err(format!(
-            "--accel kvm: a {} guest on this host can only be emulated (TCG)",
+            "--accel kvm: an {} guest on this host can only be emulated (TCG)",
             kernel.info.arch.name()
         ));
     }
