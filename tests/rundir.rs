@@ -361,6 +361,19 @@ fn bad_input_is_refused_before_booting() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{err}");
     assert!(err.contains("vexec run-dir --arch aarch64"), "{err}");
+    // Nor can KVM run it.
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vexec"));
+    c.env("XDG_CACHE_HOME", cache_dir())
+        .args(["--accel", "kvm", "--root"])
+        .arg(&host_prog)
+        .arg("-k")
+        .arg(kernel("arm64-6.1"))
+        .args(["--", "true"]);
+    std::fs::create_dir(host_prog.join("bin")).unwrap();
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("can only be emulated"), "{err}");
 }
 
 /// A minimal root filesystem: `busybox` and a few applet links, and a
