@@ -240,6 +240,27 @@ pub fn inspect(cache: &Cache, kernel: &Kernel) -> Result<Inspected, PrepareError
     })
 }
 
+/// The `wanted` modules with their dependencies, in load order; none
+/// wanted needs no tree.
+fn load_order(
+    kernel: &Kernel,
+    tree: Option<&ModuleTree>,
+    wanted: &[&str],
+) -> Result<Vec<modules::LoadableModule>, PrepareError> {
+    match (tree, wanted.is_empty()) {
+        (_, true) => Ok(Vec::new()),
+        (Some(t), false) => Ok(t.load_order(wanted)?),
+        (None, false) => Err(PrepareError::NoModuleTree {
+            release: kernel.release().to_string(),
+            modules: wanted.join(", "),
+            searched: format!(
+                "lib/modules/{0} beside the image, /lib/modules/{0}, /usr/lib/modules/{0}",
+                kernel.release()
+            ),
+        }),
+    }
+}
+
 fn scan_tree(kernel: &Kernel) -> Result<Option<ModuleTree>, PrepareError> {
     Ok(kernel
         .modules
@@ -312,20 +333,7 @@ pub fn prepare(
         if net {
             wanted.extend(caps::check(kernel, config.as_ref(), tree.as_ref(), caps::NET)?.modules);
         }
-        let modules = match (&tree, wanted.is_empty()) {
-            (_, true) => Vec::new(),
-            (Some(t), false) => t.load_order(&wanted)?,
-            (None, false) => {
-                return Err(PrepareError::NoModuleTree {
-                    release: kernel.release().to_string(),
-                    modules: wanted.join(", "),
-                    searched: format!(
-                        "lib/modules/{0} beside the image, /lib/modules/{0}, /usr/lib/modules/{0}",
-                        kernel.release()
-                    ),
-                });
-            }
-        };
+        let modules = load_order(kernel, tree.as_ref(), &wanted)?;
         let cpio = initramfs::build(agent, &modules)?;
         cache.write(&initramfs, &cpio)?;
         notes.push(format!(
@@ -431,20 +439,7 @@ pub fn batch_modules(
         .chain(caps::NINEP.iter().copied().filter(|_| ninep_root))
         .collect();
     let wanted = caps::check(kernel, config.as_ref(), tree.as_ref(), &features)?.modules;
-    let list = match (&tree, wanted.is_empty()) {
-        (_, true) => Vec::new(),
-        (Some(t), false) => t.load_order(&wanted)?,
-        (None, false) => {
-            return Err(PrepareError::NoModuleTree {
-                release: kernel.release().to_string(),
-                modules: wanted.join(", "),
-                searched: format!(
-                    "lib/modules/{0} beside the image, /lib/modules/{0}, /usr/lib/modules/{0}",
-                    kernel.release()
-                ),
-            });
-        }
-    };
+    let list = load_order(kernel, tree.as_ref(), &wanted)?;
     let stored: Vec<(&str, &[String], &[u8])> = list
         .iter()
         .map(|m| (m.name.as_str(), &m.depends[..], &m.data[..]))

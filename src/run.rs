@@ -331,12 +331,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         };
         let (outcome, timings) = session::run(params, relay)?;
         if let Outcome::KvmBroken(why) = &outcome {
-            accel::mark_broken(cache.root());
-            if !spec.quiet {
-                eprintln!(
-                    "vexec: KVM cannot boot Linux on this host ({why}); rerunning under TCG, and using TCG until the host reboots"
-                );
-            }
+            accel::fall_back_to_tcg(cache.root(), why, spec.quiet);
             accel = Accel::Tcg;
             config.accel = Accel::Tcg;
             continue;

@@ -5,7 +5,6 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -78,14 +77,6 @@ fn output_dir_keeps_the_record_of_a_run() {
     assert!(record["timings_ms"]["total"].as_u64().unwrap() > 0);
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn gdb_stops_at_a_kernel_breakpoint() {
     if Command::new("gdb").arg("--version").output().is_err() {
@@ -117,16 +108,8 @@ fn gdb_stops_at_a_kernel_breakpoint() {
         .stderr(Stdio::piped());
     let mut child = vm.spawn().unwrap();
     // vexec says how to attach before the guest starts, even with -q.
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut said = String::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !said.contains("target remote") && Instant::now() < deadline {
-        let mut line = String::new();
-        if err.read_line(&mut line).unwrap() == 0 {
-            break;
-        }
-        said.push_str(&line);
-    }
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let said = read_gdb_notice(&mut err);
     assert!(
         said.contains(&format!("target remote localhost:{port}")),
         "{said}"
@@ -150,7 +133,11 @@ fn gdb_stops_at_a_kernel_breakpoint() {
         .output()
         .unwrap();
     let gdb_out = String::from_utf8_lossy(&gdb.stdout);
-    assert!(gdb_out.contains("hit Breakpoint 1"), "{gdb_out}");
+    assert!(
+        gdb_out.contains("hit Breakpoint 1"),
+        "{gdb_out}\ngdb's stderr:\n{}\nvexec said:\n{said}",
+        String::from_utf8_lossy(&gdb.stderr)
+    );
     assert!(gdb_out.contains(&format!("0x{addr}")), "{gdb_out}");
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0));

@@ -5,11 +5,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -237,10 +235,7 @@ fn qemu_arguments_pass_through_and_debug_waits_for_gdb() {
         &progs.join("serial"),
         "#!/bin/sh\ncat /sys/class/dmi/id/product_serial\n",
     );
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let mut c = run_dir();
     c.args(["-q", "--accel", "tcg", "-k"])
         .arg(kernel("6.1"))
@@ -251,16 +246,8 @@ fn qemu_arguments_pass_through_and_debug_waits_for_gdb() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut said = String::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !said.contains("target remote") && Instant::now() < deadline {
-        let mut line = String::new();
-        if err.read_line(&mut line).unwrap() == 0 {
-            break;
-        }
-        said.push_str(&line);
-    }
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let said = read_gdb_notice(&mut err);
     assert!(
         said.contains(&format!("target remote localhost:{port}")),
         "{said}"

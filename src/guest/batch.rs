@@ -4,14 +4,13 @@
 //! nothing; the foreign-architecture shell init speaks the same subset.
 
 use std::io::{ErrorKind, Read};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 
 use crate::initramfs::BATCH_DIR;
 use crate::protocol::{Exit, GuestMsg, VERSION};
+use crate::rundir::payload::programs;
 
 use super::exec::{self, PortWriter, send};
 use super::{mounts, sys};
@@ -41,7 +40,9 @@ pub fn run(port: &PortWriter) -> Result<(), String> {
         },
     )
     .map_err(io)?;
-    for (name, path) in programs(&Path::new("/").join(BATCH_DIR)) {
+    // The same listing the host put in; it cannot fail differently here.
+    let dir = Path::new("/").join(BATCH_DIR);
+    for (name, path) in programs(&dir).unwrap_or_default() {
         send(port, &GuestMsg::Begin { name }).map_err(io)?;
         let exit = run_one(port, &path);
         send(
@@ -71,24 +72,6 @@ fn install_busybox() {
             .args(["--install", "-s", "/bin"])
             .status();
     }
-}
-
-/// The executable regular files of `dir`, in byte order of their names.
-fn programs(dir: &Path) -> Vec<(String, PathBuf)> {
-    let mut out: Vec<(Vec<u8>, PathBuf)> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| {
-            std::fs::metadata(e.path())
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-        .map(|e| (e.file_name().as_bytes().to_vec(), e.path()))
-        .collect();
-    out.sort();
-    out.into_iter()
-        .map(|(n, p)| (String::from_utf8_lossy(&n).into_owned(), p))
-        .collect()
 }
 
 /// Runs one program with its output streamed; how it ended.

@@ -149,7 +149,9 @@ pub struct Timings {
     pub kernel_log: Option<Vec<u8>>,
 }
 
-fn write_fd(fd: i32, data: &[u8]) {
+/// Writes to vexec's own stdout (1) or stderr (2), ignoring errors (a
+/// closed pipe must not stop the run).
+pub fn write_fd(fd: i32, data: &[u8]) {
     // SAFETY: fd 1/2 stay open for vexec's lifetime; ManuallyDrop keeps them.
     let mut f = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
     let _ = f.write_all(data);

@@ -85,23 +85,16 @@ pub fn inspect(data: &[u8]) -> Result<ImageInfo, ImageError> {
         return Err(ImageError::NotAKernel);
     }
     let version = u16::from_le_bytes([data[0x206], data[0x207]]);
-    let banner = header_version(data).ok_or(ImageError::NoVersion)?;
-    let release = banner
-        .split_whitespace()
-        .next()
-        .ok_or(ImageError::NoVersion)?
-        .to_string();
     let payload = if version >= 0x208 {
         payload(data).and_then(Format::sniff)
     } else {
         None
     };
-    Ok(ImageInfo {
-        kind: ImageKind::BzImage { payload },
-        arch: Arch::X86_64,
-        release,
-        banner,
-    })
+    info(
+        ImageKind::BzImage { payload },
+        Arch::X86_64,
+        header_version(data),
+    )
 }
 
 /// The version string the setup header points at (`kernel_version`).
@@ -138,15 +131,21 @@ fn is_arm64_image(data: &[u8]) -> bool {
 }
 
 fn arm64_info(image: &[u8]) -> Result<ImageInfo, ImageError> {
-    let banner = elf_banner(image).ok_or(ImageError::NoVersion)?;
+    info(ImageKind::Arm64, Arch::Aarch64, elf_banner(image))
+}
+
+/// The facts of an image whose version banner is `banner` (its first word
+/// is the release).
+fn info(kind: ImageKind, arch: Arch, banner: Option<String>) -> Result<ImageInfo, ImageError> {
+    let banner = banner.ok_or(ImageError::NoVersion)?;
     let release = banner
         .split_whitespace()
         .next()
         .ok_or(ImageError::NoVersion)?
         .to_string();
     Ok(ImageInfo {
-        kind: ImageKind::Arm64,
-        arch: Arch::Aarch64,
+        kind,
+        arch,
         release,
         banner,
     })
@@ -159,18 +158,7 @@ fn inspect_elf(data: &[u8]) -> Result<ImageInfo, ImageError> {
         object::Architecture::Aarch64 => Arch::Aarch64,
         other => return Err(ImageError::WrongArch(format!("{other:?}").to_lowercase())),
     };
-    let banner = elf_banner(data).ok_or(ImageError::NoVersion)?;
-    let release = banner
-        .split_whitespace()
-        .next()
-        .ok_or(ImageError::NoVersion)?
-        .to_string();
-    Ok(ImageInfo {
-        kind: ImageKind::Elf,
-        arch,
-        release,
-        banner,
-    })
+    info(ImageKind::Elf, arch, elf_banner(data))
 }
 
 /// Finds `Linux version X ...` in an uncompressed kernel.

@@ -8,7 +8,7 @@
 mod cli;
 mod coverage;
 mod outdir;
-mod payload;
+pub(crate) mod payload;
 mod report;
 
 use std::ffi::OsString;
@@ -56,13 +56,22 @@ pub fn main(args: &[OsString]) -> i32 {
             return STATUS_FAILED;
         }
     };
-    match run(&cli, &relay) {
+    match run(&cli, &relay, None) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("vexec: error: {e}");
             STATUS_FAILED
         }
     }
+}
+
+/// `name` in a directory of `path_var`, as a shell would find it.
+fn find_on_path(name: &str, path_var: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
+    path_var
+        .into_iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 fn arch_named(name: &str) -> Arch {
@@ -103,7 +112,13 @@ fn firmware(cli: &cli::RunDirCli, arch: Arch) -> Result<Option<PathBuf>, String>
         })
 }
 
-fn run(cli: &cli::RunDirCli, relay: &SignalRelay) -> Result<i32, String> {
+/// Runs the batch `cli` describes; `resolved` is its kernel when the caller
+/// has already resolved it.
+fn run(
+    cli: &cli::RunDirCli,
+    relay: &SignalRelay,
+    resolved: Option<kernel::Kernel>,
+) -> Result<i32, String> {
     let t0 = Instant::now();
     for t in &cli.tag {
         outdir::check_tag(t)?;
@@ -128,8 +143,11 @@ fn run(cli: &cli::RunDirCli, relay: &SignalRelay) -> Result<i32, String> {
         boot_dir: PathBuf::from("/boot"),
         store: Some(cache.root().join("kernels")),
     };
-    let kernel = kernel::resolve(cli.kernel.as_deref(), cli.modules.as_deref(), &defaults)
-        .map_err(|e| e.to_string())?;
+    let kernel = match resolved {
+        Some(k) => k,
+        None => kernel::resolve(cli.kernel.as_deref(), cli.modules.as_deref(), &defaults)
+            .map_err(|e| e.to_string())?,
+    };
     let arch = kernel.info.arch;
     if let Some(w) = wanted_arch
         && w != arch
@@ -303,12 +321,7 @@ fn run(cli: &cli::RunDirCli, relay: &SignalRelay) -> Result<i32, String> {
         };
         let (outcome, timings) = session::run(params, relay).map_err(|e| e.to_string())?;
         if let Outcome::KvmBroken(why) = &outcome {
-            accel::mark_broken(cache.root());
-            if !cli.quiet {
-                eprintln!(
-                    "vexec: KVM cannot boot Linux on this host ({why}); rerunning under TCG, and using TCG until the host reboots"
-                );
-            }
+            accel::fall_back_to_tcg(cache.root(), why, cli.quiet);
             accel = Accel::Tcg;
             config.accel = Accel::Tcg;
             continue;
@@ -513,7 +526,7 @@ pub fn run_in_root(
         root: Some(root),
         command_mode: true,
     };
-    run(&cli, relay)
+    run(&cli, relay, Some(kernel.clone()))
 }
 
 /// `s` quoted for `sh`.

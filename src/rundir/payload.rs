@@ -226,14 +226,6 @@ fn add_tree(cpio: &mut Cpio, src: &Path, dst: &str) -> Result<(), PayloadError> 
     Ok(())
 }
 
-fn find_on_path(name: &str, path_var: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
-    path_var
-        .into_iter()
-        .flat_map(std::env::split_paths)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
 /// Assembles the initramfs.
 pub fn build(i: &Inputs) -> Result<Payload, PayloadError> {
     let programs = programs(i.dir)?;
@@ -254,7 +246,7 @@ pub fn build(i: &Inputs) -> Result<Payload, PayloadError> {
             return Err(PayloadError::NoForeignBusybox { arch, deb });
         }
         (None, false, true) => Some(
-            find_on_path("busybox", i.path_var)
+            super::find_on_path("busybox", i.path_var)
                 .ok_or_else(|| PayloadError::NoBusybox(programs[0].1.display().to_string()))?,
         ),
         (None, false, false) => None,

@@ -4,15 +4,13 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::mem::ManuallyDrop;
-use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::host::session::BatchSink;
+use crate::host::session::{BatchSink, write_fd};
 use crate::protocol::Exit;
 
 /// One program's result.
@@ -67,12 +65,6 @@ impl Report {
 
 /// The session's handle on a shared [`Report`].
 pub struct Sink(pub Arc<Mutex<Report>>);
-
-fn write_fd(fd: i32, data: &[u8]) {
-    // SAFETY: fds 1 and 2 stay open for vexec's lifetime; not closed here.
-    let mut f = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
-    let _ = f.write_all(data);
-}
 
 impl Sink {
     fn report(&self) -> std::sync::MutexGuard<'_, Report> {

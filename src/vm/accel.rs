@@ -74,6 +74,17 @@ pub fn mark_broken(cache_root: &Path) {
     let _ = std::fs::write(broken_marker(cache_root), boot_id() + "\n");
 }
 
+/// After a KVM boot failed (`why`): remembers it for this host boot and
+/// says, unless `quiet`, that the run goes on under TCG.
+pub fn fall_back_to_tcg(cache_root: &Path, why: &str, quiet: bool) {
+    mark_broken(cache_root);
+    if !quiet {
+        eprintln!(
+            "vexec: KVM cannot boot Linux on this host ({why}); rerunning under TCG, and using TCG until the host reboots"
+        );
+    }
+}
+
 /// Resolves the choice to an accelerator, with the reason when `auto`
 /// settled for TCG.
 pub fn choose(choice: AccelChoice, cache_root: &Path) -> (Accel, Option<KvmUnavailable>) {

@@ -229,3 +229,28 @@ pub fn linux_source(work: &Path) -> PathBuf {
     assert!(ok, "unpacking {}", tarball.display());
     work.join("linux-source-6.1")
 }
+
+/// A TCP port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Reads vexec's stderr (at most 30 s) until it has said how to attach
+/// gdb; returns what it said by then. The caller keeps `err` open: vexec
+/// must not meet a closed pipe when it writes again.
+pub fn read_gdb_notice(err: &mut impl std::io::BufRead) -> String {
+    let mut said = String::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !said.contains("target remote") && std::time::Instant::now() < deadline {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        said.push_str(&line);
+    }
+    said
+}
