@@ -17,7 +17,7 @@ use crate::protocol::Exit;
 #[derive(Debug, Clone, Serialize)]
 pub struct ProgramResult {
     pub name: String,
-    /// pass, fail or "not run".
+    /// pass, fail, "unfinished" (started, then the run stopped) or "not run".
     pub result: &'static str,
     /// The exit code, when it exited.
     pub exit_code: Option<i32>,
@@ -35,6 +35,7 @@ impl ProgramResult {
             (_, _, Some(e)) => e.clone(),
             (Some(c), _, _) => format!("exit {c}"),
             (_, Some(s), _) => format!("killed by signal {s}"),
+            _ if self.result == "unfinished" => "did not finish (the run stopped)".into(),
             _ => "not run".into(),
         }
     }
@@ -90,7 +91,7 @@ impl BatchSink for Sink {
         });
         r.results.push(ProgramResult {
             name: name.to_string(),
-            result: "not run",
+            result: "unfinished",
             exit_code: None,
             signal: None,
             error: None,
@@ -221,6 +222,13 @@ mod tests {
                 ("fail", "killed by signal 9".into()),
                 ("not run", "not run".into())
             ]
+        );
+        // Begun, never ended: the run stopped under it.
+        sink.begin("05-cut");
+        let cut = report.lock().unwrap().results.last().unwrap().clone();
+        assert_eq!(
+            (cut.result, cut.words()),
+            ("unfinished", "did not finish (the run stopped)".to_string())
         );
         let s = summary(&results);
         assert!(
