@@ -1,33 +1,13 @@
 //! vexec: run a command inside a throwaway VM booted with any Linux kernel.
 //!
-//! The same binary is the host tool and, as PID 1 in the guest, the agent.
-
-mod artifacts;
-mod bisect;
-mod cache;
-mod caps;
-mod cli;
-mod config;
-mod guest;
-mod host;
-mod initramfs;
-mod kbuild;
-mod kernel;
-mod matrix;
-mod oci;
-mod oops;
-mod protocol;
-mod record;
-mod run;
-mod rundir;
-mod settings;
-mod shares;
-mod spec;
-mod store;
-mod transport;
-mod vm;
+//! The host tool. As PID 1 (an initramfs built before `vexec-agent`
+//! existed beside it) it is the guest agent too.
 
 use std::ffi::OsString;
+
+use vexec::{
+    bisect, cache, cli, config, guest, host, kbuild, matrix, run, rundir, settings, store,
+};
 
 use clap::Parser;
 

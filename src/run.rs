@@ -127,7 +127,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
     if let (true, Some(why)) = (spec.net, &inspected.support.net) {
         return Err(RunError::Failed(format!("--net is not possible: {why}")));
     }
-    let agent = std::env::current_exe().map_err(RunError::SelfExe)?;
+    let agent = crate::initramfs::agent_executable().map_err(RunError::SelfExe)?;
     let interactive = !spec.quiet && terminal::is_tty(2);
     let art = artifacts::prepare(
         &cache,

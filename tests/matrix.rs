@@ -52,7 +52,10 @@ fn three_kernels_one_failing() {
     let rels: Vec<String> = kernels.iter().map(|k| release_of(k)).collect();
     let text = stdout(&out);
     for r in &rels {
-        assert!(text.contains(&format!("{r}\n")), "{text}");
+        assert!(
+            text.contains(&format!("{r}\n")),
+            "stdout:\n{text}\nstderr:\n{err}"
+        );
     }
     // The summary names each kernel with its result.
     assert!(err.contains("matrix summary"), "{err}");

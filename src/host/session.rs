@@ -439,7 +439,7 @@ fn event_loop(
                 t.guest_ready_ms = uptime_ms;
                 if version != VERSION {
                     return Outcome::Failed(format!(
-                        "the guest agent speaks protocol {version}, this vexec {VERSION}; rebuild the initramfs by clearing vexec's cache"
+                        "the guest agent speaks protocol {version}, this vexec {VERSION}: vexec-agent beside vexec comes from another build; reinstall vexec (both executables)"
                     ));
                 }
                 if let Job::Command { setup, exec } = &p.job {

@@ -162,7 +162,7 @@ fn run(
     let inspected = artifacts::inspect(&cache, &kernel).map_err(|e| e.to_string())?;
     let modules = artifacts::batch_modules(&cache, &kernel, &inspected, cli.root.is_some())
         .map_err(|e| e.to_string())?;
-    let agent = std::env::current_exe()
+    let agent = crate::initramfs::agent_executable()
         .map_err(|e| format!("cannot find vexec's own executable for the guest's init: {e}"))?;
     let payload = payload::build(&payload::Inputs {
         arch,

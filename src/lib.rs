@@ -1,0 +1,30 @@
+//! vexec: run a command inside a throwaway VM booted with any Linux kernel.
+//!
+//! The library behind two executables: `vexec`, the host tool, and
+//! `vexec-agent`, the guest's PID 1 (kept separate so that the initramfs
+//! each boot unpacks carries only the agent's code, not the host's).
+
+pub mod artifacts;
+pub mod bisect;
+pub mod cache;
+pub mod caps;
+pub mod cli;
+pub mod config;
+pub mod guest;
+pub mod host;
+pub mod initramfs;
+pub mod kbuild;
+pub mod kernel;
+pub mod matrix;
+pub mod oci;
+pub mod oops;
+pub mod protocol;
+pub mod record;
+pub mod run;
+pub mod rundir;
+pub mod settings;
+pub mod shares;
+pub mod spec;
+pub mod store;
+pub mod transport;
+pub mod vm;
