@@ -257,10 +257,11 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
             "-S".into(),
         ]);
     }
+    let firmware = qemu::fast_firmware(&qemu_bin);
     let mut config = QemuConfig {
         binary: qemu_bin,
         arch: kernel::image::Arch::X86_64,
-        firmware: None,
+        firmware,
         accel,
         cpus: spec.cpus,
         memory: spec.memory.clone(),

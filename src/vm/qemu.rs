@@ -2,7 +2,7 @@
 //! and printed (`--dry-run`).
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::accel::Accel;
 use crate::kernel::image::Arch;
@@ -181,6 +181,27 @@ pub fn argv(c: &QemuConfig) -> Vec<OsString> {
     out
 }
 
+/// The x86_64 firmware that reaches the kernel fastest: qboot, which QEMU
+/// ships (Debian: qemu-system-data), looked for in the data directory of the
+/// QEMU binary's own prefix, then the usual ones. It loads the kernel from
+/// fw_cfg without SeaBIOS's option-ROM detour (about 0.3-0.5 s under TCG
+/// here). None when absent: QEMU's default SeaBIOS is used.
+pub fn fast_firmware(qemu: &Path) -> Option<PathBuf> {
+    let own = qemu
+        .parent()
+        .and_then(Path::parent)
+        .map(|prefix| prefix.join("share/qemu/qboot.rom"));
+    own.into_iter()
+        .chain(
+            [
+                "/usr/share/qemu/qboot.rom",
+                "/usr/local/share/qemu/qboot.rom",
+            ]
+            .map(PathBuf::from),
+        )
+        .find(|p| p.is_file())
+}
+
 /// The kernel command line. `verbose` keeps the kernel's own messages;
 /// `hold_on_panic` keeps a panicked guest in memory (for a dump) instead
 /// of ending the VM at once.
@@ -248,6 +269,26 @@ pub fn shell_line(binary: &std::path::Path, args: &[OsString]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qboot_beside_qemu_comes_first() {
+        let d = tempfile::tempdir().unwrap();
+        let qemu = d.path().join("bin/qemu-system-x86_64");
+        std::fs::create_dir_all(d.path().join("share/qemu")).unwrap();
+        std::fs::create_dir_all(qemu.parent().unwrap()).unwrap();
+        std::fs::write(&qemu, b"").unwrap();
+        std::fs::write(d.path().join("share/qemu/qboot.rom"), b"rom").unwrap();
+        assert_eq!(
+            fast_firmware(&qemu),
+            Some(d.path().join("share/qemu/qboot.rom"))
+        );
+        // Without one there, a system-wide copy or none at all.
+        std::fs::remove_file(d.path().join("share/qemu/qboot.rom")).unwrap();
+        assert!(
+            fast_firmware(&qemu)
+                .is_none_or(|p| p.starts_with("/usr/share/qemu") || p.starts_with("/usr/local"))
+        );
+    }
 
     fn config() -> QemuConfig {
         QemuConfig {
