@@ -128,6 +128,13 @@ def ensure_vmtest():
     if not os.path.exists(exe):
         log("installing vmtest with cargo into " + root)
         subprocess.run(["cargo", "install", "-q", "--locked", "vmtest", "--root", root], check=True)
+    # vmtest runs the host's qemu-ga in the guest to run the command.
+    if not shutil.which("qemu-ga"):
+        log("installing qemu-guest-agent (vmtest runs it in the guest)")
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        subprocess.run(sudo + ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install",
+                               "-y", "-qq", "--no-install-recommends", "qemu-guest-agent"],
+                       check=True, stdout=subprocess.DEVNULL)
     return exe
 
 

@@ -69,13 +69,17 @@ fn ensure_stdio() {
 
 /// Everything up to an open control port.
 fn boot() -> Result<File, String> {
-    step("agent started");
+    // Before /proc is mounted, -v is not known yet: report the start after.
+    let started = sys::uptime_ms();
     mounts::early()?;
     DEBUG.store(
         std::fs::read_to_string("/proc/cmdline")
             .is_ok_and(|c| c.split_whitespace().any(|w| w == "vexec.debug")),
         std::sync::atomic::Ordering::Relaxed,
     );
+    if DEBUG.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("vexec-init: [{started:>6}ms] agent started");
+    }
     step("early mounts done");
     let n = modules::load_all(Path::new("/"))?;
     step(&format!("{n} modules loaded"));
