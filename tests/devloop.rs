@@ -61,8 +61,9 @@ fn output_dir_keeps_the_record_of_a_run() {
     let dmesg = std::fs::read_to_string(out_dir.join("dmesg.txt")).unwrap();
     assert!(dmesg.contains("Linux version"), "{dmesg}");
     assert!(dmesg.contains("WARNING: CPU: 0 PID: 1"), "{dmesg}");
-    let console = std::fs::read_to_string(out_dir.join("console.log")).unwrap();
-    assert!(!console.is_empty());
+    // Quiet kernels print little or nothing on the console; the file is
+    // there either way (dmesg.txt above has the whole log).
+    assert!(out_dir.join("console.log").is_file());
     let record: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out_dir.join("run.json")).unwrap()).unwrap();
     assert_eq!(record["exit_status"], 3);
