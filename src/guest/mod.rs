@@ -83,7 +83,9 @@ fn boot() -> Result<File, String> {
     step("early mounts done");
     let n = modules::load_all(Path::new("/"))?;
     step(&format!("{n} modules loaded"));
-    let path = find_port(Duration::from_secs(10))?;
+    // Long enough for a guest starved of CPU on a loaded host (seen taking
+    // over 10 s there); the host's boot timeout still bounds the wait.
+    let path = find_port(Duration::from_secs(30))?;
     step("control port found");
     std::fs::OpenOptions::new()
         .read(true)
@@ -100,6 +102,49 @@ pub(crate) fn step(what: &str) {
     if DEBUG.load(std::sync::atomic::Ordering::Relaxed) {
         eprintln!("vexec-init: [{:>6}ms] {what}", sys::uptime_ms());
     }
+}
+
+/// What the guest sees of virtio ports and devices, for the error when the
+/// control port never shows up.
+fn port_state() -> String {
+    let list = |dir: &str, detail: &dyn Fn(&Path) -> String| -> String {
+        match std::fs::read_dir(dir) {
+            Ok(entries) => {
+                let mut v: Vec<String> = entries
+                    .flatten()
+                    .map(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        format!("{name}({})", detail(&e.path()))
+                    })
+                    .collect();
+                v.sort();
+                if v.is_empty() {
+                    "none".into()
+                } else {
+                    v.join(" ")
+                }
+            }
+            Err(e) => format!("unreadable ({e})"),
+        }
+    };
+    let ports = list("/sys/class/virtio-ports", &|p| {
+        let name = std::fs::read_to_string(p.join("name")).unwrap_or_default();
+        let node = Path::new("/dev").join(p.file_name().unwrap_or_default());
+        format!(
+            "name={:?} dev={}",
+            name.trim(),
+            if node.exists() { "yes" } else { "no" }
+        )
+    });
+    let devices = list("/sys/bus/virtio/devices", &|p| {
+        let id = std::fs::read_to_string(p.join("device")).unwrap_or_default();
+        let driver = std::fs::read_link(p.join("driver"))
+            .ok()
+            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "none".into());
+        format!("id={} driver={driver}", id.trim())
+    });
+    format!("virtio ports: {ports}; virtio devices: {devices}")
 }
 
 /// Ports appear asynchronously once the host side has announced them.
@@ -119,8 +164,9 @@ fn find_port(wait: Duration) -> Result<PathBuf, String> {
         }
         if start.elapsed() > wait {
             return Err(format!(
-                "the control port {PORT_NAME} did not appear within {}s (is virtio_console loaded?)",
-                wait.as_secs()
+                "the control port {PORT_NAME} did not appear within {}s (is virtio_console loaded?); {}",
+                wait.as_secs(),
+                port_state()
             ));
         }
         std::thread::sleep(Duration::from_millis(2));
