@@ -1,7 +1,7 @@
 //! vexec: run a command inside a throwaway VM booted with any Linux kernel.
 //!
-//! The host tool. As PID 1 (an initramfs built before `vexec-agent`
-//! existed beside it) it is the guest agent too.
+//! The host tool. With no `vexec-agent` beside it, vexec puts itself in the
+//! initramfs, and as PID 1 it is the guest agent too.
 
 use std::ffi::OsString;
 

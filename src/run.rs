@@ -257,11 +257,11 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
             "-S".into(),
         ]);
     }
-    let firmware = qemu::fast_firmware(&qemu_bin);
+    let arch = kernel::image::Arch::X86_64;
     let mut config = QemuConfig {
+        firmware: qemu::default_firmware(arch, &qemu_bin),
         binary: qemu_bin,
-        arch: kernel::image::Arch::X86_64,
-        firmware,
+        arch,
         accel,
         cpus: spec.cpus,
         memory: spec.memory.clone(),

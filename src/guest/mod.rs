@@ -104,46 +104,62 @@ pub(crate) fn step(what: &str) {
     }
 }
 
+/// The virtio ports the guest has: (device name, port name, /dev node).
+fn ports() -> std::io::Result<Vec<(String, String, PathBuf)>> {
+    let mut v: Vec<_> = std::fs::read_dir("/sys/class/virtio-ports")?
+        .flatten()
+        .map(|e| {
+            let name = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
+            let dev = Path::new("/dev").join(e.file_name());
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                name.trim().to_string(),
+                dev,
+            )
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
 /// What the guest sees of virtio ports and devices, for the error when the
 /// control port never shows up.
 fn port_state() -> String {
-    let list = |dir: &str, detail: &dyn Fn(&Path) -> String| -> String {
-        match std::fs::read_dir(dir) {
-            Ok(entries) => {
-                let mut v: Vec<String> = entries
-                    .flatten()
-                    .map(|e| {
-                        let name = e.file_name().to_string_lossy().into_owned();
-                        format!("{name}({})", detail(&e.path()))
-                    })
-                    .collect();
-                v.sort();
-                if v.is_empty() {
-                    "none".into()
-                } else {
-                    v.join(" ")
-                }
-            }
-            Err(e) => format!("unreadable ({e})"),
-        }
+    let ports = match ports() {
+        Ok(p) if p.is_empty() => "none".to_string(),
+        Ok(p) => p
+            .iter()
+            .map(|(dev, name, node)| {
+                let made = if node.exists() { "yes" } else { "no" };
+                format!("{dev}(name={name:?} dev={made})")
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        Err(e) => format!("unreadable ({e})"),
     };
-    let ports = list("/sys/class/virtio-ports", &|p| {
-        let name = std::fs::read_to_string(p.join("name")).unwrap_or_default();
-        let node = Path::new("/dev").join(p.file_name().unwrap_or_default());
-        format!(
-            "name={:?} dev={}",
-            name.trim(),
-            if node.exists() { "yes" } else { "no" }
-        )
-    });
-    let devices = list("/sys/bus/virtio/devices", &|p| {
-        let id = std::fs::read_to_string(p.join("device")).unwrap_or_default();
-        let driver = std::fs::read_link(p.join("driver"))
-            .ok()
-            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_else(|| "none".into());
-        format!("id={} driver={driver}", id.trim())
-    });
+    let devices = match std::fs::read_dir("/sys/bus/virtio/devices") {
+        Ok(entries) => {
+            let mut v: Vec<String> = entries
+                .flatten()
+                .map(|e| {
+                    let id = std::fs::read_to_string(e.path().join("device")).unwrap_or_default();
+                    let driver = std::fs::read_link(e.path().join("driver"))
+                        .ok()
+                        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+                        .unwrap_or_else(|| "none".into());
+                    let dev = e.file_name().to_string_lossy().into_owned();
+                    format!("{dev}(id={} driver={driver})", id.trim())
+                })
+                .collect();
+            v.sort();
+            if v.is_empty() {
+                "none".into()
+            } else {
+                v.join(" ")
+            }
+        }
+        Err(e) => format!("unreadable ({e})"),
+    };
     format!("virtio ports: {ports}; virtio devices: {devices}")
 }
 
@@ -151,16 +167,12 @@ fn port_state() -> String {
 fn find_port(wait: Duration) -> Result<PathBuf, String> {
     let start = Instant::now();
     loop {
-        if let Ok(entries) = std::fs::read_dir("/sys/class/virtio-ports") {
-            for e in entries.flatten() {
-                let name = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
-                if name.trim() == PORT_NAME {
-                    let dev = Path::new("/dev").join(e.file_name());
-                    if dev.exists() {
-                        return Ok(dev);
-                    }
-                }
-            }
+        let found = ports()
+            .unwrap_or_default()
+            .into_iter()
+            .find(|(_, name, dev)| name == PORT_NAME && dev.exists());
+        if let Some((_, _, dev)) = found {
+            return Ok(dev);
         }
         if start.elapsed() > wait {
             return Err(format!(

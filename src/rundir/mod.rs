@@ -236,15 +236,12 @@ fn run(
     } else {
         inspected.boot_kernel.clone()
     };
-    // Without firmware of the user's, x86_64 boots through qboot when QEMU
-    // has it (the PVH vmlinux included).
-    let fast = (firmware.is_none() && arch == Arch::X86_64)
-        .then(|| qemu::fast_firmware(&qemu_bin))
-        .flatten();
     let mut config = QemuConfig {
+        firmware: firmware
+            .clone()
+            .or_else(|| qemu::default_firmware(arch, &qemu_bin)),
         binary: qemu_bin,
         arch,
-        firmware: firmware.clone().or(fast),
         accel,
         cpus: cli.cpus,
         memory: cli.memory.clone(),

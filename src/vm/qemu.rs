@@ -181,12 +181,16 @@ pub fn argv(c: &QemuConfig) -> Vec<OsString> {
     out
 }
 
-/// The x86_64 firmware that reaches the kernel fastest: qboot, which QEMU
-/// ships (Debian: qemu-system-data), looked for in the data directory of the
-/// QEMU binary's own prefix, then the usual ones. It loads the kernel from
-/// fw_cfg without SeaBIOS's option-ROM detour (about 0.3-0.5 s under TCG
-/// here). None when absent: QEMU's default SeaBIOS is used.
-pub fn fast_firmware(qemu: &Path) -> Option<PathBuf> {
+/// The firmware a guest boots through when the user names none. On x86_64
+/// that is qboot, which QEMU ships (Debian: qemu-system-data), looked for in
+/// the data directory of the QEMU binary's own prefix, then the usual ones:
+/// it loads the kernel from fw_cfg without SeaBIOS's option-ROM detour
+/// (about 0.3-0.5 s under TCG here). None (QEMU's own default) when absent,
+/// and on aarch64, whose `virt` machine loads the kernel itself.
+pub fn default_firmware(arch: Arch, qemu: &Path) -> Option<PathBuf> {
+    if arch != Arch::X86_64 {
+        return None;
+    }
     let own = qemu
         .parent()
         .and_then(Path::parent)
@@ -279,13 +283,14 @@ mod tests {
         std::fs::write(&qemu, b"").unwrap();
         std::fs::write(d.path().join("share/qemu/qboot.rom"), b"rom").unwrap();
         assert_eq!(
-            fast_firmware(&qemu),
+            default_firmware(Arch::X86_64, &qemu),
             Some(d.path().join("share/qemu/qboot.rom"))
         );
+        assert_eq!(default_firmware(Arch::Aarch64, &qemu), None);
         // Without one there, a system-wide copy or none at all.
         std::fs::remove_file(d.path().join("share/qemu/qboot.rom")).unwrap();
         assert!(
-            fast_firmware(&qemu)
+            default_firmware(Arch::X86_64, &qemu)
                 .is_none_or(|p| p.starts_with("/usr/share/qemu") || p.starts_with("/usr/local"))
         );
     }
