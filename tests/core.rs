@@ -382,3 +382,18 @@ fn host_tmp_is_visible_and_guest_tmp_writes_stay_in_the_guest() {
         "a guest write reached the host's /tmp"
     );
 }
+
+#[test]
+fn the_agent_refuses_to_run_on_the_host() {
+    // vexec-agent mounts and powers off as PID 1; anywhere else it must
+    // touch nothing and say what to run instead.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vexec-agent"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("runs only as PID 1"), "{err}");
+    assert!(err.contains("run `vexec` instead"), "{err}");
+}
