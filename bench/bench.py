@@ -4,8 +4,9 @@ vmtest where it can run, and a floor (the same kernel booted by QEMU the
 fastest way we know into a static init that powers off at once).
 
 Runs alternate between tools so that a noisy machine penalises all alike.
-Everything runs under TCG. Prints medians and the ratios vexec/vng and
-vexec/floor per kernel.
+Everything runs under TCG. Prints medians, the median peak RSS of each
+tool's largest process (QEMU), and the ratios vexec/vng and vexec/floor per
+kernel.
 
 Usage: bench/bench.py [--runs N] [--kernels 6.1,6.12,builtin] [--skip vng,vmtest]
 
@@ -145,17 +146,30 @@ VNG_OK = b"script exited with code 0"
 
 
 def timed(cmd, timeout=300, ok_marker=None):
+    """(seconds, peak RSS in MiB, error). The peak RSS is that of the largest
+    process in the run's tree (for vexec and vng: QEMU), from wait4's rusage,
+    which covers every descendant the tool itself waited for."""
     start = time.monotonic()
-    try:
-        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None, "timed out"
-    took = time.monotonic() - start
-    if p.returncode == 0 or (ok_marker and ok_marker in p.stdout):
-        return took, None
-    last = p.stdout.decode(errors="replace").strip().splitlines()[-1:]
-    return None, f"exit {p.returncode}: {last}"
+    with tempfile.TemporaryFile() as out:
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        while True:
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() - start > timeout:
+                p.kill()
+                os.wait4(p.pid, 0)
+                return None, None, "timed out"
+            time.sleep(0.01)
+        took = time.monotonic() - start
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        output = out.read()
+    rss = usage.ru_maxrss / 1024
+    if p.returncode == 0 or (ok_marker and ok_marker in output):
+        return took, rss, None
+    last = output.decode(errors="replace").strip().splitlines()[-1:]
+    return None, None, f"exit {p.returncode}: {last}"
 
 
 def link_modules(name, release):
@@ -222,32 +236,35 @@ def main():
             else:
                 notes.append(f"{name}: vmtest skipped: it needs 9p built into the kernel (CONFIG_9P_FS=y), this kernel has it as a module")
         times = {t: [] for t in tools}
+        rss = {t: [] for t in tools}
         fails = {}
         log(f"{name}: {args.runs} rounds of {', '.join(tools)}")
         try:
             for r in range(args.runs):
                 for tool, cmd in tools.items():
-                    took, err = timed(cmd, ok_marker=VNG_OK if tool == "vng" else None)
+                    took, peak, err = timed(cmd, ok_marker=VNG_OK if tool == "vng" else None)
                     if took is None:
                         fails[tool] = err
                     else:
                         times[tool].append(took)
+                        rss[tool].append(peak)
                 log(f"{name}: round {r + 1}: " + ", ".join(f"{t} {v[-1]:.2f}s" for t, v in times.items() if v))
         finally:
             if linked:
                 os.unlink(linked)
-        results[name] = (times, fails)
+        results[name] = (times, rss, fails)
 
     print()
-    print(f"{'kernel':<10} {'tool':<18} {'median':>8} {'min':>7} {'max':>7}  runs")
-    for name, (times, fails) in results.items():
+    print(f"{'kernel':<10} {'tool':<18} {'median':>8} {'min':>7} {'max':>7}  runs  {'peak RSS':>9}")
+    for name, (times, rss, fails) in results.items():
         for tool, v in times.items():
             if v:
-                print(f"{name:<10} {tool:<18} {statistics.median(v):8.2f} {min(v):7.2f} {max(v):7.2f}  {len(v)}")
+                print(f"{name:<10} {tool:<18} {statistics.median(v):8.2f} {min(v):7.2f} {max(v):7.2f}  {len(v):>4}"
+                      f"  {statistics.median(rss[tool]):5.0f} MiB")
             if tool in fails:
                 print(f"{name:<10} {tool:<18}   failed: {fails[tool]}")
     print()
-    for name, (times, _) in results.items():
+    for name, (times, _, _) in results.items():
         med = {t: statistics.median(v) for t, v in times.items() if v}
         if "vexec" not in med:
             continue
