@@ -13,7 +13,7 @@ use crate::protocol::{Exit, GuestMsg, VERSION};
 use crate::rundir::payload::programs;
 
 use super::exec::{self, PortWriter, send};
-use super::{mounts, sys};
+use super::sys;
 
 /// Where debugfs shows the kernel's coverage counters.
 const GCOV_DIR: &str = "/sys/kernel/debug/gcov";
@@ -27,7 +27,6 @@ pub fn wanted() -> bool {
 
 /// Runs the batch; returns once everything is reported.
 pub fn run(port: &PortWriter) -> Result<(), String> {
-    mounts::late();
     install_busybox();
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let io = |e: std::io::Error| format!("writing to the control port: {e}");

@@ -81,12 +81,19 @@ fn boot() -> Result<File, String> {
         eprintln!("vexec-init: [{started:>6}ms] agent started");
     }
     step("early mounts done");
+    // The pseudo filesystems under /dev and /sys and the loopback interface
+    // need no module: set them up while the modules load (bringing lo up
+    // alone waits ~50 ms on the kernel under TCG). They move with /dev and
+    // /sys when the root is switched.
+    let late = std::thread::spawn(mounts::pseudo_filesystems);
     let n = modules::load_all(Path::new("/"))?;
     step(&format!("{n} modules loaded"));
     // Long enough for a guest starved of CPU on a loaded host (seen taking
     // over 10 s there); the host's boot timeout still bounds the wait.
     let path = find_port(Duration::from_secs(30))?;
     step("control port found");
+    late.join()
+        .map_err(|_| "setting up the pseudo filesystems panicked".to_string())?;
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -206,7 +213,6 @@ fn serve(writer: &exec::PortWriter, mut reader: File) -> Result<(), String> {
                 step("setup received");
                 mounts::build_root(&setup)?;
                 step("root switched");
-                mounts::late();
                 if setup.net {
                     mounts::network()?;
                 }

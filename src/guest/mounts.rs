@@ -1,7 +1,7 @@
-//! Building the guest's filesystem: the host root read-only over 9p with a
-//! tmpfs overlay on top, shares mounted at their host paths, the kernel's
-//! module tree, then the switch into the new root and the usual pseudo
-//! filesystems.
+//! Building the guest's filesystem: the usual pseudo filesystems, the host
+//! root read-only over 9p or virtio-fs with a tmpfs overlay on top, shares
+//! mounted at their host paths, the kernel's module tree, then the switch
+//! into the new root.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -233,8 +233,10 @@ fn mount_modules(setup: &Setup, mods: &[u8]) -> Result<(), String> {
     .map_err(|e| format!("showing the module tree at {}: {e}", target.display()))
 }
 
-/// Mounts the pseudo filesystems a normal system has, after the switch.
-pub fn late() {
+/// Mounts the pseudo filesystems a normal system has under the initramfs's
+/// /dev and /sys (they move into the new root with those) and brings up the
+/// loopback interface. Needs no module, so it runs while modules load.
+pub fn pseudo_filesystems() {
     let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
     let has = |name: &str| {
         fs.lines()
