@@ -18,7 +18,7 @@ use crate::protocol::{self, GuestMsg, HostMsg, PORT_NAME, VERSION};
 /// Runs the agent. Never returns: the machine powers off at the end.
 pub fn run() -> ! {
     ensure_stdio();
-    let port = match boot() {
+    let (port, pseudo) = match boot() {
         Ok(p) => p,
         Err(e) => fail_console(&e),
     };
@@ -27,9 +27,9 @@ pub fn run() -> ! {
             fail_console(&format!("duplicating the control port: {e}"))
         })));
     let served = if batch::wanted() {
-        batch::run(&writer)
+        joined(pseudo).and_then(|_| batch::run(&writer))
     } else {
-        serve(&writer, port)
+        serve(&writer, port, pseudo)
     };
     if let Err(e) = served {
         eprintln!("vexec-init: error: {e}");
@@ -67,8 +67,19 @@ fn ensure_stdio() {
     }
 }
 
-/// Everything up to an open control port.
-fn boot() -> Result<File, String> {
+/// Mounting the pseudo filesystems, under way beside the boot.
+type PseudoFs = std::thread::JoinHandle<()>;
+
+/// Waits for the pseudo filesystems to be mounted.
+fn joined(pseudo: PseudoFs) -> Result<(), String> {
+    pseudo
+        .join()
+        .map_err(|_| "setting up the pseudo filesystems panicked".to_string())
+}
+
+/// Everything up to an open control port, and the pseudo filesystems being
+/// mounted meanwhile (joined before the root switch moves /dev and /sys).
+fn boot() -> Result<(File, PseudoFs), String> {
     // Before /proc is mounted, -v is not known yet: report the start after.
     let started = sys::uptime_ms();
     mounts::early()?;
@@ -82,23 +93,22 @@ fn boot() -> Result<File, String> {
     }
     step("early mounts done");
     // The pseudo filesystems under /dev and /sys and the loopback interface
-    // need no module: set them up while the modules load (bringing lo up
-    // alone waits ~50 ms on the kernel under TCG). They move with /dev and
-    // /sys when the root is switched.
-    let late = std::thread::spawn(mounts::pseudo_filesystems);
+    // need no module: set them up while the modules load and the host
+    // answers (bringing lo up alone waits ~50 ms on the kernel under TCG).
+    // They move with /dev and /sys when the root is switched.
+    let pseudo = std::thread::spawn(mounts::pseudo_filesystems);
     let n = modules::load_all(Path::new("/"))?;
     step(&format!("{n} modules loaded"));
     // Long enough for a guest starved of CPU on a loaded host (seen taking
     // over 10 s there); the host's boot timeout still bounds the wait.
     let path = find_port(Duration::from_secs(30))?;
     step("control port found");
-    late.join()
-        .map_err(|_| "setting up the pseudo filesystems panicked".to_string())?;
-    std::fs::OpenOptions::new()
+    let port = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(&path)
-        .map_err(|e| format!("opening {}: {e}", path.display()))
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    Ok((port, pseudo))
 }
 
 /// Set from the kernel command line (`vexec.debug`, added by `vexec -v`).
@@ -192,7 +202,8 @@ fn find_port(wait: Duration) -> Result<PathBuf, String> {
     }
 }
 
-fn serve(writer: &exec::PortWriter, mut reader: File) -> Result<(), String> {
+fn serve(writer: &exec::PortWriter, mut reader: File, pseudo: PseudoFs) -> Result<(), String> {
+    let mut pseudo = Some(pseudo);
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     exec::send(
         writer,
@@ -211,7 +222,7 @@ fn serve(writer: &exec::PortWriter, mut reader: File) -> Result<(), String> {
         match msg {
             HostMsg::Setup(setup) => {
                 step("setup received");
-                mounts::build_root(&setup)?;
+                mounts::build_root(&setup, || pseudo.take().map_or(Ok(()), joined))?;
                 step("root switched");
                 if setup.net {
                     mounts::network()?;

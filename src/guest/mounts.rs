@@ -99,8 +99,12 @@ fn in_newroot(host_path: &[u8]) -> PathBuf {
     )
 }
 
-/// Mounts the new root and the shares under /newroot, then switches into it.
-pub fn build_root(setup: &Setup) -> Result<(), String> {
+/// Mounts the new root and the shares under /newroot, then switches into it;
+/// `before_switch` runs just before /dev, /proc and /sys move over.
+pub fn build_root(
+    setup: &Setup,
+    before_switch: impl FnOnce() -> Result<(), String>,
+) -> Result<(), String> {
     for d in [LOWER, RW, NEWROOT] {
         std::fs::create_dir_all(d).map_err(|e| format!("creating {d}: {e}"))?;
     }
@@ -188,6 +192,7 @@ pub fn build_root(setup: &Setup) -> Result<(), String> {
     }
 
     // Keep the initramfs's /dev, /proc and /sys: move them into place.
+    before_switch()?;
     for d in ["dev", "proc", "sys"] {
         let to = Path::new(NEWROOT).join(d);
         let _ = std::fs::create_dir_all(&to);
@@ -235,7 +240,8 @@ fn mount_modules(setup: &Setup, mods: &[u8]) -> Result<(), String> {
 
 /// Mounts the pseudo filesystems a normal system has under the initramfs's
 /// /dev and /sys (they move into the new root with those) and brings up the
-/// loopback interface. Needs no module, so it runs while modules load.
+/// loopback interface. Needs no module, so it runs while modules load and
+/// the host answers.
 pub fn pseudo_filesystems() {
     let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
     let has = |name: &str| {
