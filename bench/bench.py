@@ -103,14 +103,17 @@ def vexec_bin():
     return os.path.join(ROOT, "target", "release", "vexec")
 
 
-def vexec_boot_image(vexec, image):
-    """The image vexec boots (the cached PVH vmlinux when there is one)."""
+def vexec_boot(vexec, image):
+    """(image, kernel command line) vexec boots with: the cached PVH vmlinux
+    when there is one, and the arguments that spare the kernel probing and
+    calibrating, which the floor uses too so that it stays the floor."""
     out = subprocess.run(
         [vexec, "--accel", "tcg", "-q", "--dry-run", "-k", image, "--", "true"],
         check=True, capture_output=True, text=True,
     ).stdout
-    m = re.search(r" -kernel (\S+)", out)
-    return m.group(1)
+    kernel = re.search(r" -kernel (\S+)", out).group(1)
+    append = re.search(r" -append '([^']*)'", out).group(1)
+    return kernel, append
 
 
 def ensure_vng():
@@ -208,8 +211,7 @@ def main():
             notes.append(f"{name}: no kernel in {KERNELS}/{name}; skipped")
             continue
         release = os.path.basename(image)[len("vmlinuz-"):]
-        boot = vexec_boot_image(vexec, image)
-        append = "console=ttyS0 panic=-1 loglevel=4 rdinit=/init"
+        boot, append = vexec_boot(vexec, image)
         base = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
                 "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1G", "-serial", "null",
                 "-kernel", boot, "-initrd", initrd, "-append", append]
