@@ -161,18 +161,18 @@ def timed(cmd, timeout=300, ok_marker=None):
                 break
             if time.monotonic() - start > timeout:
                 p.kill()
-                os.wait4(p.pid, 0)
+                p.wait()
                 return None, None, "timed out"
             time.sleep(0.01)
         took = time.monotonic() - start
-        p.returncode = os.waitstatus_to_exitcode(status)
+        # Reaped here, for the rusage; tell Popen so it does not wait again.
+        p.returncode = rc = os.waitstatus_to_exitcode(status)
         out.seek(0)
         output = out.read()
-    rss = usage.ru_maxrss / 1024
-    if p.returncode == 0 or (ok_marker and ok_marker in output):
-        return took, rss, None
+    if rc == 0 or (ok_marker and ok_marker in output):
+        return took, usage.ru_maxrss / 1024, None
     last = output.decode(errors="replace").strip().splitlines()[-1:]
-    return None, None, f"exit {p.returncode}: {last}"
+    return None, None, f"exit {rc}: {last}"
 
 
 def link_modules(name, release):

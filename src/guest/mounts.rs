@@ -286,10 +286,12 @@ pub fn pseudo_filesystems() {
         if !has(fstype) {
             continue;
         }
-        // Mounting bpffs asks for the bpf_preload module, which runs the
-        // host's modprobe over 9p and starts a usermode helper: half a
-        // second under TCG, for two debug files (maps.debug, progs.debug).
-        // Skip that autoload; remounting bpffs in the guest brings them.
+        // Mounting bpffs asks for the bpf_preload module through a usermode
+        // helper (half a second under TCG when it ran the host's modprobe
+        // after the root switch), for two debug files (maps.debug,
+        // progs.debug). Skip that autoload even here, before the switch,
+        // where it would only start a helper that fails; remounting bpffs
+        // in the guest brings the files.
         let saved = (fstype == "bpf")
             .then(|| std::fs::read("/proc/sys/kernel/modprobe").ok())
             .flatten();
