@@ -51,6 +51,36 @@ fn not_found_and_not_executable() {
 }
 
 #[test]
+fn command_found_along_path_like_execvp_keeps_its_argv0() {
+    let dir = workdir("pathlookup");
+    let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+    std::fs::create_dir_all(&first).unwrap();
+    std::fs::create_dir_all(&second).unwrap();
+    // Not executable: skipped, as execvp skips it.
+    std::fs::write(first.join("vexec-tool"), "#!/bin/sh\necho first\n").unwrap();
+    std::fs::write(second.join("vexec-tool"), "#!/bin/sh\necho second\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        second.join("vexec-tool"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}:{}",
+        first.display(),
+        second.display(),
+        std::env::var("PATH").unwrap()
+    );
+    let mut c = vexec(K);
+    c.env("PATH", &path).args(["--", "vexec-tool"]);
+    assert_eq!(stdout(&run(c)), "second\n");
+    // argv[0] is the name as typed, not the path it was found at.
+    let mut c = vexec(K);
+    c.args(["--", "sh", "-c", "echo $0"]);
+    assert_eq!(stdout(&run(c)), "sh\n");
+}
+
+#[test]
 fn binary_stdout_and_stderr_are_byte_exact() {
     let dir = workdir("bytes");
     // Several MB of every byte value, different on each stream.
