@@ -138,7 +138,7 @@ pub fn bisect(args: &BisectArgs) -> Result<i32, String> {
     let mut start: Vec<&OsStr> = vec!["bisect".as_ref(), "start".as_ref(), &args.bad];
     start.extend(args.good.iter().map(|g| g.as_os_str()));
     git_ok(&start)?;
-    eprintln!(
+    crate::say!(
         "vexec: bisecting between {} (good) and {} (bad)",
         args.good
             .iter()
@@ -163,7 +163,7 @@ pub fn bisect(args: &BisectArgs) -> Result<i32, String> {
         .lines()
         .find(|l| l.contains("is the first bad commit"))
         .map(|l| l.split_whitespace().next().unwrap_or_default().to_string());
-    eprintln!("vexec: bisect log:\n{}", log.trim_end());
+    crate::say!("vexec: bisect log:\n{}", log.trim_end());
     match first_bad {
         Some(sha) => {
             let subject = git_ok(&[
@@ -173,12 +173,12 @@ pub fn bisect(args: &BisectArgs) -> Result<i32, String> {
                 sha.as_ref(),
             ])
             .unwrap_or_default();
-            eprintln!("vexec: first bad commit: {}", subject.trim());
+            crate::say!("vexec: first bad commit: {}", subject.trim());
             println!("{sha}");
             Ok(0)
         }
         None => {
-            eprintln!("{}", text.trim_end());
+            crate::say!("{}", text.trim_end());
             Err("the bisection found no single first bad commit (see git's output above)".into())
         }
     }
@@ -202,7 +202,7 @@ pub fn step(args: &BisectArgs) -> i32 {
         (None, false) => None,
     };
     if let Some(b) = build {
-        eprintln!("vexec: bisect: {head}: building");
+        crate::say!("vexec: bisect: {head}: building");
         let ok = Command::new("/bin/sh")
             .arg("-c")
             .arg(&b)
@@ -211,7 +211,7 @@ pub fn step(args: &BisectArgs) -> i32 {
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
-            eprintln!("vexec: bisect: {head}: build failed: skip");
+            crate::say!("vexec: bisect: {head}: build failed: skip");
             return 125;
         }
     }
@@ -242,7 +242,7 @@ pub fn step(args: &BisectArgs) -> i32 {
         130 | 143 => status,
         _ => 1,
     };
-    eprintln!(
+    crate::say!(
         "vexec: bisect: {head}: {} (exit {status}, {:.1}s)",
         match verdict {
             0 => "good",

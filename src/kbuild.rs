@@ -116,7 +116,7 @@ pub fn kconfig(args: &[std::ffi::OsString]) -> Result<(), String> {
     let existing = std::fs::read_to_string(&path).unwrap_or_default();
     let merged = merge(&existing, &fragment(extras));
     std::fs::write(&path, merged).map_err(|e| format!("writing {}: {e}", path.display()))?;
-    eprintln!(
+    crate::say!(
         "vexec: merged vexec's options{} into {}; run `make olddefconfig` there (or `vexec build`)",
         extras_words(extras),
         path.display()
@@ -177,7 +177,7 @@ pub fn build(args: &[std::ffi::OsString]) -> Result<(), String> {
     let (extras, dir) = parse(args, "build")?;
     let config = dir.join(".config");
     if !config.exists() {
-        eprintln!(
+        crate::say!(
             "vexec: no .config in {}: starting from tinyconfig",
             dir.display()
         );
@@ -192,7 +192,7 @@ pub fn build(args: &[std::ffi::OsString]) -> Result<(), String> {
     let after = std::fs::read_to_string(&config).unwrap_or_default();
     let lost = missing(&after, &frag);
     if !lost.is_empty() {
-        eprintln!(
+        crate::say!(
             "vexec: warning: these options did not stick (dependencies unmet): {}",
             lost.join(" ")
         );
@@ -233,7 +233,7 @@ pub fn build(args: &[std::ffi::OsString]) -> Result<(), String> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    eprintln!(
+    crate::say!(
         "vexec: built {release} in {} ({steps} steps); boot it with: vexec -k {} -- COMMAND",
         dir.display(),
         dir.display()

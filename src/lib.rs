@@ -28,3 +28,14 @@ pub mod spec;
 pub mod store;
 pub mod transport;
 pub mod vm;
+
+/// Writes a line to stderr as `eprintln!` does, but never panics: once
+/// stderr's reader has gone away, vexec's own messages are dropped (the
+/// command's output decides how the run ends, as it would locally).
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}

@@ -274,7 +274,7 @@ fn run_one(m: &Matrix, r: &str, out_lock: &Mutex<()>) -> KernelResult {
     };
     if m.mode == OutputMode::Grouped {
         let _g = out_lock.lock().unwrap_or_else(|p| p.into_inner());
-        eprintln!(
+        crate::say!(
             "==> {name}: {result} (exit {status}, {:.1}s) <==",
             duration.as_secs_f64()
         );
@@ -305,7 +305,7 @@ pub fn run(m: &Matrix) -> Result<i32, String> {
         }
         return Ok(0);
     }
-    eprintln!(
+    crate::say!(
         "vexec: running on {} kernels, {} at a time",
         m.kernels.len(),
         m.jobs
@@ -369,20 +369,22 @@ fn print_summary(results: &[KernelResult], total: Duration) {
         .max()
         .unwrap_or(6)
         .max(6);
-    eprintln!("vexec: matrix summary");
-    eprintln!("  {:width$}  {:<12}  {:>7}", "KERNEL", "RESULT", "TIME");
+    crate::say!("vexec: matrix summary");
+    crate::say!("  {:width$}  {:<12}  {:>7}", "KERNEL", "RESULT", "TIME");
     for r in results {
         let result = match r.result {
             "pass" => "pass".to_string(),
             other => format!("{} ({})", other.to_uppercase(), r.status),
         };
-        eprintln!(
+        crate::say!(
             "  {:width$}  {:<12}  {:>6.1}s",
-            r.kernel, result, r.duration_s
+            r.kernel,
+            result,
+            r.duration_s
         );
     }
     let passed = results.iter().filter(|r| r.status == 0).count();
-    eprintln!(
+    crate::say!(
         "  {passed}/{} passed in {:.1}s",
         results.len(),
         total.as_secs_f64()

@@ -64,7 +64,7 @@ pub fn pull(image: &str, root: &Path, blobs: &Path) -> Result<(), String> {
     let (manifest, digest) = rt
         .block_on(client.pull_image_manifest(&reference, &auth))
         .map_err(|e| format!("fetching the manifest of {image} from {registry}: {e}"))?;
-    eprintln!(
+    crate::say!(
         "vexec: {image}: {} layers ({digest})",
         manifest.layers.len()
     );

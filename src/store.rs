@@ -26,12 +26,12 @@ pub fn main(args: &[std::ffi::OsString], cache_root: PathBuf) -> Result<i32, Str
     match words.first().map(String::as_str) {
         Some("add") if words.len() == 2 => {
             let rel = add(&store, Path::new(&words[1]), &words[1])?;
-            eprintln!("vexec: added {rel}; run it with: vexec -k {rel} -- COMMAND");
+            crate::say!("vexec: added {rel}; run it with: vexec -k {rel} -- COMMAND");
             Ok(0)
         }
         Some("fetch") if words.len() == 2 => {
             let rel = fetch(&store, &words[1])?;
-            eprintln!("vexec: added {rel}; run it with: vexec -k {rel} -- COMMAND");
+            crate::say!("vexec: added {rel}; run it with: vexec -k {rel} -- COMMAND");
             Ok(0)
         }
         Some("list") if words.len() == 1 => {
@@ -54,7 +54,7 @@ pub fn main(args: &[std::ffi::OsString], cache_root: PathBuf) -> Result<i32, Str
                 }
                 std::fs::remove_dir_all(&dir)
                     .map_err(|e| format!("removing {}: {e}", dir.display()))?;
-                eprintln!("vexec: removed {rel}");
+                crate::say!("vexec: removed {rel}");
             }
             Ok(0)
         }
@@ -235,7 +235,7 @@ pub fn fetch(store: &Path, package: &str) -> Result<String, String> {
             .ok_or_else(|| format!("{package} has no /boot/vmlinuz* or /boot/vmlinux*"))?;
         return add(store, &image, &format!("oci:{package}"));
     }
-    eprintln!("vexec: downloading {package} with apt-get...");
+    crate::say!("vexec: downloading {package} with apt-get...");
     let status = Command::new("apt-get")
         .args(["download", "-q", package])
         .current_dir(work.path())
@@ -256,7 +256,7 @@ pub fn fetch(store: &Path, package: &str) -> Result<String, String> {
     // A metapackage (linux-image-amd64, linux-image-cloud-amd64) holds no
     // kernel: follow it to the versioned image package it depends on.
     if let Some(next) = image_dependency(&deb)? {
-        eprintln!("vexec: {package} is a metapackage for {next}");
+        crate::say!("vexec: {package} is a metapackage for {next}");
         return fetch(store, &next);
     }
     add(store, &deb, &format!("apt:{package}"))
@@ -317,7 +317,7 @@ fn list(cache: &Cache, store: &Path) -> Result<(), String> {
         .collect();
     rels.sort();
     if rels.is_empty() {
-        eprintln!(
+        crate::say!(
             "vexec: the kernel store ({}) is empty; add one with `vexec kernel add PATH` or `vexec kernel fetch PACKAGE`",
             store.display()
         );

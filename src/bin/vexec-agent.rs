@@ -4,7 +4,7 @@
 fn main() {
     if std::process::id() != 1 {
         // It mounts, loads modules and powers off: never on the host.
-        eprintln!(
+        vexec::say!(
             "vexec-agent: error: this is vexec's in-guest init and runs only as PID 1 inside a vexec VM; run `vexec` instead"
         );
         std::process::exit(125);

@@ -79,7 +79,7 @@ pub fn mark_broken(cache_root: &Path) {
 pub fn fall_back_to_tcg(cache_root: &Path, why: &str, quiet: bool) {
     mark_broken(cache_root);
     if !quiet {
-        eprintln!(
+        crate::say!(
             "vexec: KVM cannot boot Linux on this host ({why}); rerunning under TCG, and using TCG until the host reboots"
         );
     }
