@@ -15,7 +15,7 @@ use crate::kernel::{ImageKind, Kernel};
 use crate::protocol::Transport;
 
 /// Bumped whenever the layout of an artifact changes.
-const FORMAT: &[u8] = b"vexec-artifacts-3";
+const FORMAT: &[u8] = b"vexec-artifacts-4";
 
 /// What QEMU boots.
 #[derive(Debug, Clone)]
@@ -131,36 +131,30 @@ pub fn inspect(cache: &Cache, kernel: &Kernel) -> Result<Inspected, PrepareError
         ),
         // QEMU's arm64 loader takes the Image (or its gzip) as it is.
         ImageKind::Arm64 => (kernel.image.clone(), false, None),
-        ImageKind::BzImage { .. } => {
-            let entry = cache.entry("vmlinux", &image_hash);
-            if entry.exists() {
-                let usable = std::fs::metadata(&entry).is_ok_and(|m| m.len() > 0);
-                if usable {
-                    (entry, true, None)
-                } else {
+        // An empty entry records that the bzImage must be booted as is.
+        ImageKind::BzImage { .. } => match cache.get("vmlinux", &image_hash) {
+            Some(entry) if std::fs::metadata(&entry).is_ok_and(|m| m.len() > 0) => {
+                (entry, true, None)
+            }
+            Some(_) => (kernel.image.clone(), false, None),
+            None => match image::extract_vmlinux(&read_image()?) {
+                Ok(elf) if image::has_pvh_entry(&elf) => {
+                    let entry = cache.put("vmlinux", &image_hash, &elf)?;
+                    notes.push("extracted the vmlinux for PVH boot".into());
+                    (entry, true, Some(elf))
+                }
+                Ok(elf) => {
+                    cache.put("vmlinux", &image_hash, b"")?;
+                    notes.push("kernel has no PVH entry; booting the bzImage".into());
+                    (kernel.image.clone(), false, Some(elf))
+                }
+                Err(e) => {
+                    cache.put("vmlinux", &image_hash, b"")?;
+                    notes.push(format!("cannot unpack the bzImage ({e}); booting it as is"));
                     (kernel.image.clone(), false, None)
                 }
-            } else {
-                let extracted = image::extract_vmlinux(&read_image()?);
-                match extracted {
-                    Ok(elf) if image::has_pvh_entry(&elf) => {
-                        cache.write(&entry, &elf)?;
-                        notes.push("extracted the vmlinux for PVH boot".into());
-                        (entry, true, Some(elf))
-                    }
-                    Ok(elf) => {
-                        cache.write(&entry, b"")?;
-                        notes.push("kernel has no PVH entry; booting the bzImage".into());
-                        (kernel.image.clone(), false, Some(elf))
-                    }
-                    Err(e) => {
-                        cache.write(&entry, b"")?;
-                        notes.push(format!("cannot unpack the bzImage ({e}); booting it as is"));
-                        (kernel.image.clone(), false, None)
-                    }
-                }
-            }
-        }
+            },
+        },
     };
 
     let modules_id = kernel
@@ -173,12 +167,10 @@ pub fn inspect(cache: &Cache, kernel: &Kernel) -> Result<Inspected, PrepareError
         .as_deref()
         .map(file_identity)
         .unwrap_or_default();
-    let support_entry = cache.entry(
-        "support",
-        &hash_parts(&[FORMAT, image_hash.as_bytes(), &modules_id, &config_id]),
-    );
-    let cached = std::fs::read(&support_entry)
-        .ok()
+    let support_key = hash_parts(&[FORMAT, image_hash.as_bytes(), &modules_id, &config_id]);
+    let cached = cache
+        .get("support", &support_key)
+        .and_then(|p| std::fs::read(p).ok())
         .and_then(|b| postcard::from_bytes::<Support>(&b).ok());
     let support = match cached {
         Some(s) => s,
@@ -216,10 +208,10 @@ pub fn inspect(cache: &Cache, kernel: &Kernel) -> Result<Inspected, PrepareError
                 unknown,
             };
             let bytes = postcard::to_allocvec(&s).map_err(|e| PrepareError::Io {
-                path: support_entry.clone(),
+                path: cache.root().join("support").join(&support_key),
                 source: std::io::Error::other(e),
             })?;
-            cache.write(&support_entry, &bytes)?;
+            cache.put("support", &support_key, &bytes)?;
             s
         }
     };
@@ -295,76 +287,96 @@ pub fn prepare(
         transport.name().as_bytes(),
         if net { b"net" } else { b"" },
     ]);
-    let initramfs = cache.entry("initramfs", &key);
     // Debian's packages ship no modules.dep; generate one (once) so that
     // `modprobe` works in the guest.
-    let module_index = kernel
+    let index_key = kernel
         .modules
         .as_deref()
         .filter(|m| !m.join("modules.dep.bin").exists())
-        .map(|_| cache.entry("modindex", &hash_parts(&[FORMAT, &inspected.modules_id])));
-    let need_index = module_index
-        .as_ref()
-        .is_some_and(|i| !i.join("modules.dep.bin").exists());
-    let done = |module_index, notes| BootArtifacts {
-        kernel: inspected.boot_kernel.clone(),
-        pvh: inspected.pvh,
-        initramfs: initramfs.clone(),
-        modules: kernel.modules.clone(),
-        module_index,
-        notes,
-    };
-    if initramfs.exists() && !need_index {
-        return Ok(done(module_index, notes));
+        .map(|_| hash_parts(&[FORMAT, &inspected.modules_id]));
+    let mut module_index = index_key.as_ref().and_then(|k| cache.get("modindex", k));
+    let cached = cache.get("initramfs", &key);
+    if let (Some(initramfs), true) = (&cached, module_index.is_some() == index_key.is_some()) {
+        return Ok(BootArtifacts {
+            kernel: inspected.boot_kernel.clone(),
+            pvh: inspected.pvh,
+            initramfs: initramfs.clone(),
+            modules: kernel.modules.clone(),
+            module_index,
+            notes,
+        });
     }
     let tree = scan_tree(kernel)?;
-    if !initramfs.exists() {
-        let config = load_config(kernel, None, &inspected.boot_kernel, inspected.pvh);
-        let mut wanted = caps::check(kernel, config.as_ref(), tree.as_ref(), caps::BASE)?.modules;
-        wanted.extend(
-            caps::check(
-                kernel,
-                config.as_ref(),
-                tree.as_ref(),
-                caps::transport_features(transport),
-            )?
-            .modules,
-        );
-        if net {
-            wanted.extend(caps::check(kernel, config.as_ref(), tree.as_ref(), caps::NET)?.modules);
+    let initramfs = match cached {
+        Some(p) => p,
+        None => {
+            let (cpio, names) =
+                build_initramfs(kernel, inspected, tree.as_ref(), transport, net, agent)?;
+            notes.push(format!(
+                "built the initramfs ({} modules: {names})",
+                names.split_whitespace().count()
+            ));
+            cache.put("initramfs", &key, &cpio)?
         }
-        let modules = load_order(kernel, tree.as_ref(), &wanted)?;
-        let cpio = initramfs::build(agent, &modules)?;
-        cache.write(&initramfs, &cpio)?;
-        notes.push(format!(
-            "built the initramfs ({} modules: {})",
-            modules.len(),
-            modules
-                .iter()
-                .map(|m| m.name.as_str())
-                .collect::<Vec<_>>()
-                .join(" ")
-        ));
-    }
-    let mut module_index = module_index;
-    if let (Some(tree), Some(idx), true) = (&tree, &module_index, need_index) {
+    };
+    if let (Some(tree), Some(idx), None) = (&tree, &index_key, &module_index) {
         if interactive {
-            eprintln!(
+            crate::say!(
                 "vexec: indexing the modules of {} for modprobe (once per kernel)...",
                 kernel.release()
             );
         }
         let scratch = cache.root().join("tmp");
         let _ = std::fs::create_dir_all(&scratch);
-        match modules::generate_index(&tree.root, kernel.release(), &scratch, idx) {
-            Ok(()) => notes.push("indexed the module tree for modprobe".into()),
-            Err(e) => {
-                notes.push(format!("modprobe will not work in the guest: {e}"));
-                module_index = None;
+        let built = cache.put_with("modindex", idx, |out| {
+            modules::generate_index(&tree.root, kernel.release(), &scratch, out)
+                .map_err(std::io::Error::other)
+        });
+        match built {
+            Ok(p) => {
+                notes.push("indexed the module tree for modprobe".into());
+                module_index = Some(p);
             }
+            Err(e) => notes.push(format!("modprobe will not work in the guest: {e}")),
         }
     }
-    Ok(done(module_index, notes))
+    Ok(BootArtifacts {
+        kernel: inspected.boot_kernel.clone(),
+        pvh: inspected.pvh,
+        initramfs,
+        modules: kernel.modules.clone(),
+        module_index,
+        notes,
+    })
+}
+
+/// The initramfs for `transport` (and virtio-net with `net`): the agent and
+/// the modules those need, in load order; and the modules' names.
+fn build_initramfs(
+    kernel: &Kernel,
+    inspected: &Inspected,
+    tree: Option<&ModuleTree>,
+    transport: Transport,
+    net: bool,
+    agent: &Path,
+) -> Result<(Vec<u8>, String), PrepareError> {
+    let config = load_config(kernel, None, &inspected.boot_kernel, inspected.pvh);
+    let mut wanted = caps::check(kernel, config.as_ref(), tree, caps::BASE)?.modules;
+    wanted.extend(
+        caps::check(
+            kernel,
+            config.as_ref(),
+            tree,
+            caps::transport_features(transport),
+        )?
+        .modules,
+    );
+    if net {
+        wanted.extend(caps::check(kernel, config.as_ref(), tree, caps::NET)?.modules);
+    }
+    let modules = load_order(kernel, tree, &wanted)?;
+    let names: Vec<&str> = modules.iter().map(|m| m.name.as_str()).collect();
+    Ok((initramfs::build(agent, &modules)?, names.join(" ")))
 }
 
 /// The kernel's configuration: its .config file, else IKCONFIG.
@@ -415,8 +427,9 @@ pub fn batch_modules(
         &inspected.modules_id,
         &inspected.config_id,
     ]);
-    let entry = cache.entry("batch-modules", &key);
-    if let Ok(b) = std::fs::read(&entry)
+    if let Some(b) = cache
+        .get("batch-modules", &key)
+        .and_then(|p| std::fs::read(p).ok())
         && let Ok(list) = postcard::from_bytes::<Vec<(String, Vec<String>, Vec<u8>)>>(&b)
     {
         return Ok(list
@@ -445,7 +458,7 @@ pub fn batch_modules(
         .map(|m| (m.name.as_str(), &m.depends[..], &m.data[..]))
         .collect();
     if let Ok(b) = postcard::to_allocvec(&stored) {
-        cache.write(&entry, &b)?;
+        cache.put("batch-modules", &key, &b)?;
     }
     Ok(list)
 }

@@ -1,9 +1,22 @@
-//! vexec's cache directory: boot artifacts stored by content hash, written
-//! atomically so concurrent runs and interrupted writes never leave a
-//! half-written file behind.
+//! vexec's cache directory: boot artifacts stored by content key, each
+//! entry sealed when written and checked when used.
+//!
+//! An entry is a directory `KIND/KEY/` holding `data` (a file, or a
+//! directory of files) and `seal`: every file's size and content hash, and
+//! its identity on disk (inode, change time) when it was written. The entry
+//! is assembled in a temporary directory beside it and renamed into place,
+//! so concurrent runs and interrupted writes never leave a half-written
+//! entry. On use, a file whose identity is unchanged is trusted (a stat);
+//! one that changed is hashed, and an entry that no longer matches its seal
+//! is removed and rebuilt, with a one-line notice: vexec never boots a
+//! truncated kernel or initramfs.
 
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
 
 /// The cache root (`$XDG_CACHE_HOME/vexec`, else `~/.cache/vexec`).
 #[derive(Debug, Clone)]
@@ -14,12 +27,29 @@ pub struct Cache {
 /// A cache operation failed.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "cache {path}: {source}; check its permissions or set XDG_CACHE_HOME to a writable directory"
+    "cache {path}: {source}; check its permissions and free space, or set XDG_CACHE_HOME to a writable directory"
 )]
 pub struct CacheError {
     pub path: PathBuf,
     pub source: std::io::Error,
 }
+
+/// What a seal records of one file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct FileSeal {
+    /// Path below `data` ("" when `data` is the file itself).
+    name: String,
+    len: u64,
+    blake3: String,
+    ino: u64,
+    ctime_ns: i64,
+}
+
+/// Temporary directories older than this are leftovers of a killed run.
+const STALE: Duration = Duration::from_secs(3600);
+const DATA: &str = "data";
+const SEAL: &str = "seal";
+const TMP_PREFIX: &str = ".tmp-";
 
 impl Cache {
     /// Opens (creating) the cache at `root`.
@@ -45,23 +75,177 @@ impl Cache {
         &self.root
     }
 
-    /// The path of an entry (`kind/key`), whether or not it exists.
-    pub fn entry(&self, kind: &str, key: &str) -> PathBuf {
-        self.root.join(kind).join(key)
+    /// The data of entry `kind/key` when it is present and matches its
+    /// seal. A damaged entry is removed (with a notice) and None returned,
+    /// so the caller builds it again.
+    pub fn get(&self, kind: &str, key: &str) -> Option<PathBuf> {
+        let dir = self.root.join(kind).join(key);
+        if !dir.exists() {
+            return None;
+        }
+        match check(&dir) {
+            Ok(()) => Some(dir.join(DATA)),
+            Err(why) => {
+                crate::say!("vexec: cache entry {kind}/{key} is damaged ({why}); rebuilding it");
+                remove_entry(&dir);
+                None
+            }
+        }
     }
 
-    /// Writes `data` to `path` atomically (temp file + rename).
-    pub fn write(&self, path: &Path, data: &[u8]) -> Result<(), CacheError> {
+    /// Stores `bytes` as entry `kind/key`; returns the path of its data.
+    pub fn put(&self, kind: &str, key: &str, bytes: &[u8]) -> Result<PathBuf, CacheError> {
+        self.put_with(kind, key, |data| {
+            std::fs::File::create(data)?.write_all(bytes)
+        })
+    }
+
+    /// Stores entry `kind/key` whose data `fill` writes at the path it is
+    /// given (a file, or a directory it creates); returns the data's path.
+    /// When another run stored the same entry first, theirs is kept.
+    pub fn put_with(
+        &self,
+        kind: &str,
+        key: &str,
+        fill: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> Result<PathBuf, CacheError> {
+        let parent = self.root.join(kind);
+        let final_dir = parent.join(key);
         let err = |source| CacheError {
-            path: path.to_path_buf(),
+            path: final_dir.clone(),
             source,
         };
-        let dir = path.parent().unwrap_or(&self.root);
-        std::fs::create_dir_all(dir).map_err(err)?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(err)?;
-        tmp.write_all(data).map_err(err)?;
-        tmp.persist(path).map_err(|e| err(e.error))?;
-        Ok(())
+        std::fs::create_dir_all(&parent).map_err(err)?;
+        sweep_stale(&parent);
+        let tmp = tempfile::Builder::new()
+            .prefix(TMP_PREFIX)
+            .tempdir_in(&parent)
+            .map_err(err)?;
+        let data = tmp.path().join(DATA);
+        fill(&data).map_err(err)?;
+        let seal = serde_json::to_vec(&seal_of(&data).map_err(err)?)
+            .map_err(|e| err(std::io::Error::other(e)))?;
+        std::fs::write(tmp.path().join(SEAL), seal).map_err(err)?;
+        match std::fs::rename(tmp.path(), &final_dir) {
+            Ok(()) => {
+                // Renamed away: nothing left for the TempDir to remove.
+                let _ = tmp.keep();
+            }
+            // Another run stored it first (ENOTEMPTY/EEXIST): keep theirs.
+            Err(_) if final_dir.join(SEAL).exists() => {}
+            Err(e) => return Err(err(e)),
+        }
+        Ok(final_dir.join(DATA))
+    }
+}
+
+/// Whether the entry in `dir` still matches its seal; why not otherwise.
+fn check(dir: &Path) -> Result<(), String> {
+    let seal = std::fs::read(dir.join(SEAL)).map_err(|e| format!("its seal: {e}"))?;
+    let files: Vec<FileSeal> =
+        serde_json::from_slice(&seal).map_err(|e| format!("its seal is unreadable: {e}"))?;
+    let data = dir.join(DATA);
+    for f in &files {
+        let path = if f.name.is_empty() {
+            data.clone()
+        } else {
+            data.join(&f.name)
+        };
+        let shown = if f.name.is_empty() { DATA } else { &f.name };
+        let m = std::fs::metadata(&path).map_err(|e| format!("{shown}: {e}"))?;
+        if m.len() != f.len {
+            return Err(format!(
+                "{shown} has {} bytes, {} were written",
+                m.len(),
+                f.len
+            ));
+        }
+        if (m.ino(), ctime_ns(&m)) == (f.ino, f.ctime_ns) {
+            continue;
+        }
+        // Touched since it was written (or copied): compare contents.
+        if hash_file(&path).map_err(|e| format!("{shown}: {e}"))? != f.blake3 {
+            return Err(format!("{shown} changed since it was written"));
+        }
+    }
+    if files.is_empty() {
+        return Err("its seal lists no files".into());
+    }
+    Ok(())
+}
+
+/// The seal of `data`: one entry for a file, one per file for a directory.
+fn seal_of(data: &Path) -> std::io::Result<Vec<FileSeal>> {
+    let mut files = Vec::new();
+    let mut stack = vec![(data.to_path_buf(), String::new())];
+    while let Some((path, name)) = stack.pop() {
+        let m = std::fs::symlink_metadata(&path)?;
+        if m.is_dir() {
+            for e in std::fs::read_dir(&path)? {
+                let e = e?;
+                let child = e.file_name().to_string_lossy().into_owned();
+                let rel = if name.is_empty() {
+                    child
+                } else {
+                    format!("{name}/{child}")
+                };
+                stack.push((e.path(), rel));
+            }
+        } else if m.is_file() {
+            files.push(FileSeal {
+                name,
+                len: m.len(),
+                blake3: hash_file(&path)?,
+                ino: m.ino(),
+                ctime_ns: ctime_ns(&m),
+            });
+        }
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    // An empty file still counts: "no PVH entry" is recorded that way.
+    Ok(files)
+}
+
+fn ctime_ns(m: &std::fs::Metadata) -> i64 {
+    m.ctime() * 1_000_000_000 + m.ctime_nsec()
+}
+
+fn hash_file(path: &Path) -> std::io::Result<String> {
+    let mut h = blake3::Hasher::new();
+    h.update_reader(std::fs::File::open(path)?)?;
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// Removes a damaged entry: renamed aside first, so no run sees it half
+/// deleted.
+fn remove_entry(dir: &Path) {
+    let Some(parent) = dir.parent() else { return };
+    let aside = parent.join(format!(
+        "{TMP_PREFIX}damaged-{}-{}",
+        std::process::id(),
+        dir.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    if std::fs::rename(dir, &aside).is_ok() {
+        let _ = std::fs::remove_dir_all(&aside);
+    }
+}
+
+/// Removes temporary directories that a killed run left behind.
+fn sweep_stale(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    let now = SystemTime::now();
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > STALE);
+        if old && e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
 
@@ -84,16 +268,101 @@ pub fn hash_parts(parts: &[&[u8]]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
 
-    #[test]
-    fn writes_atomically() {
+    fn cache() -> (tempfile::TempDir, Cache) {
         let dir = tempfile::tempdir().unwrap();
         let c = Cache::open(dir.path().join("c")).unwrap();
-        let p = c.entry("k", "abc");
-        c.write(&p, b"x").unwrap();
-        c.write(&p, b"y").unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"y");
-        assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
+        (dir, c)
+    }
+
+    #[test]
+    fn stores_and_finds_an_entry() {
+        let (_d, c) = cache();
+        assert_eq!(c.get("k", "abc"), None);
+        let p = c.put("k", "abc", b"hello").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"hello");
+        assert_eq!(c.get("k", "abc"), Some(p));
+        // Only the entry: no temporary directory left behind.
+        assert_eq!(std::fs::read_dir(c.root().join("k")).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_truncated_entry_is_dropped() {
+        let (_d, c) = cache();
+        let p = c.put("k", "abc", &[7u8; 4096]).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(100)
+            .unwrap();
+        assert_eq!(c.get("k", "abc"), None);
+        assert!(!c.root().join("k/abc").exists());
+    }
+
+    #[test]
+    fn same_size_garbage_is_found_by_its_hash() {
+        let (_d, c) = cache();
+        let p = c.put("k", "abc", b"good bytes").unwrap();
+        std::fs::write(&p, b"evil bytes").unwrap();
+        assert_eq!(c.get("k", "abc"), None);
+    }
+
+    #[test]
+    fn a_copied_entry_is_rehashed_and_kept() {
+        let (_d, c) = cache();
+        let p = c.put("k", "abc", b"content").unwrap();
+        // A new inode with the same bytes (a backup restored, say).
+        let copy = p.with_extension("copy");
+        std::fs::copy(&p, &copy).unwrap();
+        std::fs::rename(&copy, &p).unwrap();
+        assert_eq!(c.get("k", "abc"), Some(p));
+    }
+
+    #[test]
+    fn directories_are_sealed_file_by_file() {
+        let (_d, c) = cache();
+        let p = c
+            .put_with("idx", "k", |d| {
+                std::fs::create_dir(d)?;
+                std::fs::write(d.join("a.bin"), b"aaaa")?;
+                std::fs::write(d.join("b.bin"), b"")
+            })
+            .unwrap();
+        assert_eq!(c.get("idx", "k"), Some(p.clone()));
+        std::fs::remove_file(p.join("a.bin")).unwrap();
+        assert_eq!(c.get("idx", "k"), None);
+    }
+
+    #[test]
+    fn an_entry_without_a_seal_is_damaged() {
+        let (_d, c) = cache();
+        std::fs::create_dir_all(c.root().join("k/abc")).unwrap();
+        std::fs::write(c.root().join("k/abc/data"), b"x").unwrap();
+        assert_eq!(c.get("k", "abc"), None);
+    }
+
+    #[test]
+    fn a_failed_write_leaves_nothing() {
+        let (_d, c) = cache();
+        let e = c
+            .put_with("k", "abc", |d| {
+                std::fs::write(d, b"partial")?;
+                Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("free space"), "{e}");
+        assert_eq!(std::fs::read_dir(c.root().join("k")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn the_first_writer_wins_a_race() {
+        let (_d, c) = cache();
+        let a = c.put("k", "abc", b"same").unwrap();
+        let b = c.put("k", "abc", b"same").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(std::fs::read_dir(c.root().join("k")).unwrap().count(), 1);
     }
 
     #[test]

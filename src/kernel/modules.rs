@@ -161,7 +161,8 @@ impl ModuleTree {
 }
 
 /// Generates kmod's index files (`modules.dep.bin`, `modules.alias.bin`...)
-/// for the tree at `root` into `out`, with the host's own `depmod`, without
+/// for the tree at `root` into the new directory `out`, with the host's
+/// own `depmod`, without
 /// writing into the tree: depmod runs on a private directory of symlinks.
 /// The guest runs the host's userspace, so the host's kmod is the one whose
 /// index format `modprobe` in the guest reads.
@@ -209,26 +210,17 @@ pub fn generate_index(
             String::from_utf8_lossy(&result.stderr).trim()
         ));
     }
-    let staged = base.path().join("out");
-    std::fs::create_dir(&staged).map_err(|e| e.to_string())?;
+    std::fs::create_dir(out).map_err(|e| format!("creating {}: {e}", out.display()))?;
     for entry in std::fs::read_dir(&dir)
         .map_err(|e| e.to_string())?
         .flatten()
     {
         if entry.file_type().is_ok_and(|t| t.is_file()) {
-            std::fs::rename(entry.path(), staged.join(entry.file_name()))
-                .map_err(|e| e.to_string())?;
+            std::fs::copy(entry.path(), out.join(entry.file_name()))
+                .map_err(|e| format!("storing the index in {}: {e}", out.display()))?;
         }
     }
-    if let Some(parent) = out.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
-    }
-    // Another run may have finished first; theirs is as good as ours.
-    match std::fs::rename(&staged, out) {
-        Ok(()) => Ok(()),
-        Err(_) if out.join("modules.dep.bin").exists() => Ok(()),
-        Err(e) => Err(format!("storing the index in {}: {e}", out.display())),
-    }
+    Ok(())
 }
 
 /// Reads a module file, decompressing by its extension.
