@@ -62,19 +62,34 @@ pub enum DecompressError {
     },
     #[error("unknown compression format")]
     Unknown,
+    #[error("{format} data unpacks to more than {} MiB, more than any kernel or module (a damaged or hostile file?)", MAX_OUTPUT >> 20)]
+    TooLarge { format: &'static str },
 }
+
+/// The most a payload may unpack to: far above any real kernel (Debian's
+/// vmlinux is ~60 MB), low enough that a decompression bomb fails cleanly
+/// instead of exhausting memory.
+pub const MAX_OUTPUT: usize = 1 << 30;
 
 /// Decompresses `data` in the given format. Trailing bytes after the end of
 /// the compressed stream are ignored (the kernel appends its size).
 pub fn decompress(format: Format, data: &[u8]) -> Result<Vec<u8>, DecompressError> {
-    let mut out = Vec::with_capacity(data.len() * 4);
+    unpack(format, data, MAX_OUTPUT)
+}
+
+/// Decompresses at most `max` bytes; more is an error.
+fn unpack(format: Format, data: &[u8], max: usize) -> Result<Vec<u8>, DecompressError> {
+    let mut out = Vec::with_capacity(data.len().saturating_mul(4).min(max));
     let corrupt = |source| DecompressError::Corrupt {
         format: format.name(),
         source,
     };
+    // One byte more than allowed tells a stream that is too large.
+    let limit = max as u64 + 1;
     match format {
         Format::Gzip => {
             flate2::read::GzDecoder::new(data)
+                .take(limit)
                 .read_to_end(&mut out)
                 .map_err(corrupt)?;
         }
@@ -82,6 +97,7 @@ pub fn decompress(format: Format, data: &[u8]) -> Result<Vec<u8>, DecompressErro
             let stream = liblzma::stream::Stream::new_stream_decoder(u64::MAX, 0)
                 .map_err(|e| corrupt(e.into()))?;
             liblzma::read::XzDecoder::new_stream(data, stream)
+                .take(limit)
                 .read_to_end(&mut out)
                 .map_err(corrupt)?;
         }
@@ -89,11 +105,13 @@ pub fn decompress(format: Format, data: &[u8]) -> Result<Vec<u8>, DecompressErro
             let stream = liblzma::stream::Stream::new_lzma_decoder(u64::MAX)
                 .map_err(|e| corrupt(e.into()))?;
             liblzma::read::XzDecoder::new_stream(data, stream)
+                .take(limit)
                 .read_to_end(&mut out)
                 .map_err(corrupt)?;
         }
         Format::Bzip2 => {
             bzip2::read::BzDecoder::new(data)
+                .take(limit)
                 .read_to_end(&mut out)
                 .map_err(corrupt)?;
         }
@@ -101,10 +119,15 @@ pub fn decompress(format: Format, data: &[u8]) -> Result<Vec<u8>, DecompressErro
             let mut dec = zstd::stream::read::Decoder::new(data).map_err(corrupt)?;
             // Stop after the first frame: the kernel appends its size.
             dec = dec.single_frame();
-            dec.read_to_end(&mut out).map_err(corrupt)?;
+            dec.take(limit).read_to_end(&mut out).map_err(corrupt)?;
         }
-        Format::Lz4Legacy => lz4_legacy(data, &mut out).map_err(corrupt)?,
+        Format::Lz4Legacy => lz4_legacy(data, &mut out, max).map_err(corrupt)?,
         Format::Lzo => return Err(DecompressError::Unsupported("lzo")),
+    }
+    if out.len() > max {
+        return Err(DecompressError::TooLarge {
+            format: format.name(),
+        });
     }
     Ok(out)
 }
@@ -117,7 +140,7 @@ pub fn decompress_any(data: &[u8]) -> Result<Vec<u8>, DecompressError> {
 /// The kernel's lz4 uses the legacy frame format (magic, then blocks each
 /// prefixed by a little-endian compressed length, 8 MiB uncompressed each),
 /// which the frame decoder of lz4_flex does not read.
-fn lz4_legacy(data: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
+fn lz4_legacy(data: &[u8], out: &mut Vec<u8>, max: usize) -> std::io::Result<()> {
     const MAGIC: u32 = 0x184c_2102;
     const BLOCK: usize = 8 << 20;
     let invalid = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
@@ -140,6 +163,9 @@ fn lz4_legacy(data: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
             .map_err(|e| invalid(&e.to_string()))?;
         out.extend_from_slice(&block[..n]);
         pos += len;
+        if out.len() > max {
+            break;
+        }
         if n < BLOCK {
             break;
         }
@@ -184,6 +210,25 @@ mod tests {
             .unwrap();
         xz.extend_from_slice(&[0, 0, 0, 0]);
         assert_eq!(decompress_any(&xz).unwrap(), payload);
+    }
+
+    #[test]
+    fn a_stream_unpacking_past_the_limit_is_refused_not_stored() {
+        let zeros = vec![0u8; 1 << 20];
+        let z = zstd::encode_all(&zeros[..], 3).unwrap();
+        assert!(matches!(
+            unpack(Format::Zstd, &z, 1000),
+            Err(DecompressError::TooLarge { format: "zstd" })
+        ));
+        assert_eq!(unpack(Format::Zstd, &z, 1 << 20).unwrap().len(), 1 << 20);
+        let block = lz4_flex::block::compress(&zeros);
+        let mut l = 0x184c_2102u32.to_le_bytes().to_vec();
+        l.extend_from_slice(&(block.len() as u32).to_le_bytes());
+        l.extend_from_slice(&block);
+        assert!(matches!(
+            unpack(Format::Lz4Legacy, &l, 1000),
+            Err(DecompressError::TooLarge { .. })
+        ));
     }
 
     #[test]

@@ -115,12 +115,13 @@ fn header_version(data: &[u8]) -> Option<String> {
 
 /// The compressed payload of a bzImage (boot protocol 2.08+).
 fn payload(data: &[u8]) -> Option<&[u8]> {
-    let setup_sects = match data[0x1f1] {
+    // Any file may be handed here (extract_vmlinux checks nothing first).
+    let setup_sects = match *data.get(0x1f1)? {
         0 => 4,
         n => n as usize,
     };
-    let offset = u32::from_le_bytes(data[0x248..0x24c].try_into().ok()?) as usize;
-    let length = u32::from_le_bytes(data[0x24c..0x250].try_into().ok()?) as usize;
+    let offset = u32::from_le_bytes(data.get(0x248..0x24c)?.try_into().ok()?) as usize;
+    let length = u32::from_le_bytes(data.get(0x24c..0x250)?.try_into().ok()?) as usize;
     let start = (setup_sects + 1) * 512 + offset;
     data.get(start..start + length)
 }
