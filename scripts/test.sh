@@ -28,8 +28,18 @@ if [ -z "${VEXEC_TEST_VIRTIOFSD:-}" ]; then
   fi
 fi
 
+# Runs that hung leave vexec's report of where they stood here (tests set
+# VEXEC_HANG_REPORTS); shown at the end even when a retry passed.
+reports="${CARGO_TARGET_DIR:-target}/tmp/hang-reports"
+rm -rf "$reports"
+rc=0
 if cargo nextest --version >/dev/null 2>&1; then
-  exec cargo nextest run --no-fail-fast "$@"
+  cargo nextest run --no-fail-fast "$@" || rc=$?
 else
-  exec cargo test --no-fail-fast "$@"
+  cargo test --no-fail-fast "$@" || rc=$?
 fi
+if [ -n "$(ls -A "$reports" 2>/dev/null)" ]; then
+  echo "scripts/test.sh: runs that hung during the tests (stopped by vexec's timeout), retried or not:" >&2
+  for f in "$reports"/*; do echo "== $f" >&2; cat "$f" >&2; done
+fi
+exit "$rc"

@@ -82,13 +82,25 @@ pub struct Cli {
     #[arg(long, value_enum)]
     pub accel: Option<AccelChoice>,
 
-    /// Stop the command and the VM after this long (e.g. 30s, 5m); exit 124.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    /// Stop the command and the VM after this long (e.g. 30s, 5m); exit 124,
+    /// with a report of where the host and the guest stood.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, env = "VEXEC_TIMEOUT")]
     pub timeout: Option<Duration>,
+
+    /// Also write the report of a run stopped by --timeout or Ctrl-C into
+    /// a file in DIR (for CI artifacts: a retried test keeps its trail).
+    #[arg(long, value_name = "DIR", env = "VEXEC_HANG_REPORTS")]
+    pub hang_reports: Option<PathBuf>,
 
     /// How long the guest may take to boot and report in before the run fails.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub boot_timeout: Option<Duration>,
+
+    /// How long output may still arrive after the command exited (from a
+    /// background process holding its stdout/stderr) before vexec reports
+    /// the end and drops the rest, saying so [default: 2s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub output_grace: Option<Duration>,
 
     /// Do not share the working directory read-write (writes then vanish
     /// with the VM like writes anywhere else).

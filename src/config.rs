@@ -36,6 +36,8 @@ pub struct Config {
     pub virtiofsd: Option<PathBuf>,
     pub timeout: Option<String>,
     pub boot_timeout: Option<String>,
+    /// How long output may still arrive after the command exited.
+    pub output_grace: Option<String>,
     /// Share the working directory read-write (default true).
     pub cwd: Option<bool>,
     #[serde(default)]
@@ -89,6 +91,10 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error(
+        "kernel argument {0:?} contains a control character (a newline would reach the kernel as a separator between arguments); give each argument its own --kernel-arg"
+    )]
+    KernelArg(String),
 }
 
 /// A loaded file and where it was.

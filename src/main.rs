@@ -20,7 +20,7 @@ fn main() {
         Ok(true) => std::process::exit(0),
         Ok(false) => {}
         Err(e) => {
-            eprintln!("vexec: error: {e}");
+            vexec::say!("vexec: error: {e}");
             std::process::exit(run::STATUS_FAILED);
         }
     }
@@ -29,7 +29,7 @@ fn main() {
             match bisect::parse(&args[2..]).and_then(|b| bisect::bisect(&b)) {
                 Ok(code) => code,
                 Err(e) => {
-                    eprintln!("vexec: error: {e}");
+                    vexec::say!("vexec: error: {e}");
                     run::STATUS_FAILED
                 }
             },
@@ -41,7 +41,7 @@ fn main() {
                 kbuild::build(&args[2..])
             };
             if let Err(e) = r {
-                eprintln!("vexec: error: {e}");
+                vexec::say!("vexec: error: {e}");
                 std::process::exit(run::STATUS_FAILED);
             }
             std::process::exit(0);
@@ -55,7 +55,7 @@ fn main() {
             std::process::exit(match store::main(&args[2..], root) {
                 Ok(code) => code,
                 Err(e) => {
-                    eprintln!("vexec: error: {e}");
+                    vexec::say!("vexec: error: {e}");
                     run::STATUS_FAILED
                 }
             });
@@ -63,7 +63,7 @@ fn main() {
         Some("__bisect-step") => std::process::exit(match bisect::parse(&args[2..]) {
             Ok(b) => bisect::step(&b),
             Err(e) => {
-                eprintln!("vexec: error: {e}");
+                vexec::say!("vexec: error: {e}");
                 128
             }
         }),
@@ -86,15 +86,21 @@ fn main() {
     let relay = match host::session::SignalRelay::install() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("vexec: error: installing signal handlers: {e}");
+            vexec::say!("vexec: error: installing signal handlers: {e}");
             std::process::exit(run::STATUS_FAILED);
         }
     };
-    let host = host_facts();
+    let host = match host_facts() {
+        Ok(h) => h,
+        Err(e) => {
+            vexec::say!("vexec: error: {e}");
+            std::process::exit(run::STATUS_FAILED);
+        }
+    };
     let config = match load_config(&cli, &host.cwd) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("vexec: error: {e}");
+            vexec::say!("vexec: error: {e}");
             std::process::exit(run::STATUS_FAILED);
         }
     };
@@ -106,7 +112,7 @@ fn main() {
         }
         Ok(k) => cli.kernel = k,
         Err(e) => {
-            eprintln!("vexec: error: {e}");
+            vexec::say!("vexec: error: {e}");
             std::process::exit(run::STATUS_FAILED);
         }
     }
@@ -114,21 +120,28 @@ fn main() {
     let spec = match spec {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("vexec: error: {e}");
+            vexec::say!("vexec: error: {e}");
             std::process::exit(run::STATUS_FAILED);
         }
     };
     match run::run(&spec, &relay) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("vexec: error: {e}");
+            vexec::say!("vexec: error: {e}");
             std::process::exit(run::STATUS_FAILED);
         }
     }
 }
 
 /// The only place that reads the process environment and host facts.
-fn host_facts() -> settings::Host {
+/// Fails when the working directory is gone: the command must never run
+/// somewhere else than where it was asked to.
+fn host_facts() -> Result<settings::Host, String> {
+    let cwd = std::env::current_dir().map_err(|e| {
+        format!(
+            "the working directory cannot be found ({e}): it was deleted or moved away; cd to an existing directory and run again"
+        )
+    })?;
     // SAFETY: plain queries of the process's credentials and hostname.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let groups = {
@@ -144,12 +157,12 @@ fn host_facts() -> settings::Host {
         let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
         String::from_utf8_lossy(&buf[..end]).into_owned()
     };
-    settings::Host {
+    Ok(settings::Host {
         uid,
         gid,
         groups,
         hostname,
-        cwd: std::env::current_dir().unwrap_or_else(|_| "/".into()),
+        cwd,
         env: std::env::vars_os().collect(),
         cache_dir: cache::Cache::default_root(
             std::env::var_os("XDG_CACHE_HOME").map(Into::into),
@@ -159,7 +172,7 @@ fn host_facts() -> settings::Host {
             .ok()
             .map(|s| s.trim().to_string()),
         path_var: std::env::var_os("PATH"),
-    }
+    })
 }
 
 /// The kernels asked for (flags, else the config's `kernels`), with sets
@@ -199,7 +212,7 @@ fn run_matrix(
     kernels: Vec<String>,
 ) -> i32 {
     let Some(at) = command_at else {
-        eprintln!(
+        vexec::say!(
             "vexec: error: a run on several kernels needs a command: vexec -k A,B -- COMMAND"
         );
         return run::STATUS_FAILED;
@@ -231,7 +244,7 @@ fn run_matrix(
     match matrix::run(&m) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vexec: error: {e}");
+            vexec::say!("vexec: error: {e}");
             run::STATUS_FAILED
         }
     }

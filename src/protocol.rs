@@ -18,10 +18,25 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change; both ends refuse a mismatch.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 
 /// Name of the virtio-serial port carrying the protocol.
 pub const PORT_NAME: &str = "vexec.ctl";
+
+/// The line the host writes on the serial console to ask the agent where
+/// it stands (a channel apart from the control port, so it works when the
+/// control port is stuck).
+pub const REPORT_REQUEST: &str = "vexec:report";
+/// Every line of the agent's answer on the console starts with this.
+pub const REPORT_PREFIX: &str = "vexec-report: ";
+/// The answer's last line, after the prefix.
+pub const REPORT_END: &str = "end";
+
+/// How many kinds of [`HostMsg`] there are: a frame whose tag is this or
+/// more is not a message (checked against the encoding by a unit test).
+pub const HOST_MSG_COUNT: usize = 7;
+/// How many kinds of [`GuestMsg`] there are.
+pub const GUEST_MSG_COUNT: usize = 12;
 
 /// Frames larger than this are refused as corrupt.
 pub const MAX_FRAME: usize = 16 << 20;
@@ -123,6 +138,16 @@ pub struct Exec {
     pub tty: Option<Tty>,
     /// Send the kernel log ([`GuestMsg::KernelLog`]) before `Exited`.
     pub kernel_log: bool,
+    /// How long output pipes may stay open after the command exited (a
+    /// background process holding them) before the end is reported.
+    pub output_grace_ms: u64,
+}
+
+/// One of the command's output streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stream {
+    Stdout,
+    Stderr,
 }
 
 /// Host → guest.
@@ -138,6 +163,24 @@ pub enum HostMsg {
         rows: u16,
         cols: u16,
     },
+    /// Whoever read this stream on the host went away: the command's next
+    /// write to it must fail with EPIPE (SIGPIPE), as it would locally.
+    OutputClosed(Stream),
+}
+
+impl HostMsg {
+    /// The message's name, for errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            HostMsg::Setup(_) => "Setup",
+            HostMsg::Exec(_) => "Exec",
+            HostMsg::Stdin(_) => "Stdin",
+            HostMsg::StdinEof => "StdinEof",
+            HostMsg::Signal(_) => "Signal",
+            HostMsg::WindowSize { .. } => "WindowSize",
+            HostMsg::OutputClosed(_) => "OutputClosed",
+        }
+    }
 }
 
 /// How the command ended.
@@ -184,6 +227,23 @@ pub enum GuestMsg {
     Coverage(Vec<u8>),
     /// Batch runs: every program ran; the guest powers off next.
     Finished,
+    /// The command closed its standard input: the host stops reading its
+    /// own, so a producer piping into vexec sees EPIPE as it would locally.
+    InputClosed,
+    /// What the host should know about how the command ended, sent just
+    /// before [`GuestMsg::Exited`].
+    Aftermath(Aftermath),
+}
+
+/// Facts about the end of a command that its exit status does not tell.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Aftermath {
+    /// The kernel's lines about processes its OOM killer killed while the
+    /// command ran.
+    pub oom_kills: Vec<String>,
+    /// Output was still open when the grace period ended (a background
+    /// process held it); what it wrote later was not sent.
+    pub output_cut: bool,
 }
 
 /// Writes one frame.
@@ -211,8 +271,15 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> io::Result
             format!("frame of {len} bytes exceeds the {MAX_FRAME} limit"),
         ));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
+    // Grown as bytes arrive, so a hostile length costs no memory up front.
+    let mut body = Vec::new();
+    r.take(len as u64).read_to_end(&mut body)?;
+    if body.len() < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("frame cut short: {} of {len} bytes", body.len()),
+        ));
+    }
     postcard::from_bytes(&body)
         .map(Some)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
@@ -221,6 +288,17 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn message_counts_match_the_encoding() {
+        // postcard writes the variant index as the body's first byte.
+        let last_host = postcard::to_stdvec(&HostMsg::OutputClosed(Stream::Stderr)).unwrap();
+        assert_eq!(last_host[0] as usize, HOST_MSG_COUNT - 1);
+        let last_guest = postcard::to_stdvec(&GuestMsg::Aftermath(Aftermath::default())).unwrap();
+        assert_eq!(last_guest[0] as usize, GUEST_MSG_COUNT - 1);
+        assert!(postcard::from_bytes::<HostMsg>(&[HOST_MSG_COUNT as u8]).is_err());
+        assert!(postcard::from_bytes::<GuestMsg>(&[GUEST_MSG_COUNT as u8]).is_err());
+    }
 
     #[test]
     fn frames_round_trip() {

@@ -139,7 +139,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         interactive,
     )?;
     if spec.verbose {
-        eprintln!(
+        crate::say!(
             "vexec: kernel {} ({}), booted as {}, modules {}",
             kernel.info.banner,
             kernel.image.display(),
@@ -154,9 +154,9 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
                 .map_or("none".into(), |m| m.display().to_string())
         );
         for n in &art.notes {
-            eprintln!("vexec: {n}");
+            crate::say!("vexec: {n}");
         }
-        eprintln!(
+        crate::say!(
             "vexec: transport {}{}; shares: / read-only with overlay{}{}",
             chosen.transport.name(),
             chosen
@@ -168,7 +168,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
             shares::describe(&shares)
         );
         if let Some(n) = &chosen.note {
-            eprintln!("vexec: {n}");
+            crate::say!("vexec: {n}");
         }
     }
 
@@ -244,7 +244,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
 
     let (mut accel, why_not_kvm) = accel::choose(spec.accel, cache.root());
     if let (Some(why), false) = (&why_not_kvm, spec.quiet) {
-        eprintln!("vexec: KVM not usable ({why}); using TCG emulation (slower)");
+        crate::say!("vexec: KVM not usable ({why}); using TCG emulation (slower)");
     }
     let mut kernel_args = spec.kernel_args.clone();
     let mut qemu_args = spec.qemu_args.clone();
@@ -286,7 +286,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
     }
     if let Some(port) = spec.gdb {
         let symbols = symbol_file(&kernel, &art.kernel);
-        eprintln!(
+        crate::say!(
             "vexec: the guest waits for gdb; attach with:\n  gdb -ex 'target remote localhost:{port}' {}{}",
             symbols.display(),
             if symbols == art.kernel {
@@ -337,6 +337,9 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
             config.accel = Accel::Tcg;
             continue;
         }
+        if let Outcome::KvmCrashed(_) = &outcome {
+            accel::mark_broken(cache.root());
+        }
         if spec.verbose {
             print_timings(prep, &timings, t0);
         }
@@ -344,8 +347,15 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         let splats = kernel_log
             .map(|l| oops::find(&String::from_utf8_lossy(l)))
             .unwrap_or_default();
+        report_aftermath(&timings.aftermath, &outcome, spec);
         let words = outcome_words(&outcome);
         let mut status = status_of(outcome);
+        if let Some(h) = &timings.hang {
+            report_hang(h);
+            if let Some(dir) = &spec.hang_reports {
+                keep_hang_report(dir, h, spec, &kernel.image);
+            }
+        }
         if !splats.is_empty() {
             report_splats(&splats, spec.fail_on_oops && status == 0);
             if spec.fail_on_oops && status == 0 {
@@ -383,7 +393,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
                 splats: &splats,
             };
             if let Err(e) = o.finish(kernel_log, &record) {
-                eprintln!("vexec: warning: {e}");
+                crate::say!("vexec: warning: {e}");
             }
         }
         return Ok(status);
@@ -432,6 +442,7 @@ fn exec_for(spec: &RunSpec) -> Exec {
             .collect(),
         tty: tty_for(spec),
         kernel_log: false,
+        output_grace_ms: spec.output_grace.as_millis() as u64,
     }
 }
 
@@ -497,13 +508,84 @@ pub(crate) fn outcome_words(outcome: &Outcome) -> String {
         Outcome::TimedOut(d) => format!("timed out after {}", humantime::format_duration(*d)),
         Outcome::Interrupted(n) => format!("interrupted by signal {n}"),
         Outcome::Failed(m) => format!("failed: {m}"),
-        Outcome::KvmBroken(m) => format!("KVM failed: {m}"),
+        Outcome::KvmBroken(m) | Outcome::KvmCrashed(m) => format!("KVM failed: {m}"),
+    }
+}
+
+/// Says what the exit status alone does not: the guest's OOM killer ended
+/// the command, or output was cut after the grace period.
+fn report_aftermath(a: &crate::protocol::Aftermath, outcome: &Outcome, spec: &RunSpec) {
+    let killed = matches!(outcome, Outcome::Exited(Exit::Signal(libc::SIGKILL)));
+    if !a.oom_kills.is_empty() && (killed || spec.verbose) {
+        crate::say!(
+            "vexec: the guest ran out of memory; its OOM killer killed {} process{} (give it more with --memory, now {}):",
+            a.oom_kills.len(),
+            if a.oom_kills.len() == 1 { "" } else { "es" },
+            spec.memory
+        );
+        for line in &a.oom_kills {
+            crate::say!("vexec:   {line}");
+        }
+    }
+    // Shown even with -q: output was lost.
+    if a.output_cut {
+        crate::say!(
+            "vexec: warning: output was still open {} after the command exited (a background process holds its stdout or stderr); the rest was not kept (--output-grace DURATION waits longer)",
+            humantime::format_duration(spec.output_grace)
+        );
+    }
+}
+
+/// Says where a stopped run stood, host and guest, so a hang can be told
+/// apart from a slow command.
+pub(crate) fn report_hang(h: &session::HangReport) {
+    crate::say!("vexec: where the run stood when it was stopped:");
+    crate::say!("vexec:   host: {}", h.host);
+    match &h.guest {
+        Some(g) => {
+            for line in g.lines() {
+                crate::say!("vexec:   guest: {line}");
+            }
+        }
+        None => crate::say!(
+            "vexec:   guest: no answer on its console within 3s (its kernel may be stuck; the console log has its last words)"
+        ),
+    }
+}
+
+/// Writes the report into a new file in `dir` (`--hang-reports`).
+fn keep_hang_report(dir: &Path, h: &session::HangReport, spec: &RunSpec, kernel: &Path) {
+    let text = format!(
+        "command: {}\nkernel: {}\nhost: {}\nguest:\n{}",
+        spec.argv
+            .iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" "),
+        kernel.display(),
+        h.host,
+        h.guest.as_deref().unwrap_or("(no answer on the console)\n")
+    );
+    let written = std::fs::create_dir_all(dir).and_then(|_| {
+        let f = tempfile::Builder::new()
+            .prefix("hang-")
+            .suffix(".txt")
+            .tempfile_in(dir)?;
+        std::fs::write(f.path(), &text)?;
+        f.keep().map_err(|e| e.error)
+    });
+    match written {
+        Ok((_, path)) => crate::say!("vexec: report kept in {}", path.display()),
+        Err(e) => crate::say!(
+            "vexec: warning: keeping the report in {}: {e}",
+            dir.display()
+        ),
     }
 }
 
 /// Prints the kernel's reports after the command's output.
 fn report_splats(splats: &[oops::Splat], failing: bool) {
-    eprintln!(
+    crate::say!(
         "vexec: the kernel logged {} report{} during the run{}:",
         splats.len(),
         if splats.len() == 1 { "" } else { "s" },
@@ -514,7 +596,7 @@ fn report_splats(splats: &[oops::Splat], failing: bool) {
         }
     );
     for s in splats {
-        eprintln!("{}", s.text);
+        crate::say!("{}", s.text);
     }
 }
 
@@ -526,11 +608,11 @@ pub(crate) fn status_of(outcome: Outcome) -> i32 {
         Outcome::Exited(Exit::Code(c)) => c,
         Outcome::Exited(Exit::Signal(n)) => 128 + n,
         Outcome::Exited(Exit::NotStarted { status, message }) => {
-            eprintln!("{message}");
+            crate::say!("{message}");
             status
         }
         Outcome::TimedOut(d) => {
-            eprintln!(
+            crate::say!(
                 "vexec: timed out after {}; the command was stopped with its VM",
                 humantime::format_duration(d)
             );
@@ -538,11 +620,17 @@ pub(crate) fn status_of(outcome: Outcome) -> i32 {
         }
         Outcome::Interrupted(sig) => 128 + sig,
         Outcome::Failed(msg) => {
-            eprintln!("vexec: error: {msg}");
+            crate::say!("vexec: error: {msg}");
             STATUS_FAILED
         }
         Outcome::KvmBroken(why) => {
-            eprintln!("vexec: error: KVM failed: {why}");
+            crate::say!("vexec: error: KVM failed: {why}");
+            STATUS_FAILED
+        }
+        Outcome::KvmCrashed(why) => {
+            crate::say!(
+                "vexec: error: {why}\nvexec: KVM is unreliable on this host: later runs use TCG until it reboots (--accel kvm forces KVM); run the command again (it was not rerun because it had started)"
+            );
             STATUS_FAILED
         }
     }
@@ -565,7 +653,7 @@ fn print_timings(prep: Duration, t: &Timings, t0: Instant) {
         .saturating_sub(Duration::from_millis(
             exited.saturating_sub(t.guest_ready_ms),
         ));
-    eprintln!(
+    crate::say!(
         "vexec: timings: host prep {}ms, qemu start {}ms, kernel boot to agent {}ms, agent to command {}ms, command {}ms, teardown {}ms, total {}ms",
         ms(prep),
         ms(qemu_start),
@@ -576,6 +664,6 @@ fn print_timings(prep: Duration, t: &Timings, t0: Instant) {
         ms(t0.elapsed())
     );
     if let Some(kib) = t.qemu_peak_rss_kib {
-        eprintln!("vexec: QEMU peak RSS {} MiB", kib / 1024);
+        crate::say!("vexec: QEMU peak RSS {} MiB", kib / 1024);
     }
 }

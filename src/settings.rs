@@ -14,6 +14,9 @@ use crate::config::{ConfigError, Loaded};
 use crate::protocol::ShareMode;
 use crate::shares::ShareRequest;
 use crate::spec::{RunSpec, TtyMode};
+
+/// How long output may still arrive after the command exited, by default.
+pub const DEFAULT_OUTPUT_GRACE: Duration = Duration::from_secs(2);
 use crate::transport::TransportChoice;
 use crate::vm::accel::AccelChoice;
 
@@ -119,13 +122,15 @@ pub fn build(
             file_choice(config, "transport", |f| &f.transport)?.unwrap_or(TransportChoice::Auto)
         }
     };
-    let (timeout, boot_timeout) = match config {
+    let (timeout, boot_timeout, output_grace) = match config {
         Some(c) => (
             cli.timeout.or(duration(c, "timeout", &c.config.timeout)?),
             cli.boot_timeout
                 .or(duration(c, "boot-timeout", &c.config.boot_timeout)?),
+            cli.output_grace
+                .or(duration(c, "output-grace", &c.config.output_grace)?),
         ),
-        None => (cli.timeout, cli.boot_timeout),
+        None => (cli.timeout, cli.boot_timeout, cli.output_grace),
     };
 
     // Environment: the caller's, then the file's [env], then --env.
@@ -172,6 +177,12 @@ pub fn build(
 
     let mut kernel_args: Vec<String> = file.map(|f| f.kernel_args.clone()).unwrap_or_default();
     kernel_args.extend(cli.kernel_args);
+    if let Some(bad) = kernel_args
+        .iter()
+        .find(|a| a.chars().any(|c| c.is_control()))
+    {
+        return Err(ConfigError::KernelArg(bad.clone()));
+    }
     let mut qemu_args: Vec<OsString> = file
         .map(|f| f.qemu_args.iter().map(OsString::from).collect())
         .unwrap_or_default();
@@ -237,6 +248,8 @@ pub fn build(
         accel,
         timeout,
         boot_timeout,
+        output_grace: output_grace.unwrap_or(DEFAULT_OUTPUT_GRACE),
+        hang_reports: cli.hang_reports.clone(),
         qemu: cli.qemu,
         kernel_args,
         qemu_args,

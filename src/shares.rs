@@ -37,6 +37,52 @@ pub enum ShareError {
     Root,
     #[error("{0} is given as more than one kind of share; keep one of --rw, --ro and --overlay")]
     Conflict(PathBuf),
+    #[error(
+        "cannot share {path}: it is the host's {what}; the guest has its own /proc, /sys and /dev, share a regular directory instead"
+    )]
+    Pseudo { path: PathBuf, what: &'static str },
+    #[error(
+        "cannot share the working directory {path}: {source}; vexec shares it so the command can write there. Run with --no-cwd to leave it unshared (the command still starts in it, as the guest sees it through the read-only root), or cd to a readable directory"
+    )]
+    UnreadableCwd {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What a host pseudo filesystem is, by its statfs magic; None for a
+/// regular filesystem. `/dev` and below is the host's device tree.
+fn pseudo_filesystem(path: &Path) -> Option<&'static str> {
+    if path.starts_with("/dev") && !path.starts_with("/dev/shm") {
+        return Some("device tree (/dev)");
+    }
+    let c =
+        std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str())).ok()?;
+    // SAFETY: statfs fills a zeroed struct for a valid path string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let magic = st.f_type as u64;
+    [
+        (0x9fa0, "proc filesystem"),
+        (0x6265_6572, "sysfs"),
+        (0x6462_6720, "debugfs"),
+        (0x7472_6163, "tracefs"),
+        (0x7363_6673, "securityfs"),
+        (0x6367_7270, "cgroup2 filesystem"),
+        (0x0027_e0eb, "cgroup filesystem"),
+        (0xcafe_4a11, "bpf filesystem"),
+        (0x1cd1, "devpts filesystem"),
+        (0x6265_6570, "configfs"),
+        (0x6165_676c, "pstore filesystem"),
+        (0xde5e_81e4, "efivarfs"),
+        (0x4249_4e4d, "binfmt_misc filesystem"),
+        (0x6e73_6673, "nsfs"),
+    ]
+    .iter()
+    .find(|(m, _)| *m == magic)
+    .map(|(_, what)| *what)
 }
 
 fn flag(mode: ShareMode) -> &'static str {
@@ -71,6 +117,14 @@ pub fn resolve(
         if path == Path::new("/") {
             return Err(ShareError::Root);
         }
+        if let Some(what) = pseudo_filesystem(&path) {
+            return Err(ShareError::Pseudo { path, what });
+        }
+        // QEMU's or virtiofsd's own error for this would be cryptic.
+        std::fs::read_dir(&path).map_err(|source| ShareError::Unusable {
+            path: abs.clone(),
+            source,
+        })?;
         match out.iter().find(|s| s.path == path) {
             Some(s) if s.mode == r.mode => {}
             Some(_) => return Err(ShareError::Conflict(path)),
@@ -78,6 +132,10 @@ pub fn resolve(
         }
     }
     if share_cwd && cwd != Path::new("/") && !out.iter().any(|s| s.path == cwd) {
+        std::fs::read_dir(cwd).map_err(|source| ShareError::UnreadableCwd {
+            path: cwd.to_path_buf(),
+            source,
+        })?;
         out.push(ResolvedShare {
             path: cwd.to_path_buf(),
             mode: ShareMode::ReadWrite,
@@ -171,5 +229,19 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, ShareError::Conflict(_)), "{e}");
+    }
+
+    #[test]
+    fn pseudo_filesystems_are_refused() {
+        for p in ["/proc", "/proc/self", "/sys", "/dev", "/dev/pts"] {
+            let e = resolve(
+                &[req(Path::new(p), ShareMode::ReadWrite)],
+                Path::new("/"),
+                false,
+            )
+            .unwrap_err();
+            assert!(matches!(e, ShareError::Pseudo { .. }), "{p}: {e}");
+            assert!(e.to_string().contains("share a regular directory"), "{e}");
+        }
     }
 }

@@ -54,6 +54,10 @@ pub struct RunSpec {
     pub accel: AccelChoice,
     pub timeout: Option<Duration>,
     pub boot_timeout: Option<Duration>,
+    /// How long output may still arrive after the command exited.
+    pub output_grace: Duration,
+    /// Where reports of stopped runs are also written.
+    pub hang_reports: Option<PathBuf>,
     pub qemu: Option<PathBuf>,
     /// Extra kernel command-line arguments.
     pub kernel_args: Vec<String>,

@@ -12,7 +12,10 @@ use crate::initramfs::BATCH_DIR;
 use crate::protocol::{Exit, GuestMsg, VERSION};
 use crate::rundir::payload::programs;
 
+use std::os::fd::OwnedFd;
+
 use super::exec::{self, PortWriter, send};
+use super::pump;
 use super::sys;
 
 /// Where debugfs shows the kernel's coverage counters.
@@ -105,18 +108,21 @@ fn run_one(port: &PortWriter, path: &Path) -> Exit {
         }
     };
     let (done_tx, done_rx) = mpsc::channel();
-    let mut pumps = 0;
-    if let Some(out) = child.stdout.take() {
-        exec::pump_output(port, Box::new(out), GuestMsg::Stdout, done_tx.clone());
-        pumps += 1;
-    }
-    if let Some(err) = child.stderr.take() {
-        exec::pump_output(port, Box::new(err), GuestMsg::Stderr, done_tx.clone());
-        pumps += 1;
+    let mut pumps = Vec::new();
+    let outputs: [(Option<OwnedFd>, pump::Wrap); 2] = [
+        (child.stdout.take().map(OwnedFd::from), GuestMsg::Stdout),
+        (child.stderr.take().map(OwnedFd::from), GuestMsg::Stderr),
+    ];
+    for (fd, wrap) in outputs {
+        if let Some(fd) = fd
+            && let Ok(closer) = pump::spawn(port, fd, wrap, done_tx.clone())
+        {
+            pumps.push(closer);
+        }
     }
     drop(done_tx);
     let exit = exec::reap(child.id() as i32);
-    exec::drain(&done_rx, pumps);
+    pump::drain(&done_rx, pumps.len(), exec::DEFAULT_OUTPUT_GRACE);
     exit
 }
 

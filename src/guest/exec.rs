@@ -4,8 +4,8 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -13,13 +13,14 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::protocol::{self, Exec, Exit, GuestMsg, HostMsg};
+use crate::protocol::{self, Aftermath, Exec, Exit, GuestMsg, HostMsg, Stream};
 
-use super::sys;
+use super::report::{Phase, STATE};
+use super::{pump, sys};
 
-/// How long output pipes may stay open after the command exited (a
-/// background child holding them) before the exit is reported anyway.
-const DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// How long output pipes may stay open after a program exited (a
+/// background child holding them) when the host does not say.
+pub const DEFAULT_OUTPUT_GRACE: Duration = Duration::from_secs(2);
 
 /// The agent's handle on the control port, shared by the output pumps.
 pub type PortWriter = Arc<Mutex<File>>;
@@ -27,7 +28,14 @@ pub type PortWriter = Arc<Mutex<File>>;
 /// Sends one message to the host; failures mean the host is gone.
 pub fn send(port: &PortWriter, msg: &GuestMsg) -> std::io::Result<()> {
     let mut w = port.lock().unwrap_or_else(|p| p.into_inner());
-    protocol::write_frame(&mut *w, msg)
+    let len = match msg {
+        GuestMsg::Stdout(d) | GuestMsg::Stderr(d) => d.len(),
+        _ => 0,
+    };
+    STATE.sending(Some(len));
+    let r = protocol::write_frame(&mut *w, msg);
+    STATE.sending(None);
+    r
 }
 
 fn os(b: &[u8]) -> &OsStr {
@@ -42,12 +50,15 @@ pub fn run(port: &PortWriter, reader: File, exec: &Exec) -> Exit {
             message,
         };
     }
-    let exit = command(port, reader, exec);
+    let (exit, aftermath) = command(port, reader, exec);
     if let Err(message) = hooks(port, exec, &exec.teardown, "teardown") {
         let _ = send(port, &GuestMsg::Stderr(format!("{message}\n").into_bytes()));
     }
     if exec.kernel_log {
         let _ = send(port, &GuestMsg::KernelLog(sys::kernel_log()));
+    }
+    if aftermath != Aftermath::default() {
+        let _ = send(port, &GuestMsg::Aftermath(aftermath));
     }
     exit
 }
@@ -65,12 +76,7 @@ fn hooks(port: &PortWriter, exec: &Exec, cmds: &[Vec<u8>], what: &str) -> Result
             .current_dir(os(&exec.cwd))
             .stdin(Stdio::null())
             .output()
-            .map_err(|e| {
-                format!(
-                    "vexec: {what} command `{}`: {e}",
-                    String::from_utf8_lossy(c)
-                )
-            })?;
+            .map_err(|e| format!("vexec: {what} command `{}`: {e}", shown(c)))?;
         for data in [out.stdout, out.stderr] {
             if !data.is_empty() {
                 let _ = send(port, &GuestMsg::Stderr(data));
@@ -79,7 +85,7 @@ fn hooks(port: &PortWriter, exec: &Exec, cmds: &[Vec<u8>], what: &str) -> Result
         if !out.status.success() {
             return Err(format!(
                 "vexec: {what} command `{}` failed ({})",
-                String::from_utf8_lossy(c),
+                shown(c),
                 out.status
             ));
         }
@@ -123,42 +129,106 @@ fn find_in_path(prog: &[u8], exec: &Exec) -> Option<std::path::PathBuf> {
         .find(|c| std::fs::metadata(c).is_ok_and(|m| runnable(&m)))
 }
 
-/// Runs the command to completion and returns how it ended. `reader`
-/// yields the host's further messages (stdin, signals).
-fn command(port: &PortWriter, mut reader: File, exec: &Exec) -> Exit {
+/// Runs the command to completion; how it ended, and what else the host
+/// should know. `reader` yields the host's further messages.
+fn command(port: &PortWriter, reader: File, exec: &Exec) -> (Exit, Aftermath) {
+    let oom_before = sys::oom_kill_count();
+    let (pid, stdio) = match spawn(exec) {
+        Ok(s) => s,
+        Err(exit) => return (exit, Aftermath::default()),
+    };
+    STATE.command(pid);
+    STATE.phase(Phase::Running);
+    let _ = send(
+        port,
+        &GuestMsg::Started {
+            uptime_ms: sys::uptime_ms(),
+        },
+    );
+    let stdin = stdin_writer(port, stdio.stdin);
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let mut closers: Vec<(Stream, pump::Closer)> = Vec::new();
+    let mut pumps = 0;
+    for (stream, fd) in stdio.outputs {
+        let wrap = match stream {
+            Stream::Stdout => GuestMsg::Stdout,
+            Stream::Stderr => GuestMsg::Stderr,
+        };
+        if let Ok(closer) = pump::spawn(port, fd, wrap, done_tx.clone()) {
+            closers.push((stream, closer));
+            pumps += 1;
+        }
+    }
+    drop(done_tx);
+    let winsize_fd = stdio.master.as_ref().map(|m| m.as_raw_fd());
+    serve_host(port, reader, pid, stdin, closers, winsize_fd);
+
+    let exit = reap(pid);
+    STATE.phase(Phase::Draining);
+    let grace = Duration::from_millis(exec.output_grace_ms);
+    let output_cut = pump::drain(&done_rx, pumps, grace);
+    drop(stdio.master);
+    let oom_kills = match sys::oom_kill_count() {
+        Some(after) if after > oom_before.unwrap_or(after) => {
+            sys::oom_kill_lines(after - oom_before.unwrap_or(0))
+        }
+        _ => Vec::new(),
+    };
+    (
+        exit,
+        Aftermath {
+            oom_kills,
+            output_cut,
+        },
+    )
+}
+
+/// The command's ends of its standard streams as the agent holds them.
+struct Stdio3 {
+    /// Where its input goes (a pipe, or the terminal master).
+    stdin: Option<File>,
+    /// Its output streams that the agent drains.
+    outputs: Vec<(Stream, OwnedFd)>,
+    /// The terminal master, when the command has a terminal.
+    master: Option<OwnedFd>,
+}
+
+/// Starts the command as the caller, in its own process group (a session
+/// on a terminal); its pid and the agent's ends of its streams.
+fn spawn(exec: &Exec) -> Result<(i32, Stdio3), Exit> {
     let Some((prog, args)) = exec.argv.split_first() else {
-        return Exit::NotStarted {
+        return Err(Exit::NotStarted {
             status: 127,
             message: "vexec: no command given".into(),
-        };
+        });
     };
     let cwd = os(&exec.cwd);
     if !std::path::Path::new(cwd).is_dir() {
-        return Exit::NotStarted {
+        return Err(Exit::NotStarted {
             status: 126,
             message: format!(
                 "vexec: working directory {} does not exist in the guest",
-                cwd.to_string_lossy()
+                shown(&exec.cwd)
             ),
-        };
+        });
     }
-    let pty = match &exec.tty {
-        Some(t) => match sys::open_pty(t.rows, t.cols, t.job_control, t.host_raw) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                return Exit::NotStarted {
+    let tty = exec.tty.as_ref();
+    let pty = match tty {
+        Some(t) => Some(
+            sys::open_pty(t.rows, t.cols, t.job_control, t.host_raw).map_err(|e| {
+                Exit::NotStarted {
                     status: 125,
                     message: format!("vexec: cannot allocate a pseudo-terminal in the guest: {e}"),
-                };
-            }
-        },
+                }
+            })?,
+        ),
         None => None,
     };
-    let tty = exec.tty.clone();
     let on_tty = |want: bool| -> Option<Stdio> {
         let (_, slave) = pty.as_ref()?;
         want.then(|| slave.try_clone().ok().map(Stdio::from))?
     };
+    let (tin, tout, terr) = tty.map_or((false, false, false), |t| (t.stdin, t.stdout, t.stderr));
     let mut cmd = match find_in_path(prog, exec) {
         // argv[0] stays as typed: busybox and error messages read it.
         Some(path) => {
@@ -172,21 +242,64 @@ fn command(port: &PortWriter, mut reader: File, exec: &Exec) -> Exit {
         .env_clear()
         .envs(exec.env.iter().map(|(k, v)| (os(k), os(v))))
         .current_dir(cwd)
-        .stdin(on_tty(tty.as_ref().is_some_and(|t| t.stdin)).unwrap_or(Stdio::piped()))
-        .stdout(on_tty(tty.as_ref().is_some_and(|t| t.stdout)).unwrap_or(Stdio::piped()))
-        .stderr(on_tty(tty.as_ref().is_some_and(|t| t.stderr)).unwrap_or(Stdio::piped()));
-    let (uid, gid, groups) = (exec.uid, exec.gid, exec.groups.clone());
+        .stdin(on_tty(tin).unwrap_or(Stdio::piped()))
+        .stdout(on_tty(tout).unwrap_or(Stdio::piped()))
+        .stderr(on_tty(terr).unwrap_or(Stdio::piped()));
     // The descriptor that becomes the controlling terminal, if any.
-    let ctty: Option<i32> = tty.as_ref().and_then(|t| {
-        [(t.stdin, 0), (t.stdout, 1), (t.stderr, 2)]
-            .into_iter()
-            .find_map(|(on, fd)| on.then_some(fd))
-    });
+    let ctty = [(tin, 0), (tout, 1), (terr, 2)]
+        .into_iter()
+        .find_map(|(on, fd)| on.then_some(fd));
+    become_caller(&mut cmd, exec, ctty);
+    let spawned = cmd.spawn();
+    // The command's copies of the terminal's slave side close with `cmd`:
+    // the master then reads EOF once the command and its children are gone.
+    drop(cmd);
+    let master = pty.map(|(m, _)| m);
+    let mut child = spawned.map_err(|e| {
+        let (status, what) = match e.kind() {
+            std::io::ErrorKind::NotFound => (127, "command not found".to_string()),
+            _ => (126, e.to_string()),
+        };
+        Exit::NotStarted {
+            status,
+            message: format!("vexec: {}: {what}", shown(prog)),
+        }
+    })?;
+    let mut outputs: Vec<(Stream, OwnedFd)> = Vec::new();
+    if let Some(o) = child.stdout.take() {
+        outputs.push((Stream::Stdout, o.into()));
+    }
+    if let Some(e) = child.stderr.take() {
+        outputs.push((Stream::Stderr, e.into()));
+    }
+    // One reader for the terminal, however many streams it carries.
+    if let Some(m) = &master
+        && (tout || terr)
+        && let Ok(fd) = m.try_clone()
+    {
+        outputs.push((if tout { Stream::Stdout } else { Stream::Stderr }, fd));
+    }
+    let stdin = match &master {
+        Some(m) if tin => m.try_clone().ok().map(File::from),
+        _ => child.stdin.take().map(|s| File::from(OwnedFd::from(s))),
+    };
+    Ok((
+        child.id() as i32,
+        Stdio3 {
+            stdin,
+            outputs,
+            master,
+        },
+    ))
+}
+
+/// Between fork and exec: its own process group (or session with a
+/// controlling terminal), the caller's groups, gid and uid.
+fn become_caller(cmd: &mut Command, exec: &Exec, ctty: Option<i32>) {
+    let (uid, gid, groups) = (exec.uid, exec.gid, exec.groups.clone());
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            // Its own process group (a session, on a terminal), so signals
-            // reach everything it started.
             let grouped = match ctty {
                 Some(fd) => libc::setsid() >= 0 && libc::ioctl(fd, libc::TIOCSCTTY, 0) >= 0,
                 None => libc::setpgid(0, 0) >= 0,
@@ -201,156 +314,106 @@ fn command(port: &PortWriter, mut reader: File, exec: &Exec) -> Exit {
             Ok(())
         });
     }
-    let spawned = cmd.spawn();
-    // The command's copies of the terminal's slave side close with `cmd`:
-    // the master then reads EOF once the command and its children are gone.
-    drop(cmd);
-    let master = pty.map(|(m, _)| m);
-    let mut child = match spawned {
-        Ok(c) => c,
-        Err(e) => {
-            let name = String::from_utf8_lossy(prog);
-            let (status, what) = match e.kind() {
-                std::io::ErrorKind::NotFound => (127, "command not found".to_string()),
-                _ => (126, e.to_string()),
-            };
-            return Exit::NotStarted {
-                status,
-                message: format!("vexec: {name}: {what}"),
-            };
-        }
-    };
-    let pid = child.id() as i32;
-    let _ = send(
-        port,
-        &GuestMsg::Started {
-            uptime_ms: sys::uptime_ms(),
-        },
-    );
+}
 
-    // stdin: a writer thread, so a command that never reads its input does
-    // not stall the handling of signals.
-    let mut stdin: Option<Box<dyn Write + Send>> = match (&master, &tty) {
-        (Some(m), Some(t)) if t.stdin => m
-            .try_clone()
-            .ok()
-            .map(|f| Box::new(File::from(f)) as Box<dyn Write + Send>),
-        _ => child
-            .stdin
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Write + Send>),
-    };
-    let stdin_is_tty = tty.as_ref().is_some_and(|t| t.stdin);
-    let (stdin_tx, stdin_rx) = mpsc::channel::<Option<Vec<u8>>>();
-    std::thread::spawn(move || {
-        while let Ok(msg) = stdin_rx.recv() {
+/// What the stdin writer is told: data, or end of input.
+type StdinFeed = mpsc::Sender<Option<Vec<u8>>>;
+
+/// Feeds the command's input on a thread of its own, so a command that
+/// never reads does not stall signals. When the command closes its input,
+/// the host is told once, so it stops reading its own.
+fn stdin_writer(port: &PortWriter, stdin: Option<File>) -> StdinFeed {
+    let (tx, rx) = mpsc::channel::<Option<Vec<u8>>>();
+    let port = Arc::clone(port);
+    let is_tty = stdin
+        .as_ref()
+        .is_some_and(|f| unsafe { libc::isatty(f.as_raw_fd()) } == 1);
+    sys::thread("stdin", move || {
+        let mut stdin = stdin;
+        while let Ok(msg) = rx.recv() {
             let data = match msg {
                 Some(d) => d,
                 // End of input on a terminal is its EOF character.
-                None if stdin_is_tty => vec![4],
+                None if is_tty => vec![4],
                 None => break,
             };
             if let Some(s) = stdin.as_mut()
                 && s.write_all(&data).is_err()
             {
                 stdin = None;
+                let _ = send(&port, &GuestMsg::InputClosed);
             }
         }
-        drop(stdin);
     });
-    let winsize_fd = master.as_ref().map(|m| m.as_raw_fd());
-    std::thread::spawn(move || {
-        while let Ok(Some(msg)) = protocol::read_frame::<HostMsg>(&mut reader) {
+    tx
+}
+
+/// The error for a host message that cannot be read.
+pub fn undecodable(e: &std::io::Error) -> String {
+    format!(
+        "reading the control port: {e}; the host sent a message this agent cannot decode (vexec and vexec-agent from different builds? reinstall both)"
+    )
+}
+
+/// Handles the host's messages while the command runs, on a thread.
+fn serve_host(
+    port: &PortWriter,
+    mut reader: File,
+    pid: i32,
+    stdin: StdinFeed,
+    closers: Vec<(Stream, pump::Closer)>,
+    winsize_fd: Option<i32>,
+) {
+    let port = Arc::clone(port);
+    sys::thread("host-reader", move || {
+        loop {
+            let msg = match protocol::read_frame::<HostMsg>(&mut reader) {
+                Ok(Some(m)) => m,
+                Ok(None) => return,
+                Err(e) => {
+                    // A message this agent cannot decode: say so and stop
+                    // listening; the host fails the run on Error.
+                    let _ = send(&port, &GuestMsg::Error(undecodable(&e)));
+                    return;
+                }
+            };
+            STATE.received();
             match msg {
                 HostMsg::Stdin(d) => {
-                    let _ = stdin_tx.send(Some(d));
+                    let _ = stdin.send(Some(d));
                 }
                 HostMsg::StdinEof => {
-                    let _ = stdin_tx.send(None);
+                    let _ = stdin.send(None);
                 }
-                HostMsg::Signal(n) => {
-                    // SAFETY: plain kill(2) to the command's process group.
-                    unsafe { libc::kill(-pid, n) };
-                }
+                // SAFETY: plain kill(2) to the command's process group.
+                HostMsg::Signal(n) => unsafe {
+                    libc::kill(-pid, n);
+                },
                 HostMsg::WindowSize { rows, cols } => {
                     if let Some(fd) = winsize_fd {
                         sys::set_window_size(fd, rows, cols);
                     }
                 }
-                _ => {}
-            }
-        }
-    });
-
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let pump = |from: Box<dyn Read + Send>, wrap: fn(Vec<u8>) -> GuestMsg| {
-        pump_output(port, from, wrap, done_tx.clone());
-    };
-    let mut pumps = 0;
-    if let Some(out) = child.stdout.take() {
-        pump(Box::new(out), GuestMsg::Stdout);
-        pumps += 1;
-    }
-    if let Some(err) = child.stderr.take() {
-        pump(Box::new(err), GuestMsg::Stderr);
-        pumps += 1;
-    }
-    if let (Some(m), Some(t)) = (master, &tty)
-        && (t.stdout || t.stderr)
-    {
-        let wrap = if t.stdout {
-            GuestMsg::Stdout
-        } else {
-            GuestMsg::Stderr
-        };
-        pump(Box::new(File::from(m)), wrap);
-        pumps += 1;
-    }
-    drop(done_tx);
-
-    let exit = reap(pid);
-    drain(&done_rx, pumps);
-    exit
-}
-
-/// Streams `from` to the host as `wrap` messages on a thread of its own;
-/// `done` is told at end of file.
-pub fn pump_output(
-    port: &PortWriter,
-    mut from: Box<dyn Read + Send>,
-    wrap: fn(Vec<u8>) -> GuestMsg,
-    done: mpsc::Sender<()>,
-) {
-    let port = Arc::clone(port);
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    if send(&port, &wrap(buf[..n].to_vec())).is_err() {
-                        break;
+                HostMsg::OutputClosed(stream) => {
+                    for (_, c) in closers.iter().filter(|(s, _)| *s == stream) {
+                        c.close();
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                // EIO on a terminal master: every slave side is closed.
-                Err(_) => break,
+                other @ (HostMsg::Setup(_) | HostMsg::Exec(_)) => {
+                    eprintln!(
+                        "vexec-init: error: unexpected {} while the command runs; ignored",
+                        other.name()
+                    );
+                }
             }
         }
-        let _ = done.send(());
     });
 }
 
-/// Waits for `pumps` output pumps to finish, at most [`DRAIN_GRACE`] (a
-/// background child may hold a pipe open forever).
-pub fn drain(done: &mpsc::Receiver<()>, pumps: usize) {
-    let deadline = std::time::Instant::now() + DRAIN_GRACE;
-    for _ in 0..pumps {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if done.recv_timeout(left).is_err() {
-            break;
-        }
-    }
+/// A name or path for messages: non-printing bytes escaped, so a newline
+/// in a file name cannot forge a line of output.
+pub fn shown(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).escape_debug().to_string()
 }
 
 /// Waits for `pid`, reaping any other orphan that PID 1 inherits meanwhile.
@@ -396,6 +459,7 @@ mod tests {
             teardown: vec![],
             tty: None,
             kernel_log: false,
+            output_grace_ms: 0,
         }
     }
 

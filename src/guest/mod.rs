@@ -6,6 +6,8 @@ mod batch;
 mod exec;
 mod modules;
 mod mounts;
+mod pump;
+mod report;
 mod sys;
 
 use std::fs::File;
@@ -18,6 +20,7 @@ use crate::protocol::{self, GuestMsg, HostMsg, PORT_NAME, VERSION};
 /// Runs the agent. Never returns: the machine powers off at the end.
 pub fn run() -> ! {
     ensure_stdio();
+    report::listen();
     let (port, pseudo) = match boot() {
         Ok(p) => p,
         Err(e) => fail_console(&e),
@@ -96,7 +99,7 @@ fn boot() -> Result<(File, PseudoFs), String> {
     // need no module: set them up while the modules load and the host
     // answers (bringing lo up alone waits ~50 ms on the kernel under TCG).
     // They move with /dev and /sys when the root is switched.
-    let pseudo = std::thread::spawn(mounts::pseudo_filesystems);
+    let pseudo = sys::thread("pseudo-fs", mounts::pseudo_filesystems);
     let n = modules::load_all(Path::new("/"))?;
     step(&format!("{n} modules loaded"));
     // Long enough for a guest starved of CPU on a loaded host (seen taking
@@ -214,13 +217,16 @@ fn serve(writer: &exec::PortWriter, mut reader: File, pseudo: PseudoFs) -> Resul
         },
     )
     .map_err(|e| format!("writing to the control port: {e}"))?;
+    report::STATE.phase(report::Phase::WaitingForHost);
     let mut setup_done = false;
     loop {
         let msg = protocol::read_frame::<HostMsg>(&mut reader)
-            .map_err(|e| format!("reading the control port: {e}"))?
+            .map_err(|e| exec::undecodable(&e))?
             .ok_or("the host closed the control port")?;
+        report::STATE.received();
         match msg {
             HostMsg::Setup(setup) => {
+                report::STATE.phase(report::Phase::SettingUp);
                 step("setup received");
                 mounts::build_root(&setup, || pseudo.take().map_or(Ok(()), joined))?;
                 step("root switched");
@@ -233,6 +239,7 @@ fn serve(writer: &exec::PortWriter, mut reader: File, pseudo: PseudoFs) -> Resul
             }
             HostMsg::Exec(e) if setup_done => {
                 let exit = exec::run(writer, reader, &e);
+                report::STATE.phase(report::Phase::Ending);
                 sys::sync();
                 let _ = exec::send(
                     writer,
@@ -243,7 +250,12 @@ fn serve(writer: &exec::PortWriter, mut reader: File, pseudo: PseudoFs) -> Resul
                 );
                 return Ok(());
             }
-            other => return Err(format!("unexpected message before the command: {other:?}")),
+            other => {
+                return Err(format!(
+                    "the host sent {} before the command was set up; vexec and vexec-agent from different builds? reinstall both",
+                    other.name()
+                ));
+            }
         }
     }
 }

@@ -124,14 +124,9 @@ pub fn build_root(
             .map_err(|e| format!("creating overlay dirs: {e}"))?;
     }
     super::step("host root mounted");
-    mount(
-        "overlay",
+    overlay(
         NEWROOT,
-        "overlay",
-        0,
-        Some(&format!(
-            "lowerdir={LOWER},upperdir={RW}/upper,workdir={RW}/work"
-        )),
+        &format!("lowerdir={LOWER},upperdir={RW}/upper,workdir={RW}/work"),
     )
     .map_err(|e| format!("mounting the overlay root: {e} (kernel needs CONFIG_OVERLAY_FS)"))?;
 
@@ -168,17 +163,14 @@ pub fn build_root(
                     std::fs::create_dir_all(base.join(d)).map_err(err)?;
                 }
                 mount_share(setup, &share.tag, &lower, true, true).map_err(err)?;
-                mount(
-                    "overlay",
+                overlay(
                     &target,
-                    "overlay",
-                    0,
-                    Some(&format!(
+                    &format!(
                         "lowerdir={},upperdir={}/upper,workdir={}/work",
                         lower.display(),
                         base.display(),
                         base.display()
-                    )),
+                    ),
                 )
             }
         }
@@ -203,6 +195,27 @@ pub fn build_root(
     sys::chroot(".").map_err(|e| format!("chroot: {e}"))?;
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
     Ok(())
+}
+
+/// Mounts a writable overlay at `target`. With `xino=on` a file's inode
+/// number is the same from readdir (d_ino) and stat (st_ino), as on the
+/// host; without it directories read from the host's layer disagree,
+/// which breaks programs that match `scandir` entries to `stat` results.
+/// Kernels that refuse the option (before 4.17) get the overlay without.
+fn overlay(target: impl AsRef<Path>, layers: &str) -> std::io::Result<()> {
+    let target = target.as_ref();
+    match mount(
+        "overlay",
+        target,
+        "overlay",
+        0,
+        Some(&format!("{layers},xino=on")),
+    ) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            mount("overlay", target, "overlay", 0, Some(layers))
+        }
+        r => r,
+    }
 }
 
 /// Shows the module tree at /lib/modules/REL, with generated index files

@@ -246,6 +246,59 @@ pub fn kernel_log() -> Vec<u8> {
     out
 }
 
+/// Starts `f` on a thread named `name` (shown as its comm in /proc and in
+/// the hang report).
+pub fn thread<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .unwrap_or_else(|e| panic!("cannot start the {name} thread: {e}"))
+}
+
+/// The calling thread's id.
+pub fn gettid() -> i32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// Turns off echo on the terminal `fd` (the console), so what the host
+/// types there does not come back in the console log.
+pub fn console_no_echo(fd: i32) {
+    // SAFETY: termios is plain data filled by tcgetattr.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(fd, &mut t) == 0 {
+            t.c_lflag &= !(libc::ECHO | libc::ECHONL);
+            libc::tcsetattr(fd, libc::TCSANOW, &t);
+        }
+    }
+}
+
+/// How many processes the kernel's OOM killer has killed since boot.
+pub fn oom_kill_count() -> Option<u64> {
+    std::fs::read_to_string("/proc/vmstat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The kernel's last `n` lines about processes its OOM killer killed.
+pub fn oom_kill_lines(n: u64) -> Vec<String> {
+    let log = String::from_utf8_lossy(&kernel_log()).into_owned();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Killed process"))
+        .collect();
+    let skip = lines.len().saturating_sub(n as usize);
+    lines[skip..].iter().map(|l| l.to_string()).collect()
+}
+
 fn sockaddr_v4(addr: [u8; 4]) -> libc::sockaddr {
     let sin = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,

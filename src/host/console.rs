@@ -7,6 +7,8 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::sync::{Arc, Mutex};
 
+use crate::protocol::{REPORT_END, REPORT_PREFIX, REPORT_REQUEST};
+
 /// Lines of console output kept for error reports.
 const TAIL_LINES: usize = 40;
 
@@ -15,6 +17,13 @@ const TAIL_LINES: usize = 40;
 pub enum ConsoleEvent {
     /// The kernel panicked.
     Panic(String),
+    /// The agent's answer to a report request, its lines without prefix.
+    Report(String),
+}
+
+/// Asks the agent, on its console, for a report of where it stands.
+pub fn request_report(console: &mut impl Write) {
+    let _ = console.write_all(format!("\n{REPORT_REQUEST}\n").as_bytes());
 }
 
 /// The retained tail of the console.
@@ -68,6 +77,7 @@ pub fn spawn_reader(
     let handle = std::thread::spawn(move || {
         let mut r = BufReader::new(stream);
         let mut raw = Vec::new();
+        let mut report: Option<String> = None;
         loop {
             raw.clear();
             match r.read_until(b'\n', &mut raw) {
@@ -80,8 +90,19 @@ pub fn spawn_reader(
             let line = String::from_utf8_lossy(&raw)
                 .trim_end_matches(['\r', '\n'])
                 .to_string();
+            if let Some(rest) = line.strip_prefix(REPORT_PREFIX) {
+                // Kept whole for the session, not in the tail.
+                if rest == REPORT_END {
+                    on_event(ConsoleEvent::Report(report.take().unwrap_or_default()));
+                } else {
+                    let r = report.get_or_insert_with(String::new);
+                    r.push_str(rest);
+                    r.push('\n');
+                }
+                continue;
+            }
             if verbose {
-                eprintln!("vexec: console: {line}");
+                crate::say!("vexec: console: {line}");
             }
             if let Some(ev) = classify(&line) {
                 on_event(ev);
@@ -117,5 +138,25 @@ mod tests {
         assert!(last[2].contains("Kernel panic"));
         assert_eq!(tail.agent_errors(), ["mount failed"]);
         assert!(matches!(rx.recv().unwrap(), ConsoleEvent::Panic(_)));
+    }
+
+    #[test]
+    fn collects_a_report_apart_from_the_tail() {
+        let text = "before\nvexec-report: agent: running\nvexec-report:     [<0>] pipe_write\nvexec-report: end\nafter\n";
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (tail, h) = spawn_reader(
+            std::io::Cursor::new(text.as_bytes().to_vec()),
+            false,
+            None,
+            move |e| {
+                let _ = tx.send(e);
+            },
+        );
+        h.join().unwrap();
+        assert_eq!(tail.last(5), ["before", "after"]);
+        assert_eq!(
+            rx.recv().unwrap(),
+            ConsoleEvent::Report("agent: running\n    [<0>] pipe_write\n".into())
+        );
     }
 }

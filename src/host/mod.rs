@@ -1,5 +1,7 @@
 //! The host side of a run.
 
 pub mod console;
+pub mod event_loop;
+pub mod output;
 pub mod session;
 pub mod terminal;

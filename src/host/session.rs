@@ -2,34 +2,33 @@
 //! forwards signals, enforces deadlines, and says how the run ended.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::protocol::{self, Exec, Exit, GuestMsg, HostMsg, Setup, VERSION};
+use crate::protocol::{self, Aftermath, Exec, Exit, GuestMsg, HostMsg, Setup, Stream};
 use crate::vm::qemu::{self, Backend, QemuConfig};
 use crate::vm::virtiofsd::{Daemon, DaemonSpec};
 use crate::vm::{Vm, VmError};
 
 use super::console::{self, ConsoleEvent};
-use super::terminal;
-
-/// How long vexec waits after QEMU exits for the rest of the guest's
-/// messages (and vice versa).
-const SETTLE: Duration = Duration::from_secs(1);
-/// How long the guest command gets to exit after a forwarded Ctrl-C.
-const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
+use super::event_loop;
+use super::output::{Outputs, Progress, send};
 
 /// Something that happened during the run.
 #[derive(Debug)]
 pub enum Event {
     Guest(GuestMsg),
+    /// The guest sent bytes that are not a valid message.
+    ControlError(String),
     ControlClosed,
     QemuExited(i32),
+    /// The share daemon at this index (in [`Params::daemons`]) exited.
+    DaemonExited(usize, i32),
     Console(ConsoleEvent),
     KvmError(String),
     Signal(i32),
@@ -99,15 +98,6 @@ pub enum Job {
     Batch(Box<dyn BatchSink>),
 }
 
-impl Job {
-    fn exec(&self) -> Option<&Exec> {
-        match self {
-            Job::Command { exec, .. } => Some(exec),
-            Job::Batch(_) => None,
-        }
-    }
-}
-
 /// Where a batch run's reports go, as they arrive.
 pub trait BatchSink: Send {
     /// The next program starts.
@@ -132,6 +122,9 @@ pub enum Outcome {
     Failed(String),
     /// KVM did not boot the kernel; rerun with TCG.
     KvmBroken(String),
+    /// QEMU crashed under KVM after the command had started: KVM is broken
+    /// here, but the command is not rerun (it may have done half its work).
+    KvmCrashed(String),
 }
 
 /// When things happened, for `-v`.
@@ -147,14 +140,20 @@ pub struct Timings {
     pub qemu_peak_rss_kib: Option<u64>,
     /// The guest's kernel log, when the run asked for it.
     pub kernel_log: Option<Vec<u8>>,
+    /// What the guest reported about the command's end.
+    pub aftermath: Aftermath,
+    /// Where the run stood when it was stopped while the guest still ran.
+    pub hang: Option<HangReport>,
 }
 
-/// Writes to vexec's own stdout (1) or stderr (2), ignoring errors (a
-/// closed pipe must not stop the run).
-pub fn write_fd(fd: i32, data: &[u8]) {
-    // SAFETY: fd 1/2 stay open for vexec's lifetime; ManuallyDrop keeps them.
-    let mut f = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
-    let _ = f.write_all(data);
+/// Where a run stood when it was stopped (timeout, an ignored Ctrl-C).
+#[derive(Debug, Clone)]
+pub struct HangReport {
+    /// The host's side: output written, blocked writes, last message.
+    pub host: String,
+    /// The agent's answer on the console (its state and the kernel stacks
+    /// of every task), or None when it did not answer in time.
+    pub guest: Option<String>,
 }
 
 /// Runs one VM to the end.
@@ -179,12 +178,23 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
     inherit.extend(daemon_fds.iter().map(|f| f.as_raw_fd()));
     let args = qemu::argv(&p.qemu);
     if p.print_qemu {
-        eprintln!("vexec: {}", qemu::shell_line(&p.qemu.binary, &args));
+        crate::say!("vexec: {}", qemu::shell_line(&p.qemu.binary, &args));
     }
-    let exit_tx = tx.clone();
-    let mut vm = Vm::spawn(&p.qemu.binary, &args, &inherit, daemons, move |status| {
-        let _ = exit_tx.send(Event::QemuExited(status));
-    })?;
+    let (exit_tx, daemon_tx) = (tx.clone(), Mutex::new(tx.clone()));
+    let daemon_tx = Arc::new(daemon_tx);
+    let mut vm = Vm::spawn(
+        &p.qemu.binary,
+        &args,
+        &inherit,
+        daemons,
+        move |status| {
+            let _ = exit_tx.send(Event::QemuExited(status));
+        },
+        move |i, status| {
+            let tx = daemon_tx.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = tx.send(Event::DaemonExited(i, status));
+        },
+    )?;
     t.spawned = Some(Instant::now());
     drop(guest_con);
     drop(guest_ctl);
@@ -210,33 +220,29 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
         });
     }
     let con_tx = tx.clone();
+    let console_writer = host_con.try_clone().map_err(spawn_err(&p))?;
     let (tail, _con_thread) =
         console::spawn_reader(host_con, p.verbose, p.console_log.take(), move |e| {
             let _ = con_tx.send(Event::Console(e));
         });
     let ctl_writer = Arc::new(Mutex::new(host_ctl.try_clone().map_err(spawn_err(&p))?));
-    {
-        let tx = tx.clone();
-        let mut reader = host_ctl;
-        std::thread::spawn(move || {
-            loop {
-                match protocol::read_frame::<GuestMsg>(&mut reader) {
-                    Ok(Some(m)) => {
-                        if tx.send(Event::Guest(m)).is_err() {
-                            return;
-                        }
-                    }
-                    _ => {
-                        let _ = tx.send(Event::ControlClosed);
-                        return;
-                    }
-                }
-            }
-        });
-    }
+    let progress = Progress::new();
+    // A command's output is written by the reader itself; a batch's goes
+    // to its sink through the event loop.
+    let outputs = matches!(p.job, Job::Command { .. })
+        .then(|| Outputs::new(Arc::clone(&progress), Arc::clone(&ctl_writer)));
+    read_control(host_ctl, tx.clone(), outputs, Arc::clone(&progress));
     drop(tx);
 
-    let mut outcome = event_loop(&mut p, &rx, &ctl_writer, &mut t, &tail, &qemu_errors, &vm);
+    let cx = event_loop::Context {
+        ctl: &ctl_writer,
+        tail: &tail,
+        qemu_errors: &qemu_errors,
+        vm: &vm,
+        progress: &progress,
+        console: console_writer,
+    };
+    let mut outcome = event_loop::run(&mut p, &mut t, cx, &rx);
     if let (Some(path), Some(qmp), Outcome::Failed(msg)) =
         (&p.dump_on_panic, host_qmp, &mut outcome)
         && msg.starts_with("the guest kernel panicked")
@@ -256,6 +262,40 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
     drop(vm);
     t.ended = Some(Instant::now());
     Ok((outcome, t))
+}
+
+/// Reads the guest's messages on a thread until the channel closes:
+/// output is written at once (in order with everything else the guest
+/// says), the rest goes to the event loop.
+fn read_control(
+    mut reader: UnixStream,
+    tx: Sender<Event>,
+    outputs: Option<Outputs>,
+    progress: Arc<Progress>,
+) {
+    std::thread::spawn(move || {
+        loop {
+            let msg = match protocol::read_frame::<GuestMsg>(&mut reader) {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Event::ControlError(e.to_string()));
+                    break;
+                }
+            };
+            progress.message();
+            match (msg, &outputs) {
+                (GuestMsg::Stdout(d), Some(o)) => o.write(Stream::Stdout, &d),
+                (GuestMsg::Stderr(d), Some(o)) => o.write(Stream::Stderr, &d),
+                (m, _) => {
+                    if tx.send(Event::Guest(m)).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = tx.send(Event::ControlClosed);
+    });
 }
 
 /// Starts the virtiofsd of every virtio-fs share and points its device at
@@ -288,13 +328,8 @@ fn spawn_err(p: &Params) -> impl Fn(std::io::Error) -> VmError + '_ {
     }
 }
 
-fn send(w: &Arc<Mutex<UnixStream>>, m: &HostMsg) -> std::io::Result<()> {
-    let mut s = w.lock().unwrap_or_else(|p| p.into_inner());
-    protocol::write_frame(&mut *s, m)
-}
-
 /// Forwards vexec's stdin to the guest until end of file.
-fn pump_stdin(w: Arc<Mutex<UnixStream>>) {
+pub(super) fn pump_stdin(w: Arc<Mutex<UnixStream>>) {
     std::thread::spawn(move || {
         // SAFETY: fd 0 stays open; ManuallyDrop keeps it so.
         let mut stdin = ManuallyDrop::new(unsafe { File::from_raw_fd(0) });
@@ -313,233 +348,4 @@ fn pump_stdin(w: Arc<Mutex<UnixStream>>) {
             }
         }
     });
-}
-
-#[derive(PartialEq)]
-enum Phase {
-    Booting,
-    Running,
-}
-
-fn event_loop(
-    p: &mut Params,
-    rx: &Receiver<Event>,
-    ctl: &Arc<Mutex<UnixStream>>,
-    t: &mut Timings,
-    tail: &console::ConsoleTail,
-    qemu_errors: &Mutex<String>,
-    vm: &Vm,
-) -> Outcome {
-    let start = t.spawned.unwrap_or_else(Instant::now);
-    let boot_limit = p.kvm_probe.unwrap_or(p.boot_timeout);
-    let mut deadline = Some(start + boot_limit);
-    let mut phase = Phase::Booting;
-    let mut panic_line: Option<String> = None;
-    let mut qemu_status: Option<i32> = None;
-    let mut ctl_closed = false;
-    let mut interrupted: Option<i32> = None;
-    // Raw mode on the host terminal while an interactive command runs;
-    // restored when the loop ends, however it ends.
-    let mut _raw: Option<terminal::RawMode> = None;
-
-    let failure = |panic_line: &Option<String>, status: Option<i32>| -> String {
-        let mut msg = if let Some(line) = panic_line {
-            format!("the guest kernel panicked: {line}")
-        } else if let Some(err) = tail.agent_errors().last() {
-            format!("the guest could not start the command: {err}")
-        } else if let Some(s) = status {
-            format!("QEMU exited (status {s}) before the command finished")
-        } else {
-            "the guest closed the control channel before the command finished".to_string()
-        };
-        let errs = qemu_errors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .trim()
-            .to_string();
-        if !errs.is_empty() {
-            msg.push_str(&format!("\nQEMU said:\n{errs}"));
-        }
-        for e in vm.daemon_errors() {
-            msg.push_str(&format!("\n{e}"));
-        }
-        // The console tail explains a panic or a silent death; an agent
-        // error already says what went wrong.
-        let lines = tail.last(25);
-        if !lines.is_empty() && (panic_line.is_some() || tail.agent_errors().is_empty()) {
-            msg.push_str("\nlast console lines:\n");
-            msg.push_str(&lines.join("\n"));
-        }
-        msg
-    };
-
-    loop {
-        // Once QEMU is gone and the channel drained, the run is over.
-        if qemu_status.is_some() && ctl_closed {
-            // Under a KVM probe, QEMU dying before init reports in (an
-            // assertion on MSRs, an emulation failure) condemns KVM, not
-            // the kernel; a panic is the kernel's own doing.
-            if p.kvm_probe.is_some()
-                && phase == Phase::Booting
-                && panic_line.is_none()
-                && vm.daemon_errors().is_empty()
-            {
-                let errs = qemu_errors.lock().unwrap_or_else(|p| p.into_inner());
-                let last = errs
-                    .lines()
-                    .rev()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("");
-                return Outcome::KvmBroken(format!(
-                    "QEMU exited (status {}) while booting: {last}",
-                    qemu_status.unwrap_or_default()
-                ));
-            }
-            return Outcome::Failed(failure(&panic_line, qemu_status));
-        }
-        let ev = match deadline {
-            Some(d) => match rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
-                Ok(ev) => ev,
-                Err(RecvTimeoutError::Timeout) => {
-                    if let Some(sig) = interrupted {
-                        return Outcome::Interrupted(sig);
-                    }
-                    if qemu_status.is_some() || ctl_closed || panic_line.is_some() {
-                        return Outcome::Failed(failure(&panic_line, qemu_status));
-                    }
-                    return match phase {
-                        Phase::Booting if p.kvm_probe.is_some() => Outcome::KvmBroken(format!(
-                            "the kernel did not reach init within {}s under KVM",
-                            boot_limit.as_secs()
-                        )),
-                        Phase::Booting => Outcome::Failed(format!(
-                            "the guest did not report in within {}s of starting (raise --boot-timeout if this machine is very slow)\nlast console lines:\n{}",
-                            boot_limit.as_secs(),
-                            tail.last(25).join("\n")
-                        )),
-                        Phase::Running => Outcome::TimedOut(p.timeout.unwrap_or_default()),
-                    };
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Outcome::Failed(failure(&panic_line, qemu_status));
-                }
-            },
-            None => match rx.recv() {
-                Ok(ev) => ev,
-                Err(_) => return Outcome::Failed(failure(&panic_line, qemu_status)),
-            },
-        };
-        match ev {
-            Event::Guest(GuestMsg::Ready {
-                version,
-                release: _,
-                uptime_ms,
-            }) => {
-                t.ready = Some(Instant::now());
-                t.guest_ready_ms = uptime_ms;
-                if version != VERSION {
-                    return Outcome::Failed(format!(
-                        "the guest agent speaks protocol {version}, this vexec {VERSION}: vexec-agent beside vexec comes from another build; reinstall vexec (both executables)"
-                    ));
-                }
-                if let Job::Command { setup, exec } = &p.job {
-                    let sent = send(ctl, &HostMsg::Setup((**setup).clone()))
-                        .and_then(|_| send(ctl, &HostMsg::Exec((**exec).clone())));
-                    if sent.is_err() {
-                        continue; // QEMU exiting; its event explains.
-                    }
-                    // Keys go to the guest's terminal as they are typed.
-                    if exec.tty.as_ref().is_some_and(|t| t.stdin) && terminal::is_tty(0) {
-                        _raw = terminal::RawMode::enter();
-                    }
-                    pump_stdin(Arc::clone(ctl));
-                }
-                phase = Phase::Running;
-                deadline = p.timeout.map(|d| Instant::now() + d);
-            }
-            Event::Guest(GuestMsg::Started { uptime_ms }) => t.guest_started_ms = Some(uptime_ms),
-            Event::Guest(GuestMsg::Stdout(d)) => match &mut p.job {
-                Job::Batch(sink) => sink.stdout(&d),
-                Job::Command { .. } => write_fd(1, &d),
-            },
-            Event::Guest(GuestMsg::Stderr(d)) => match &mut p.job {
-                Job::Batch(sink) => sink.stderr(&d),
-                Job::Command { .. } => write_fd(2, &d),
-            },
-            Event::Guest(GuestMsg::KernelLog(d)) => t.kernel_log = Some(d),
-            Event::Guest(GuestMsg::Begin { name }) => {
-                if let Job::Batch(sink) = &mut p.job {
-                    sink.begin(&name);
-                }
-            }
-            Event::Guest(GuestMsg::Coverage(d)) => {
-                if let Job::Batch(sink) = &mut p.job {
-                    sink.coverage(&d);
-                }
-            }
-            Event::Guest(GuestMsg::Finished) => {
-                t.guest_exited_ms = None;
-                return match interrupted {
-                    Some(sig) => Outcome::Interrupted(sig),
-                    None => Outcome::Finished,
-                };
-            }
-            Event::Guest(GuestMsg::Exited { exit, uptime_ms })
-                if matches!(p.job, Job::Batch(_)) =>
-            {
-                if let Job::Batch(sink) = &mut p.job {
-                    sink.exited(&exit, uptime_ms);
-                }
-            }
-            Event::Guest(GuestMsg::Exited { exit, uptime_ms }) => {
-                t.guest_exited_ms = Some(uptime_ms);
-                return match interrupted {
-                    Some(sig) => Outcome::Interrupted(sig),
-                    None => Outcome::Exited(exit),
-                };
-            }
-            Event::Guest(GuestMsg::Error(e)) => {
-                return Outcome::Failed(format!("the guest could not start the command: {e}"));
-            }
-            Event::ControlClosed => {
-                ctl_closed = true;
-                deadline = Some(Instant::now() + SETTLE);
-            }
-            Event::QemuExited(status) => {
-                qemu_status = Some(status);
-                deadline = Some(Instant::now() + SETTLE);
-            }
-            Event::Console(ConsoleEvent::Panic(line)) => {
-                panic_line = Some(line);
-                // panic=-1 resets the guest and QEMU exits; do not wait long.
-                deadline = Some(Instant::now() + SETTLE * 2);
-            }
-            Event::KvmError(line) => {
-                // Outside a probe, QEMU exits next and its stderr explains.
-                if p.kvm_probe.is_some() && phase == Phase::Booting {
-                    return Outcome::KvmBroken(line);
-                }
-            }
-            Event::Signal(libc::SIGWINCH) => {
-                if p.job.exec().is_some_and(|e| e.tty.is_some())
-                    && phase == Phase::Running
-                    && let Some((rows, cols)) = terminal::window_size(&[0, 1, 2])
-                {
-                    let _ = send(ctl, &HostMsg::WindowSize { rows, cols });
-                }
-            }
-            Event::Signal(sig) => {
-                // A batch guest takes no signals: stopping means stopping it.
-                if phase == Phase::Booting
-                    || interrupted.is_some()
-                    || matches!(p.job, Job::Batch(_))
-                {
-                    return Outcome::Interrupted(sig);
-                }
-                interrupted = Some(sig);
-                let _ = send(ctl, &HostMsg::Signal(sig));
-                deadline = Some(Instant::now() + INTERRUPT_GRACE);
-            }
-        }
-    }
 }

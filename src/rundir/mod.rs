@@ -52,14 +52,14 @@ pub fn main(args: &[OsString]) -> i32 {
     let relay = match SignalRelay::install() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("vexec: error: installing signal handlers: {e}");
+            crate::say!("vexec: error: installing signal handlers: {e}");
             return STATUS_FAILED;
         }
     };
     match run(&cli, &relay, None) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vexec: error: {e}");
+            crate::say!("vexec: error: {e}");
             STATUS_FAILED
         }
     }
@@ -200,7 +200,7 @@ fn run(
         Arch::Aarch64 => (Accel::Tcg, None),
     };
     if let (Some(why), false) = (&why_not_kvm, cli.quiet) {
-        eprintln!("vexec: KVM not usable ({why}); using TCG emulation (slower)");
+        crate::say!("vexec: KVM not usable ({why}); using TCG emulation (slower)");
     }
     let mut kernel_args = Vec::new();
     if cli.output.is_some() {
@@ -224,7 +224,7 @@ fn run(
             Arch::X86_64 => "gdb",
             Arch::Aarch64 => "gdb-multiarch",
         };
-        eprintln!(
+        crate::say!(
             "vexec: the guest waits for gdb; attach with:\n  {gdb} -ex 'target remote localhost:{port}' {}",
             symbols.display()
         );
@@ -270,7 +270,7 @@ fn run(
         .map(|o| outdir::create(o, &cli.tag))
         .transpose()?;
     if !cli.quiet {
-        eprintln!(
+        crate::say!(
             "vexec: run-dir: {} program(s) of {} on {} ({}, {}){}",
             payload.programs.len(),
             cli.dir.display(),
@@ -328,6 +328,9 @@ fn run(
             config.accel = Accel::Tcg;
             continue;
         }
+        if let Outcome::KvmCrashed(_) = &outcome {
+            accel::mark_broken(cache.root());
+        }
         break (outcome, timings);
     };
     drop(initrd);
@@ -352,7 +355,7 @@ fn run(
             (None, None) => STATUS_FAILED,
         };
         if let Some(e) = r.and_then(|r| r.error.as_ref()) {
-            eprintln!("{e}");
+            crate::say!("{e}");
         }
         return Ok(status);
     }
@@ -360,7 +363,7 @@ fn run(
         status = 1;
     }
     if !cli.command_mode && (!cli.quiet || status != 0) {
-        eprintln!(
+        crate::say!(
             "vexec: run-dir on {} ({}):\n{}",
             kernel.release(),
             arch.name(),
@@ -389,7 +392,7 @@ fn run(
                     },
                 )?;
                 if !cli.quiet {
-                    eprintln!(
+                    crate::say!(
                         "vexec: kernel coverage: {}{}",
                         saved
                             .lcov
@@ -406,7 +409,7 @@ fn run(
                 }
                 coverage_saved = Some(saved);
             }
-            None if !cli.quiet => eprintln!(
+            None if !cli.quiet => crate::say!(
                 "vexec: the kernel has GCOV data ({} KiB); pass --output DIR to keep it",
                 coverage_data.len() / 1024
             ),

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::host::session::{BatchSink, write_fd};
+use crate::host::output::write_fd;
+use crate::host::session::BatchSink;
 use crate::protocol::Exit;
 
 /// One program's result.
@@ -77,7 +78,7 @@ impl BatchSink for Sink {
     fn begin(&mut self, name: &str) {
         let mut r = self.report();
         if !r.quiet {
-            eprintln!("vexec: ── {name}");
+            crate::say!("vexec: ── {name}");
         }
         r.started = Some(Instant::now());
         r.files = r.results_dir.as_ref().and_then(|d| {
@@ -100,14 +101,14 @@ impl BatchSink for Sink {
     }
 
     fn stdout(&mut self, data: &[u8]) {
-        write_fd(1, data);
+        let _ = write_fd(1, data);
         if let Some((out, _)) = self.report().files.as_mut() {
             let _ = out.write_all(data);
         }
     }
 
     fn stderr(&mut self, data: &[u8]) {
-        write_fd(2, data);
+        let _ = write_fd(2, data);
         if let Some((_, err)) = self.report().files.as_mut() {
             let _ = err.write_all(data);
         }
@@ -143,7 +144,7 @@ impl BatchSink for Sink {
             );
         }
         if !quiet {
-            eprintln!(
+            crate::say!(
                 "vexec: {} {}: {}",
                 p.result.to_uppercase(),
                 p.name,

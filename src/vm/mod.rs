@@ -2,6 +2,7 @@
 //! so that dropping a [`Vm`] kills and reaps it on every exit path.
 
 pub mod accel;
+pub mod child;
 pub mod qemu;
 pub mod qmp;
 pub mod virtiofsd;
@@ -88,13 +89,15 @@ impl Vm {
     /// Starts QEMU with `args`; `inherit` are descriptors QEMU receives under
     /// the same numbers; `daemons` serve its shares and end with it.
     /// `on_exit` is called from a watcher thread with the exit status (or
-    /// 128+signal) once QEMU ends, before it is reaped.
+    /// 128+signal) once QEMU ends, before it is reaped; likewise
+    /// `on_daemon_exit` with a daemon's index in `daemons` and its status.
     pub fn spawn(
         binary: &Path,
         args: &[OsString],
         inherit: &[RawFd],
-        daemons: Vec<virtiofsd::Daemon>,
+        mut daemons: Vec<virtiofsd::Daemon>,
         on_exit: impl FnOnce(i32) + Send + 'static,
+        on_daemon_exit: impl Fn(usize, i32) + Clone + Send + 'static,
     ) -> Result<Vm, VmError> {
         let mut cmd = Command::new(binary);
         cmd.args(args)
@@ -133,33 +136,11 @@ impl Vm {
         // The Child is not waited through std: the watcher waits without
         // reaping (WNOWAIT), so the pid cannot be reused before Drop kills.
         std::mem::forget(child);
-        let waiter = std::thread::spawn(move || {
-            let status = loop {
-                // SAFETY: waitid fills a zeroed siginfo_t.
-                let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-                let rc = unsafe {
-                    libc::waitid(
-                        libc::P_PID,
-                        pid as libc::id_t,
-                        &mut info,
-                        libc::WEXITED | libc::WNOWAIT,
-                    )
-                };
-                if rc == 0 {
-                    // SAFETY: filled by a successful waitid.
-                    let (code, status) = unsafe { (info.si_code, info.si_status()) };
-                    break if code == libc::CLD_EXITED {
-                        status
-                    } else {
-                        128 + status
-                    };
-                }
-                if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                    break 255;
-                }
-            };
-            on_exit(status);
-        });
+        let waiter = child::watch(pid, on_exit);
+        for (i, d) in daemons.iter_mut().enumerate() {
+            let f = on_daemon_exit.clone();
+            d.watch(move |status| f(i, status));
+        }
         Ok(Vm {
             pid,
             waiter: Some(waiter),
@@ -172,6 +153,11 @@ impl Vm {
     #[cfg(test)]
     pub fn pid(&self) -> libc::pid_t {
         self.pid
+    }
+
+    /// The directory the daemon at `i` serves.
+    pub fn daemon_source(&self, i: usize) -> Option<&Path> {
+        self.daemons.get(i).map(|d| d.source())
     }
 
     /// What the share daemons reported, one line per daemon that spoke.
@@ -202,11 +188,7 @@ impl Drop for Vm {
         if let Some(w) = self.waiter.take() {
             let _ = w.join();
         }
-        let mut status = 0;
-        // SAFETY: reaping our own child.
-        unsafe {
-            libc::waitpid(self.pid, &mut status, 0);
-        }
+        child::kill_and_reap(self.pid);
     }
 }
 
@@ -236,6 +218,7 @@ mod tests {
             move |s| {
                 let _ = tx.send(s);
             },
+            |_, _| {},
         )
         .unwrap();
         let pid = vm.pid();

@@ -255,6 +255,7 @@ pub struct Daemon {
     pid: libc::pid_t,
     source: PathBuf,
     errors: Arc<Mutex<String>>,
+    watcher: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Daemon {
@@ -318,9 +319,20 @@ impl Daemon {
                 pid,
                 source: spec.source.clone(),
                 errors,
+                watcher: None,
             },
             client.into(),
         ))
+    }
+
+    /// Calls `on_exit` from a thread with the daemon's status when it ends.
+    pub fn watch(&mut self, on_exit: impl FnOnce(i32) + Send + 'static) {
+        self.watcher = Some(super::child::watch(self.pid, on_exit));
+    }
+
+    /// The directory this daemon serves.
+    pub fn source(&self) -> &Path {
+        &self.source
     }
 
     /// What the daemon printed so far, prefixed with the share it serves.
@@ -333,12 +345,12 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let mut status = 0;
         // SAFETY: the pid is our unreaped child.
-        unsafe {
-            libc::kill(self.pid, libc::SIGKILL);
-            libc::waitpid(self.pid, &mut status, 0);
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        if let Some(w) = self.watcher.take() {
+            let _ = w.join();
         }
+        super::child::kill_and_reap(self.pid);
     }
 }
 

@@ -51,10 +51,22 @@ pub fn cache_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vexec-cache")
 }
 
+/// Where runs that hang leave their report (scripts/test.sh prints them at
+/// the end, so a test that passed on retry still shows its hang).
+pub fn hang_reports() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("hang-reports")
+}
+
+/// A run stuck this long is stopped by vexec itself, with a report of
+/// where it stood, well before the test harness kills the test.
+const RUN_LIMIT: &str = "150s";
+
 /// `vexec --accel tcg -q -k KERNEL` with the test cache; add the command.
 pub fn vexec(kernel_name: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_vexec"));
     c.env("XDG_CACHE_HOME", cache_dir())
+        .env("VEXEC_TIMEOUT", RUN_LIMIT)
+        .env("VEXEC_HANG_REPORTS", hang_reports())
         .env_remove("VEXEC_KERNEL")
         .arg("--accel")
         .arg("tcg")
@@ -183,6 +195,8 @@ pub fn transport_args(which: &str) -> Option<Vec<std::ffi::OsString>> {
 pub fn vexec_in(cache: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_vexec"));
     c.env("XDG_CACHE_HOME", cache)
+        .env("VEXEC_TIMEOUT", RUN_LIMIT)
+        .env("VEXEC_HANG_REPORTS", hang_reports())
         .env_remove("VEXEC_KERNEL")
         .stdin(Stdio::null());
     c

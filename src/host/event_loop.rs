@@ -1,0 +1,417 @@
+//! The session's event loop: guest messages, QEMU's and the daemons' exits,
+//! console events, host signals and deadlines, until the run has an
+//! outcome. When a run is stopped while the guest still runs (timeout, a
+//! Ctrl-C the command ignores), the agent is first asked over the console
+//! where it stands, so a hang leaves a trail.
+
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::protocol::{GuestMsg, HostMsg, VERSION};
+use crate::vm::Vm;
+
+use super::console::{self, ConsoleEvent, ConsoleTail};
+use super::output::{self, Progress, send};
+use super::session::{Event, HangReport, Job, Outcome, Params, Timings};
+use super::terminal;
+
+/// How long vexec waits after QEMU exits for the rest of the guest's
+/// messages (and vice versa).
+const SETTLE: Duration = Duration::from_secs(1);
+/// How long a daemon's exit may precede the command's end that explains it
+/// (the guest powering off) before it counts as the run's failure.
+const DAEMON_SETTLE: Duration = Duration::from_millis(500);
+/// How long the guest command gets to exit after a forwarded Ctrl-C.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
+/// How long the agent gets to answer a report request on the console.
+const REPORT_WAIT: Duration = Duration::from_secs(3);
+
+#[derive(PartialEq)]
+enum Phase {
+    Booting,
+    Running,
+}
+
+/// What the loop reads from besides its events.
+pub struct Context<'a> {
+    pub ctl: &'a Arc<Mutex<UnixStream>>,
+    pub tail: &'a ConsoleTail,
+    pub qemu_errors: &'a Mutex<String>,
+    pub vm: &'a Vm,
+    pub progress: &'a Progress,
+    /// Where report requests are written (the console's host end).
+    pub console: UnixStream,
+}
+
+/// The loop's state.
+struct Loop<'a, 'p> {
+    p: &'p mut Params,
+    t: &'p mut Timings,
+    cx: Context<'a>,
+    boot_limit: Duration,
+    deadline: Option<Instant>,
+    phase: Phase,
+    panic_line: Option<String>,
+    qemu_status: Option<i32>,
+    ctl_closed: bool,
+    interrupted: Option<i32>,
+    /// A daemon that died while QEMU ran: what it served and how it ended.
+    daemon_died: Option<String>,
+    /// The outcome waiting for the agent's report.
+    reporting: Option<Outcome>,
+    /// Raw mode on the host terminal while an interactive command runs.
+    raw: Option<terminal::RawMode>,
+}
+
+/// Runs the loop until the session has an outcome.
+pub fn run(p: &mut Params, t: &mut Timings, cx: Context<'_>, rx: &Receiver<Event>) -> Outcome {
+    let boot_limit = p.kvm_probe.unwrap_or(p.boot_timeout);
+    let start = t.spawned.unwrap_or_else(Instant::now);
+    let mut l = Loop {
+        p,
+        t,
+        cx,
+        boot_limit,
+        deadline: Some(start + boot_limit),
+        phase: Phase::Booting,
+        panic_line: None,
+        qemu_status: None,
+        ctl_closed: false,
+        interrupted: None,
+        daemon_died: None,
+        reporting: None,
+        raw: None,
+    };
+    let outcome = l.run(rx);
+    drop(l.raw.take());
+    outcome
+}
+
+impl Loop<'_, '_> {
+    fn run(&mut self, rx: &Receiver<Event>) -> Outcome {
+        loop {
+            // Once QEMU is gone and the channel drained, the run is over.
+            if self.qemu_status.is_some() && self.ctl_closed {
+                return self.qemu_gone();
+            }
+            let ev = match self.deadline {
+                Some(d) => match rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
+                    Ok(ev) => ev,
+                    Err(RecvTimeoutError::Timeout) => match self.on_deadline() {
+                        Some(o) => return o,
+                        None => continue,
+                    },
+                    Err(RecvTimeoutError::Disconnected) => return self.failed(),
+                },
+                None => match rx.recv() {
+                    Ok(ev) => ev,
+                    Err(_) => return self.failed(),
+                },
+            };
+            if let Some(o) = self.handle(ev) {
+                return o;
+            }
+        }
+    }
+
+    fn handle(&mut self, ev: Event) -> Option<Outcome> {
+        match ev {
+            Event::Guest(m) => self.on_guest(m),
+            Event::ControlError(e) => Some(Outcome::Failed(format!(
+                "the guest sent a message vexec cannot read ({e}); vexec-agent beside vexec comes from another build? reinstall vexec (both executables)"
+            ))),
+            Event::ControlClosed => {
+                self.ctl_closed = true;
+                self.deadline = Some(Instant::now() + SETTLE);
+                None
+            }
+            Event::QemuExited(status) => {
+                self.qemu_status = Some(status);
+                self.deadline = Some(Instant::now() + SETTLE);
+                None
+            }
+            Event::DaemonExited(i, status) => {
+                // After QEMU is gone its daemons end too: that says nothing.
+                if self.qemu_status.is_none() && self.daemon_died.is_none() {
+                    self.daemon_died = Some(self.daemon_death(i, status));
+                    self.deadline = Some(Instant::now() + DAEMON_SETTLE);
+                }
+                None
+            }
+            Event::Console(ConsoleEvent::Panic(line)) => {
+                self.panic_line = Some(line);
+                // panic=-1 resets the guest and QEMU exits; do not wait long.
+                self.deadline = Some(Instant::now() + SETTLE * 2);
+                None
+            }
+            Event::Console(ConsoleEvent::Report(text)) => {
+                let o = self.reporting.take()?;
+                self.t.hang = Some(HangReport {
+                    host: self.cx.progress.describe(),
+                    guest: Some(text),
+                });
+                Some(o)
+            }
+            Event::KvmError(line) => {
+                // Outside a probe, QEMU exits next and its stderr explains.
+                (self.p.kvm_probe.is_some() && self.phase == Phase::Booting)
+                    .then_some(Outcome::KvmBroken(line))
+            }
+            Event::Signal(sig) => self.on_signal(sig),
+        }
+    }
+
+    fn on_guest(&mut self, m: GuestMsg) -> Option<Outcome> {
+        match m {
+            GuestMsg::Ready {
+                version, uptime_ms, ..
+            } => return self.on_ready(version, uptime_ms),
+            GuestMsg::Started { uptime_ms } => self.t.guest_started_ms = Some(uptime_ms),
+            GuestMsg::KernelLog(d) => self.t.kernel_log = Some(d),
+            GuestMsg::InputClosed => output::close_own_stdin(),
+            GuestMsg::Aftermath(a) => self.t.aftermath = a,
+            GuestMsg::Stdout(d) => self.batch(|s| s.stdout(&d)),
+            GuestMsg::Stderr(d) => self.batch(|s| s.stderr(&d)),
+            GuestMsg::Begin { name } => self.batch(|s| s.begin(&name)),
+            GuestMsg::Coverage(d) => self.batch(|s| s.coverage(&d)),
+            GuestMsg::Exited { exit, uptime_ms } => {
+                if let Job::Batch(sink) = &mut self.p.job {
+                    sink.exited(&exit, uptime_ms);
+                    return None;
+                }
+                self.t.guest_exited_ms = Some(uptime_ms);
+                // The command ended on its own after a daemon died: its
+                // status stands (it saw the I/O errors), but say why.
+                if let Some(why) = &self.daemon_died {
+                    crate::say!("vexec: warning: {why}");
+                }
+                return Some(match self.interrupted {
+                    Some(sig) => Outcome::Interrupted(sig),
+                    None => Outcome::Exited(exit),
+                });
+            }
+            GuestMsg::Finished => {
+                return Some(match self.interrupted {
+                    Some(sig) => Outcome::Interrupted(sig),
+                    None => Outcome::Finished,
+                });
+            }
+            GuestMsg::Error(e) => {
+                return Some(Outcome::Failed(format!(
+                    "the guest could not start the command: {e}"
+                )));
+            }
+        }
+        None
+    }
+
+    /// Hands a batch message to the sink (a command's output never gets
+    /// here: the control reader writes it).
+    fn batch(&mut self, f: impl FnOnce(&mut dyn super::session::BatchSink)) {
+        if let Job::Batch(sink) = &mut self.p.job {
+            f(sink.as_mut());
+        }
+    }
+
+    fn on_ready(&mut self, version: u32, uptime_ms: u64) -> Option<Outcome> {
+        self.t.ready = Some(Instant::now());
+        self.t.guest_ready_ms = uptime_ms;
+        if version != VERSION {
+            return Some(Outcome::Failed(format!(
+                "the guest agent speaks protocol {version}, this vexec {VERSION}: vexec-agent beside vexec comes from another build; reinstall vexec (both executables)"
+            )));
+        }
+        if let Job::Command { setup, exec } = &self.p.job {
+            let ctl = self.cx.ctl;
+            let sent = send(ctl, &HostMsg::Setup((**setup).clone()))
+                .and_then(|_| send(ctl, &HostMsg::Exec((**exec).clone())));
+            if sent.is_err() {
+                return None; // QEMU exiting; its event explains.
+            }
+            // Keys go to the guest's terminal as they are typed.
+            if exec.tty.as_ref().is_some_and(|t| t.stdin) && terminal::is_tty(0) {
+                self.raw = terminal::RawMode::enter();
+            }
+            super::session::pump_stdin(Arc::clone(ctl));
+        }
+        self.phase = Phase::Running;
+        self.deadline = self.p.timeout.map(|d| Instant::now() + d);
+        None
+    }
+
+    fn on_signal(&mut self, sig: i32) -> Option<Outcome> {
+        if sig == libc::SIGWINCH {
+            if let Job::Command { exec, .. } = &self.p.job
+                && exec.tty.is_some()
+                && self.phase == Phase::Running
+                && let Some((rows, cols)) = terminal::window_size(&[0, 1, 2])
+            {
+                let _ = send(self.cx.ctl, &HostMsg::WindowSize { rows, cols });
+            }
+            return None;
+        }
+        // A batch guest takes no signals: stopping means stopping it. A
+        // second signal stops at once.
+        if self.phase == Phase::Booting
+            || self.interrupted.is_some()
+            || matches!(self.p.job, Job::Batch(_))
+        {
+            return Some(Outcome::Interrupted(sig));
+        }
+        self.interrupted = Some(sig);
+        let _ = send(self.cx.ctl, &HostMsg::Signal(sig));
+        self.deadline = Some(Instant::now() + INTERRUPT_GRACE);
+        None
+    }
+
+    /// A deadline passed: the run ends, or first asks the agent where it
+    /// stands (returns None then).
+    fn on_deadline(&mut self) -> Option<Outcome> {
+        if let Some(o) = self.reporting.take() {
+            self.t.hang = Some(HangReport {
+                host: self.cx.progress.describe(),
+                guest: None,
+            });
+            return Some(o);
+        }
+        if let Some(why) = &self.daemon_died {
+            return Some(Outcome::Failed(format!("{why}{}", self.details())));
+        }
+        if self.qemu_status.is_some() || self.ctl_closed || self.panic_line.is_some() {
+            return Some(self.failed());
+        }
+        let stopping = match (&self.phase, self.interrupted) {
+            (Phase::Running, Some(sig)) => Outcome::Interrupted(sig),
+            (Phase::Running, None) => Outcome::TimedOut(self.p.timeout.unwrap_or_default()),
+            (Phase::Booting, _) if self.p.kvm_probe.is_some() => {
+                return Some(Outcome::KvmBroken(format!(
+                    "the kernel did not reach init within {}s under KVM",
+                    self.boot_limit.as_secs()
+                )));
+            }
+            (Phase::Booting, _) => {
+                return Some(Outcome::Failed(format!(
+                    "the guest did not report in within {}s of starting (raise --boot-timeout if this machine is very slow)\nlast console lines:\n{}",
+                    self.boot_limit.as_secs(),
+                    self.cx.tail.last(25).join("\n")
+                )));
+            }
+        };
+        // Batch guests (and foreign ones) do not answer on the console.
+        if matches!(self.p.job, Job::Batch(_)) {
+            return Some(stopping);
+        }
+        console::request_report(&mut self.cx.console);
+        self.reporting = Some(stopping);
+        self.deadline = Some(Instant::now() + REPORT_WAIT);
+        None
+    }
+
+    /// QEMU exited and the channel is drained.
+    fn qemu_gone(&self) -> Outcome {
+        // Under a KVM probe, QEMU dying before init reports in (an
+        // assertion on MSRs, an emulation failure) condemns KVM, not the
+        // kernel; a panic is the kernel's own doing.
+        if self.p.kvm_probe.is_some()
+            && self.phase == Phase::Booting
+            && self.panic_line.is_none()
+            && self.cx.vm.daemon_errors().is_empty()
+        {
+            let errs = self
+                .cx
+                .qemu_errors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let last = errs
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            return Outcome::KvmBroken(format!(
+                "QEMU exited (status {}) while booting: {last}",
+                self.qemu_status.unwrap_or_default()
+            ));
+        }
+        // KVM that boots Linux may still abort QEMU later (seen: an MSR
+        // assertion in kvm.c seconds into the command).
+        if self.p.kvm_probe.is_some() && self.panic_line.is_none() {
+            let errs = self
+                .cx
+                .qemu_errors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(line) = errs.lines().find(|l| l.contains("kvm")) {
+                return Outcome::KvmCrashed(format!(
+                    "QEMU exited (status {}) under KVM while the command ran: {}",
+                    self.qemu_status.unwrap_or_default(),
+                    line.trim()
+                ));
+            }
+        }
+        self.failed()
+    }
+
+    fn failed(&self) -> Outcome {
+        Outcome::Failed(self.failure())
+    }
+
+    /// What went wrong, with what QEMU, the daemons and the console said.
+    fn failure(&self) -> String {
+        let headline = if let Some(line) = &self.panic_line {
+            format!("the guest kernel panicked: {line}")
+        } else if let Some(err) = self.cx.tail.agent_errors().last() {
+            format!("the guest could not start the command: {err}")
+        } else if let Some(s) = self.qemu_status {
+            format!("QEMU exited (status {s}) before the command finished")
+        } else {
+            "the guest closed the control channel before the command finished".to_string()
+        };
+        headline + &self.details()
+    }
+
+    /// What QEMU and the daemons said, and the console's last lines when
+    /// they explain more than an agent error does.
+    fn details(&self) -> String {
+        let tail = self.cx.tail;
+        let mut msg = String::new();
+        let errs = self
+            .cx
+            .qemu_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .trim()
+            .to_string();
+        if !errs.is_empty() {
+            msg.push_str(&format!("\nQEMU said:\n{errs}"));
+        }
+        // A daemon's complaints after QEMU went away are only its reaction.
+        if self.qemu_status.is_none() || self.daemon_died.is_some() {
+            for e in self.cx.vm.daemon_errors() {
+                msg.push_str(&format!("\n{e}"));
+            }
+        }
+        // The console tail explains a panic or a silent death; an agent
+        // error already says what went wrong.
+        let lines = tail.last(25);
+        if !lines.is_empty() && (self.panic_line.is_some() || tail.agent_errors().is_empty()) {
+            msg.push_str("\nlast console lines:\n");
+            msg.push_str(&lines.join("\n"));
+        }
+        msg
+    }
+
+    /// Says which share's daemon died and what that means.
+    fn daemon_death(&self, i: usize, status: i32) -> String {
+        let what = match self.cx.vm.daemon_source(i) {
+            Some(src) if i == 0 => format!("the guest's root ({})", src.display()),
+            Some(src) => src.display().to_string(),
+            None => format!("share {i}"),
+        };
+        format!(
+            "virtiofsd serving {what} ended ({}) while the guest ran; the guest can no longer reach those files",
+            crate::vm::child::describe_status(status)
+        )
+    }
+}
