@@ -42,7 +42,7 @@ pub enum ShareError {
     )]
     Pseudo { path: PathBuf, what: &'static str },
     #[error(
-        "cannot share the working directory {path}: {source}; vexec shares it so the command can write there. Run with --no-cwd to leave it unshared (the command still starts in it, as the guest sees it through the read-only root), or cd to a readable directory"
+        "cannot share the working directory {path}: {source}; vexec shares it so the command can write there. Run with --no-cwd to leave it unshared (over virtio-fs the command still starts in it, seen read-only through the root; 9p cannot walk into a directory it cannot read), or cd to a readable directory"
     )]
     UnreadableCwd {
         path: PathBuf,
