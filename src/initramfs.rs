@@ -8,12 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::kernel::modules::LoadableModule;
 
-/// Where the guest agent finds its module list inside the initramfs.
-pub const MODULE_LIST: &str = "vexec/modules.list";
-/// Directory of module files inside the initramfs.
-pub const MODULE_DIR: &str = "vexec/modules";
-/// Batch runs (`vexec run-dir`): the programs to run, in name order.
-pub const BATCH_DIR: &str = "vexec/run";
+pub use vexec_protocol::layout::{BATCH_DIR, MODULE_DIR, MODULE_LIST, parse_module_list};
 
 /// Why the initramfs could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -119,7 +114,9 @@ impl Cpio {
         let mut list = String::new();
         for m in modules {
             self.file(&format!("{MODULE_DIR}/{}.ko", m.name), 0o644, &m.data);
-            list.push_str(&format!("{} {}\n", m.name, m.depends.join(",")));
+            list.push_str(&vexec_protocol::layout::module_list_line(
+                &m.name, &m.depends,
+            ));
         }
         self.file(MODULE_LIST, 0o644, list.as_bytes());
     }
@@ -294,26 +291,6 @@ pub fn build(agent: &Path, modules: &[LoadableModule]) -> Result<Vec<u8>, Initra
     }
     cpio.modules(modules);
     Ok(cpio.finish())
-}
-
-/// Parses the module list written by [`build`]: (name, dependencies).
-pub fn parse_module_list(text: &str) -> Vec<(String, Vec<String>)> {
-    text.lines()
-        .filter_map(|l| {
-            let mut parts = l.split_whitespace();
-            let name = parts.next()?.to_string();
-            let deps = parts
-                .next()
-                .map(|d| {
-                    d.split(',')
-                        .filter(|s| !s.is_empty())
-                        .map(String::from)
-                        .collect()
-                })
-                .unwrap_or_default();
-            Some((name, deps))
-        })
-        .collect()
 }
 
 #[cfg(test)]

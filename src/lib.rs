@@ -1,8 +1,9 @@
 //! vexec: run a command inside a throwaway VM booted with any Linux kernel.
 //!
-//! The library behind two executables: `vexec`, the host tool, and
-//! `vexec-agent`, the guest's PID 1 (kept separate so that the initramfs
-//! each boot unpacks carries only the agent's code, not the host's).
+//! The host library behind `vexec`. The guest's PID 1 is the
+//! `vexec-agent` crate, installed with it as a second binary (so the
+//! initramfs each boot unpacks carries only the agent's code); both speak
+//! the `vexec-protocol` crate, re-exported here as [`protocol`].
 
 pub mod artifacts;
 pub mod bisect;
@@ -10,7 +11,6 @@ pub mod cache;
 pub mod caps;
 pub mod cli;
 pub mod config;
-pub mod guest;
 pub mod host;
 pub mod initramfs;
 pub mod kbuild;
@@ -18,7 +18,6 @@ pub mod kernel;
 pub mod matrix;
 pub mod oci;
 pub mod oops;
-pub mod protocol;
 pub mod record;
 pub mod run;
 pub mod rundir;
@@ -28,6 +27,8 @@ pub mod spec;
 pub mod store;
 pub mod transport;
 pub mod vm;
+
+pub use vexec_protocol as protocol;
 
 /// Writes a line to stderr as `eprintln!` does, but never panics: once
 /// stderr's reader has gone away, vexec's own messages are dropped (the

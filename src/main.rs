@@ -5,15 +5,13 @@
 
 use std::ffi::OsString;
 
-use vexec::{
-    bisect, cache, cli, config, guest, host, kbuild, matrix, run, rundir, settings, store,
-};
+use vexec::{bisect, cache, cli, config, host, kbuild, matrix, run, rundir, settings, store};
 
 use clap::Parser;
 
 fn main() {
     if std::process::id() == 1 {
-        guest::run();
+        vexec_agent::run();
     }
     let args: Vec<OsString> = std::env::args_os().collect();
     match cli::generated_output(&args, &mut std::io::stdout().lock()) {

@@ -4,10 +4,10 @@
 fn main() {
     if std::process::id() != 1 {
         // It mounts, loads modules and powers off: never on the host.
-        vexec::say!(
+        eprintln!(
             "vexec-agent: error: this is vexec's in-guest init and runs only as PID 1 inside a vexec VM; run `vexec` instead"
         );
         std::process::exit(125);
     }
-    vexec::guest::run();
+    vexec_agent::run();
 }

@@ -1,8 +1,8 @@
 #!/bin/busybox sh
 # vexec's init for guests of an architecture vexec's own binary cannot run
-# on: a script for a static busybox. It runs every program in /vexec/run in
+# on: a script for a static busybox. It runs every program in $BATCH_DIR in
 # name order and reports to the host over the virtio-serial port vexec.ctl
-# in the batch subset of vexec's protocol (src/protocol.rs): frames of a
+# in the batch subset of vexec's protocol (crates/vexec-protocol): frames of a
 # little-endian u32 length and a postcard-encoded GuestMsg. Unlike the Rust
 # agent it sends each program's output when the program ends, and reports
 # an exit status above 128 as death by signal (the shell cannot tell).
@@ -15,7 +15,13 @@ mount -t sysfs sysfs /sys
 mount -t tmpfs tmpfs /tmp
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 
+# Filled in by the host from vexec-protocol (its version, the messages'
+# tags, the initramfs layout).
 VERSION=@VERSION@
+MSG_READY=@READY@ MSG_STDOUT=@STDOUT@ MSG_STDERR=@STDERR@ MSG_EXITED=@EXITED@
+MSG_ERROR=@ERROR@ MSG_BEGIN=@BEGIN@ MSG_COVERAGE=@COVERAGE@ MSG_FINISHED=@FINISHED@
+EXIT_CODE=@EXIT_CODE@ EXIT_SIGNAL=@EXIT_SIGNAL@
+MODULE_LIST=/@MODULE_LIST@ MODULE_DIR=/@MODULE_DIR@ BATCH_DIR=/@BATCH_DIR@ ROOT_TAG_FILE=/@ROOT_TAG_FILE@
 CHUNK=1048576
 F=/tmp/.vexec-frame
 
@@ -36,7 +42,7 @@ str() { varint "$(printf %s "$1" | wc -c)"; printf %s "$1"; }
 uptime_ms() { read -r up rest </proc/uptime; echo $((${up%.*} * 1000 + 1${up#*.}0 - 1000)); }
 # Sends the frame whose body is in $F.
 send() { { u32le "$(wc -c <"$F")"; cat "$F"; } >&3; }
-# Sends file $2 as GuestMsg variant $1 (Stdout 2, Stderr 3, Coverage 8), in
+# Sends file $2 as GuestMsg variant $1 (Stdout, Stderr, Coverage), in
 # pieces of $CHUNK bytes.
 send_file() {
   local size i=0 len
@@ -48,11 +54,11 @@ send_file() {
   done
 }
 
-if [ -r /vexec/modules.list ]; then
+if [ -r "$MODULE_LIST" ]; then
   while read -r name deps; do
-    insmod "/vexec/modules/$name.ko" 2>/tmp/.insmod || grep -q "exists" /tmp/.insmod ||
+    insmod "$MODULE_DIR/$name.ko" 2>/tmp/.insmod || grep -q "exists" /tmp/.insmod ||
       say "error: loading module $name: $(cat /tmp/.insmod)"
-  done </vexec/modules.list
+  done <"$MODULE_LIST"
 fi
 
 port=""; tries=0
@@ -73,19 +79,19 @@ done
 exec 3>"$port"
 
 # Ready { version, release, uptime_ms }
-{ varint 0; varint "$VERSION"; str "$(cat /proc/sys/kernel/osrelease)"; varint "$(uptime_ms)"; } >"$F"
+{ varint "$MSG_READY"; varint "$VERSION"; str "$(cat /proc/sys/kernel/osrelease)"; varint "$(uptime_ms)"; } >"$F"
 send
 
 # A root filesystem shared by the host (--root): read-only over 9p, with a
 # tmpfs overlay so the command may write; the program chroots into it.
-if [ -r /vexec/root.tag ]; then
-  tag=$(cat /vexec/root.tag)
+if [ -r "$ROOT_TAG_FILE" ]; then
+  tag=$(cat "$ROOT_TAG_FILE")
   mkdir -p /vexec/lower /vexec/rw /vexec/root
   if ! mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,ro,cache=loose "$tag" /vexec/lower 2>/tmp/.mnt ||
     ! mount -t tmpfs tmpfs /vexec/rw || ! mkdir -p /vexec/rw/upper /vexec/rw/work ||
     ! mount -t overlay overlay -o lowerdir=/vexec/lower,upperdir=/vexec/rw/upper,workdir=/vexec/rw/work /vexec/root 2>>/tmp/.mnt; then
     # Error(text)
-    { varint 6; str "mounting the root filesystem ($tag over 9p, overlaid): $(cat /tmp/.mnt)"; } >"$F"
+    { varint "$MSG_ERROR"; str "mounting the root filesystem ($tag over 9p, overlaid): $(cat /tmp/.mnt)"; } >"$F"
     send; halt
   fi
   for d in proc sys dev tmp; do mkdir -p "/vexec/root/$d"; done
@@ -95,20 +101,20 @@ if [ -r /vexec/root.tag ]; then
   mount -t tmpfs tmpfs /vexec/root/tmp
 fi
 
-for prog in /vexec/run/*; do
+for prog in "$BATCH_DIR"/*; do
   [ -f "$prog" ] && [ -x "$prog" ] || continue
   # Begin { name }
-  { varint 7; str "${prog##*/}"; } >"$F"; send
+  { varint "$MSG_BEGIN"; str "${prog##*/}"; } >"$F"; send
   (cd / && exec "$prog") </dev/null >/tmp/.out 2>/tmp/.err
   code=$?
-  send_file 2 /tmp/.out
-  send_file 3 /tmp/.err
+  send_file "$MSG_STDOUT" /tmp/.out
+  send_file "$MSG_STDERR" /tmp/.err
   rm -f /tmp/.out /tmp/.err
   # Exited { exit: Code(i32) | Signal(i32), uptime_ms }; i32 is zigzag-encoded.
   if [ "$code" -gt 128 ] && [ "$code" -lt 193 ]; then
-    { varint 5; varint 1; varint $(((code - 128) * 2)); varint "$(uptime_ms)"; } >"$F"
+    { varint "$MSG_EXITED"; varint "$EXIT_SIGNAL"; varint $(((code - 128) * 2)); varint "$(uptime_ms)"; } >"$F"
   else
-    { varint 5; varint 0; varint $((code * 2)); varint "$(uptime_ms)"; } >"$F"
+    { varint "$MSG_EXITED"; varint "$EXIT_CODE"; varint $((code * 2)); varint "$(uptime_ms)"; } >"$F"
   fi
   send
 done
@@ -121,9 +127,9 @@ if [ -d "$G" ]; then
   (cd "$G" && find . -type d) | while read -r d; do mkdir -p "/tmp/gcov/$d"; done
   (cd "$G" && find . -name '*.gcda') | while read -r f; do cat "$G/$f" >"/tmp/gcov/$f"; done
   tar -cf /tmp/gcov.tar -C /tmp/gcov .
-  send_file 8 /tmp/gcov.tar
+  send_file "$MSG_COVERAGE" /tmp/gcov.tar
 fi
 
 # Finished
-{ varint 9; } >"$F"; send
+{ varint "$MSG_FINISHED"; } >"$F"; send
 halt

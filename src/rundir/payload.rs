@@ -9,10 +9,12 @@ use std::path::{Path, PathBuf};
 use crate::initramfs::{self, BATCH_DIR, Cpio, InitramfsError};
 use crate::kernel::image::Arch;
 use crate::kernel::modules::LoadableModule;
+#[cfg(test)]
+use crate::protocol::GuestMsg;
 use crate::protocol::VERSION;
 
 /// Where the shell init finds the tag of the root to mount.
-const ROOT_TAG_FILE: &str = "vexec/root.tag";
+use vexec_protocol::layout::ROOT_TAG_FILE;
 
 /// The init of foreign-architecture guests (a busybox `sh` script).
 const SHELL_INIT: &str = include_str!("init.sh");
@@ -94,23 +96,27 @@ pub fn programs(dir: &Path) -> Result<Vec<(String, PathBuf)>, PayloadError> {
     if !dir.is_dir() {
         return Err(PayloadError::NotADir(dir.to_path_buf()));
     }
-    let mut found: Vec<(Vec<u8>, PathBuf)> = Vec::new();
-    for e in std::fs::read_dir(dir).map_err(io(dir))? {
-        let e = e.map_err(io(dir))?;
-        let p = e.path();
-        let m = std::fs::metadata(&p).map_err(io(&p))?;
-        if m.is_file() && m.permissions().mode() & 0o111 != 0 {
-            found.push((e.file_name().as_bytes().to_vec(), p));
-        }
-    }
+    let found = vexec_protocol::layout::programs(dir).map_err(io(dir))?;
     if found.is_empty() {
         return Err(PayloadError::Empty(dir.to_path_buf()));
     }
-    found.sort();
-    Ok(found
-        .into_iter()
-        .map(|(n, p)| (String::from_utf8_lossy(&n).into_owned(), p))
-        .collect())
+    Ok(found)
+}
+
+/// The busybox init with the protocol's numbers and the initramfs layout
+/// filled in.
+fn shell_init() -> String {
+    use vexec_protocol::layout;
+    let mut script = SHELL_INIT
+        .replace("@VERSION@", &VERSION.to_string())
+        .replace("@MODULE_LIST@", layout::MODULE_LIST)
+        .replace("@MODULE_DIR@", layout::MODULE_DIR)
+        .replace("@BATCH_DIR@", layout::BATCH_DIR)
+        .replace("@ROOT_TAG_FILE@", ROOT_TAG_FILE);
+    for (name, tag) in vexec_protocol::batch_tags() {
+        script = script.replace(&format!("@{name}@"), &tag.to_string());
+    }
+    script
 }
 
 /// What a program file is.
@@ -276,13 +282,7 @@ pub fn build(i: &Inputs) -> Result<Payload, PayloadError> {
         }
         base.char_dev("dev/console", 0o600, 5, 1);
         base.char_dev("dev/null", 0o666, 1, 3);
-        base.file(
-            "init",
-            0o755,
-            SHELL_INIT
-                .replace("@VERSION@", &VERSION.to_string())
-                .as_bytes(),
-        );
+        base.file("init", 0o755, shell_init().as_bytes());
         base.modules(i.modules);
         base.finish()
     } else {
@@ -300,6 +300,32 @@ pub fn build(i: &Inputs) -> Result<Payload, PayloadError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_busybox_init_gets_every_number_and_path_filled_in() {
+        let script = shell_init();
+        assert!(!script.contains('@'), "a placeholder is left");
+        // The values the host fills in are the protocol's own.
+        let var = |name: &str| {
+            script
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("{name} not set"))
+                .to_string()
+        };
+        let tag = |msg: GuestMsg| postcard::to_stdvec(&msg).unwrap()[0].to_string();
+        assert_eq!(var("MSG_FINISHED"), tag(GuestMsg::Finished));
+        assert_eq!(var("MSG_STDERR"), tag(GuestMsg::Stderr(vec![])));
+        assert_eq!(var("MSG_BEGIN"), tag(GuestMsg::Begin { name: "x".into() }));
+        assert_eq!(var("BATCH_DIR"), format!("/{BATCH_DIR}"));
+        // Every message the script sends goes by name, none by number.
+        for line in script.lines() {
+            assert!(
+                !line.contains("varint 0;") && !line.contains("send_file 2"),
+                "{line}"
+            );
+        }
+    }
 
     #[test]
     fn add_specs() {

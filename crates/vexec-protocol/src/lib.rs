@@ -10,8 +10,10 @@
 //! with no message from the host: `Ready`, then for each program `Begin`,
 //! `Stdout`/`Stderr`, `Exited`; then `Coverage` pieces and `Finished`. The
 //! foreign-architecture init, a busybox `sh` script, encodes exactly these
-//! (see `src/rundir/init.sh` and docs/run-dir.md), so the variant order
-//! here is part of the protocol.
+//! (see `src/rundir/init.sh`, which gets the numbers from [`batch_tags`],
+//! and docs/run-dir.md).
+
+pub mod layout;
 
 use std::io::{self, Read, Write};
 
@@ -244,6 +246,42 @@ pub struct Aftermath {
     /// Output was still open when the grace period ended (a background
     /// process held it); what it wrote later was not sent.
     pub output_cut: bool,
+}
+
+/// The first byte postcard writes for a value: its variant's tag.
+fn tag<T: Serialize>(v: &T) -> u8 {
+    postcard::to_stdvec(v).map(|b| b[0]).unwrap_or(u8::MAX)
+}
+
+/// The tags of the messages (and exit kinds) a batch guest sends, by the
+/// names the busybox init uses for them: that script encodes frames by
+/// hand, and the host fills these numbers in, so they cannot drift.
+pub fn batch_tags() -> Vec<(&'static str, u8)> {
+    let exit = |exit| GuestMsg::Exited { exit, uptime_ms: 0 };
+    vec![
+        (
+            "READY",
+            tag(&GuestMsg::Ready {
+                version: 0,
+                release: String::new(),
+                uptime_ms: 0,
+            }),
+        ),
+        ("STDOUT", tag(&GuestMsg::Stdout(Vec::new()))),
+        ("STDERR", tag(&GuestMsg::Stderr(Vec::new()))),
+        ("EXITED", tag(&exit(Exit::Code(0)))),
+        ("ERROR", tag(&GuestMsg::Error(String::new()))),
+        (
+            "BEGIN",
+            tag(&GuestMsg::Begin {
+                name: String::new(),
+            }),
+        ),
+        ("COVERAGE", tag(&GuestMsg::Coverage(Vec::new()))),
+        ("FINISHED", tag(&GuestMsg::Finished)),
+        ("EXIT_CODE", tag(&Exit::Code(0))),
+        ("EXIT_SIGNAL", tag(&Exit::Signal(0))),
+    ]
 }
 
 /// Writes one frame.

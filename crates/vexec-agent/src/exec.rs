@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::protocol::{self, Aftermath, Exec, Exit, GuestMsg, HostMsg, Stream};
+use vexec_protocol::{self as protocol, Aftermath, Exec, Exit, GuestMsg, HostMsg, Stream};
 
 use super::report::{Phase, STATE};
 use super::{pump, sys};
@@ -445,7 +445,31 @@ pub fn reap(pid: i32) -> Exit {
 mod tests {
     use super::*;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::net::UnixStream;
     use std::path::Path;
+
+    #[test]
+    fn an_unknown_host_message_is_answered_with_an_error_not_dropped() {
+        let (port, mut host_in) = UnixStream::pair().unwrap();
+        let (mut host_out, reader) = UnixStream::pair().unwrap();
+        let port: PortWriter = Arc::new(Mutex::new(File::from(OwnedFd::from(port))));
+        let (stdin, _rx) = mpsc::channel();
+        serve_host(
+            &port,
+            File::from(OwnedFd::from(reader)),
+            0,
+            stdin,
+            vec![],
+            None,
+        );
+        // A frame whose tag no HostMsg has.
+        let tag = vexec_protocol::HOST_MSG_COUNT as u8;
+        std::io::Write::write_all(&mut host_out, &[1, 0, 0, 0, tag]).unwrap();
+        match protocol::read_frame::<GuestMsg>(&mut host_in).unwrap() {
+            Some(GuestMsg::Error(e)) => assert!(e.contains("cannot decode"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+    }
 
     fn exec_with(path: &str, cwd: &Path, uid: u32) -> Exec {
         Exec {

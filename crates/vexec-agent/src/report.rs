@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU64, Ordering};
 
 use super::sys;
 
-use crate::protocol::{REPORT_END as END, REPORT_PREFIX as PREFIX, REPORT_REQUEST as REQUEST};
+use vexec_protocol::{REPORT_END as END, REPORT_PREFIX as PREFIX, REPORT_REQUEST as REQUEST};
 
 /// Where the agent is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::protocol::GuestMsg;
+use vexec_protocol::GuestMsg;
 
 use super::exec::{PortWriter, send};
 use super::report::STATE;

@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use crate::protocol::{Setup, ShareMode, Transport};
+use vexec_protocol::{Setup, ShareMode, Transport};
 
 use super::sys::{self, mount, move_mount};
 

@@ -8,9 +8,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 
-use crate::initramfs::BATCH_DIR;
-use crate::protocol::{Exit, GuestMsg, VERSION};
-use crate::rundir::payload::programs;
+use vexec_protocol::layout::BATCH_DIR;
+use vexec_protocol::layout::programs;
+use vexec_protocol::{Exit, GuestMsg, VERSION};
 
 use std::os::fd::OwnedFd;
 

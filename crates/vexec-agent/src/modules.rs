@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 
-use crate::initramfs::{MODULE_DIR, MODULE_LIST, parse_module_list};
+use vexec_protocol::layout::{MODULE_DIR, MODULE_LIST, parse_module_list};
 
 use super::sys;
 

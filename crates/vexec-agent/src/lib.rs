@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::protocol::{self, GuestMsg, HostMsg, PORT_NAME, VERSION};
+use vexec_protocol::{self as protocol, GuestMsg, HostMsg, PORT_NAME, VERSION};
 
 /// Runs the agent. Never returns: the machine powers off at the end.
 pub fn run() -> ! {
