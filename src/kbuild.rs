@@ -4,6 +4,8 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+
+use crate::cli::verbs::KbuildArgs;
 use std::process::{Command, Stdio};
 
 /// What every vexec guest needs, built in (also used by
@@ -110,8 +112,8 @@ fn extras_words(x: Extras) -> &'static str {
 
 /// `vexec kconfig [--debug] [--gcov] [DIR]`: merges vexec's options into
 /// DIR/.config.
-pub fn kconfig(args: &[std::ffi::OsString]) -> Result<(), String> {
-    let (extras, dir) = parse(args, "kconfig")?;
+pub fn kconfig(args: &KbuildArgs) -> Result<(), String> {
+    let (extras, dir) = tree(args)?;
     let path = dir.join(".config");
     let existing = std::fs::read_to_string(&path).unwrap_or_default();
     let merged = merge(&existing, &fragment(extras));
@@ -124,23 +126,13 @@ pub fn kconfig(args: &[std::ffi::OsString]) -> Result<(), String> {
     Ok(())
 }
 
-fn parse(args: &[std::ffi::OsString], verb: &str) -> Result<(Extras, PathBuf), String> {
-    let mut x = Extras::default();
-    let mut dir = None;
-    for a in args {
-        match a.to_str() {
-            Some("--debug") => x.debug = true,
-            Some("--gcov") => x.gcov = true,
-            Some(s) if s.starts_with('-') => {
-                return Err(format!(
-                    "unknown option {s}; usage: vexec {verb} [--debug] [--gcov] [DIR]"
-                ));
-            }
-            _ if dir.is_none() => dir = Some(PathBuf::from(a)),
-            _ => return Err(format!("usage: vexec {verb} [--debug] [--gcov] [DIR]")),
-        }
-    }
-    let dir = dir.unwrap_or_else(|| ".".into());
+/// What was asked, once the directory is known to be a kernel tree.
+fn tree(args: &KbuildArgs) -> Result<(Extras, PathBuf), String> {
+    let x = Extras {
+        debug: args.debug,
+        gcov: args.gcov,
+    };
+    let dir = args.dir.clone();
     if !dir.join("Kconfig").is_file() || !dir.join("Makefile").is_file() {
         return Err(format!(
             "{} is not a Linux source tree (no Kconfig and Makefile); pass the tree's directory",
@@ -173,8 +165,8 @@ fn make(dir: &Path, args: &[&str]) -> Result<(), String> {
 /// `vexec build [--debug] [--gcov] [DIR]`: configures (tinyconfig when there is no
 /// .config yet, then vexec's options and olddefconfig) and compiles the
 /// tree with a progress line. ARCH and CROSS_COMPILE pass through to make.
-pub fn build(args: &[std::ffi::OsString]) -> Result<(), String> {
-    let (extras, dir) = parse(args, "build")?;
+pub fn build(args: &KbuildArgs) -> Result<(), String> {
+    let (extras, dir) = tree(args)?;
     let config = dir.join(".config");
     if !config.exists() {
         crate::say!(

@@ -13,17 +13,11 @@ fn main() {
     if std::process::id() == 1 {
         vexec_agent::run();
     }
-    let args: Vec<OsString> = std::env::args_os().collect();
-    match cli::generated_output(&args, &mut std::io::stdout().lock()) {
-        Ok(true) => std::process::exit(0),
-        Ok(false) => {}
-        Err(e) => {
-            vexec::say!("vexec: error: {e}");
-            std::process::exit(run::STATUS_FAILED);
-        }
-    }
+    let mut args: Vec<OsString> = std::env::args_os().collect();
     match args.get(1).and_then(|a| a.to_str()) {
-        Some("bisect") => std::process::exit(
+        // bisect's options may follow run options, which clap cannot
+        // split: its words are split by bisect::parse (clap gives --help).
+        Some("bisect") if !asks_help(&args) => std::process::exit(
             match bisect::parse(&args[2..]).and_then(|b| bisect::bisect(&b)) {
                 Ok(code) => code,
                 Err(e) => {
@@ -32,31 +26,21 @@ fn main() {
                 }
             },
         ),
-        Some(verb @ ("kconfig" | "build")) => {
-            let r = if verb == "kconfig" {
-                kbuild::kconfig(&args[2..])
-            } else {
-                kbuild::build(&args[2..])
-            };
-            if let Err(e) = r {
-                vexec::say!("vexec: error: {e}");
-                std::process::exit(run::STATUS_FAILED);
+        Some(word) if cli::verbs::is_verb(word) => std::process::exit(verb(&args)),
+        Some("shell") => {
+            // `vexec shell [RUN OPTIONS]`: the run's options, no command.
+            let mut shell = cli::verbs::shell_command();
+            let matches = parsed(shell.try_get_matches_from_mut(&args[1..]));
+            let c = parsed(<cli::Cli as clap::FromArgMatches>::from_arg_matches(
+                &matches,
+            ));
+            if !c.command.is_empty() {
+                parsed::<()>(Err(shell.error(
+                    clap::error::ErrorKind::UnknownArgument,
+                    "`vexec shell` takes run options only; run a command with `vexec [OPTIONS] -- COMMAND`",
+                )));
             }
-            std::process::exit(0);
-        }
-        Some("run-dir") => std::process::exit(rundir::main(&args[2..])),
-        Some("kernel") => {
-            let root = cache::Cache::default_root(
-                std::env::var_os("XDG_CACHE_HOME").map(Into::into),
-                std::env::var_os("HOME").map(Into::into),
-            );
-            std::process::exit(match store::main(&args[2..], root) {
-                Ok(code) => code,
-                Err(e) => {
-                    vexec::say!("vexec: error: {e}");
-                    run::STATUS_FAILED
-                }
-            });
+            args.remove(1);
         }
         Some("__bisect-step") => std::process::exit(match bisect::parse(&args[2..]) {
             Ok(b) => bisect::step(&b),
@@ -68,16 +52,7 @@ fn main() {
         _ => {}
     }
     let separator = args.iter().any(|a| a == "--");
-    let mut cli = match cli::Cli::try_parse_from(&args) {
-        Ok(c) => c,
-        // --help and --version are answers, not errors.
-        Err(e) if !e.use_stderr() => e.exit(),
-        // Bad input is vexec's failure: 125, which `git bisect run` skips.
-        Err(e) => {
-            let _ = e.print();
-            std::process::exit(run::STATUS_FAILED);
-        }
-    };
+    let mut cli = parsed(cli::Cli::try_parse_from(&args));
     // Where the command starts in argv (for the matrix's per-kernel runs):
     // it is always the trailing words.
     let command_at = (!cli.command.is_empty()).then(|| args.len() - cli.command.len());
@@ -128,6 +103,63 @@ fn main() {
             vexec::say!("vexec: error: {e}");
             std::process::exit(run::STATUS_FAILED);
         }
+    }
+}
+
+/// A parse's result; --help and --version are answers (exit 0), bad input
+/// is vexec's failure: 125, which `git bisect run` skips.
+fn parsed<T>(r: Result<T, clap::Error>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let _ = e.print();
+            std::process::exit(run::STATUS_FAILED);
+        }
+    }
+}
+
+/// True when `-h`/`--help` comes before any `--`.
+fn asks_help(args: &[OsString]) -> bool {
+    args.iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a == "-h" || a == "--help")
+}
+
+/// Runs `vexec VERB ...`; returns the exit status.
+fn verb(args: &[OsString]) -> i32 {
+    use cli::verbs::{Verb, VerbCli};
+    let done = |r: Result<i32, String>| match r {
+        Ok(code) => code,
+        Err(e) => {
+            vexec::say!("vexec: error: {e}");
+            run::STATUS_FAILED
+        }
+    };
+    match parsed(VerbCli::try_parse_from(args)).verb {
+        Verb::Kernel(action) => {
+            let root = cache::Cache::default_root(
+                std::env::var_os("XDG_CACHE_HOME").map(Into::into),
+                std::env::var_os("HOME").map(Into::into),
+            );
+            done(store::main(&action, root))
+        }
+        Verb::RunDir(c) => rundir::main(&c),
+        Verb::Kconfig(a) => done(kbuild::kconfig(&a).map(|_| 0)),
+        Verb::Build(a) => done(kbuild::build(&a).map(|_| 0)),
+        // Reached only when clap answered nothing itself (see main).
+        Verb::Bisect(_) => done(bisect::parse(&args[2..]).and_then(|b| bisect::bisect(&b))),
+        Verb::Completions { shell } => {
+            let mut out = std::io::stdout().lock();
+            clap_complete::generate(shell, &mut cli::verbs::everything(), "vexec", &mut out);
+            0
+        }
+        Verb::Manpage => done(
+            clap_mangen::Man::new(cli::verbs::everything())
+                .render(&mut std::io::stdout().lock())
+                .map(|_| 0)
+                .map_err(|e| format!("writing the man page: {e}")),
+        ),
     }
 }
 

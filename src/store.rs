@@ -10,45 +10,32 @@ use std::process::{Command, Stdio};
 
 use crate::artifacts;
 use crate::cache::Cache;
+use crate::cli::verbs::KernelAction;
 use crate::kernel::{self, resolve::Defaults};
 
-const USAGE: &str =
-    "usage: vexec kernel add PATH | fetch PACKAGE | list | path RELEASE | rm RELEASE...";
-
-/// `vexec kernel ...`; returns the exit status.
-pub fn main(args: &[std::ffi::OsString], cache_root: PathBuf) -> Result<i32, String> {
-    let words: Vec<String> = args
-        .iter()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
+/// `vexec kernel ACTION`; returns the exit status.
+pub fn main(action: &KernelAction, cache_root: PathBuf) -> Result<i32, String> {
     let cache = Cache::open(cache_root).map_err(|e| e.to_string())?;
     let store = cache.root().join("kernels");
-    match words.first().map(String::as_str) {
-        Some("add") if words.len() == 2 => {
-            let rel = add(&store, Path::new(&words[1]), &words[1])?;
+    match action {
+        KernelAction::Add { path } => {
+            let rel = add(&store, path, &path.to_string_lossy())?;
             crate::say!("vexec: added {rel}; run it with: vexec -k {rel} -- COMMAND");
-            Ok(0)
         }
-        Some("fetch") if words.len() == 2 => {
-            let rel = fetch(&store, &words[1])?;
+        KernelAction::Fetch { source } => {
+            let rel = fetch(&store, source)?;
             crate::say!("vexec: added {rel}; run it with: vexec -k {rel} -- COMMAND");
-            Ok(0)
         }
-        Some("list") if words.len() == 1 => {
-            list(&cache, &store)?;
-            Ok(0)
+        KernelAction::List => list(&cache, &store)?,
+        KernelAction::Path { release } => {
+            println!("{}", image_of(&store, release)?.display());
         }
-        Some("path") if words.len() == 2 => {
-            let img = image_of(&store, &words[1])?;
-            println!("{}", img.display());
-            Ok(0)
-        }
-        Some("rm") if words.len() >= 2 => {
-            for rel in &words[1..] {
+        KernelAction::Rm { releases } => {
+            for rel in releases {
                 let dir = store.join(rel);
                 if !dir.join("boot").is_dir() {
                     return Err(format!(
-                        "{rel} is not in the kernel store ({})",
+                        "{rel} is not in the kernel store ({}); see `vexec kernel list`",
                         store.display()
                     ));
                 }
@@ -56,10 +43,9 @@ pub fn main(args: &[std::ffi::OsString], cache_root: PathBuf) -> Result<i32, Str
                     .map_err(|e| format!("removing {}: {e}", dir.display()))?;
                 crate::say!("vexec: removed {rel}");
             }
-            Ok(0)
         }
-        _ => Err(USAGE.into()),
     }
+    Ok(0)
 }
 
 fn image_of(store: &Path, rel: &str) -> Result<PathBuf, String> {

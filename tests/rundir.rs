@@ -1,7 +1,7 @@
 //! `vexec run-dir`: initramfs-only runs of a directory of programs, on
 //! x86_64 (vexec's agent as init) and arm64 (busybox script as init, under
 //! qemu-system-aarch64 -M virt, direct and UEFI boot), the output
-//! directory's layout, --debug and QEMU argument pass-through.
+//! directory's layout, --gdb and QEMU argument pass-through.
 
 mod common;
 
@@ -239,8 +239,7 @@ fn qemu_arguments_pass_through_and_debug_waits_for_gdb() {
     let mut c = run_dir();
     c.args(["-q", "--accel", "tcg", "-k"])
         .arg(kernel("6.1"))
-        .arg("--debug")
-        .arg(port.to_string())
+        .arg(format!("--gdb={port}"))
         .arg(&progs)
         .args(["--", "-smbios", "type=1,serial=passed-through"])
         .stdout(Stdio::piped())

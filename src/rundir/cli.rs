@@ -76,9 +76,17 @@ pub struct RunDirCli {
     #[arg(long)]
     pub uefi: bool,
 
-    /// Start with the CPUs stopped and a gdb server on 127.0.0.1:PORT.
-    #[arg(long, value_name = "PORT")]
-    pub debug: Option<u16>,
+    /// Start QEMU's gdb stub on 127.0.0.1:PORT (default 1234) with the CPUs
+    /// halted, as the plain run's --gdb does (`--debug=PORT` is its old name).
+    #[arg(
+        long,
+        alias = "debug",
+        value_name = "PORT",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "1234"
+    )]
+    pub gdb: Option<u16>,
 
     /// Kernel build tree for the LCOV capture of GCOV data [default: the
     /// tree given with -k].

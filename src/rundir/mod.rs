@@ -5,7 +5,7 @@
 //! `qemu-system-aarch64 -M virt`) run a busybox script speaking the same
 //! protocol's batch subset.
 
-mod cli;
+pub mod cli;
 mod coverage;
 mod outdir;
 pub(crate) mod payload;
@@ -16,8 +16,6 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use clap::Parser;
 
 use crate::artifacts;
 use crate::cache::Cache;
@@ -39,16 +37,7 @@ const AARCH64_FIRMWARE: &[&str] = &[
 const X86_64_FIRMWARE: &[&str] = &["/usr/share/ovmf/OVMF.fd", "/usr/share/qemu/OVMF.fd"];
 
 /// Entry point: `vexec run-dir ARGS`; returns the exit status.
-pub fn main(args: &[OsString]) -> i32 {
-    let argv = std::iter::once(OsString::from("vexec run-dir")).chain(args.iter().cloned());
-    let cli = match cli::RunDirCli::try_parse_from(argv) {
-        Ok(c) => c,
-        Err(e) if !e.use_stderr() => e.exit(),
-        Err(e) => {
-            let _ = e.print();
-            return STATUS_FAILED;
-        }
-    };
+pub fn main(cli: &cli::RunDirCli) -> i32 {
     let relay = match SignalRelay::install() {
         Ok(r) => r,
         Err(e) => {
@@ -56,7 +45,7 @@ pub fn main(args: &[OsString]) -> i32 {
             return STATUS_FAILED;
         }
     };
-    match run(&cli, &relay, None) {
+    match run(cli, &relay, None) {
         Ok(code) => code,
         Err(e) => {
             crate::say!("vexec: error: {e}");
@@ -209,7 +198,7 @@ fn run(
     }
     kernel_args.extend(cli.kernel_args.iter().cloned());
     let mut extra = cli.qemu_args.clone();
-    if let Some(port) = cli.debug {
+    if let Some(port) = cli.gdb {
         kernel_args.push("nokaslr".into());
         extra.splice(
             0..0,
@@ -305,7 +294,7 @@ fn run(
             daemons: Vec::new(),
             job: Job::Batch(Box::new(report::Sink(Arc::clone(&report)))),
             timeout: cli.timeout,
-            boot_timeout: match (cli.debug, cli.boot_timeout) {
+            boot_timeout: match (cli.gdb, cli.boot_timeout) {
                 (Some(_), _) => Duration::from_secs(7 * 24 * 3600),
                 (None, Some(t)) => t,
                 // Emulated arm64, and firmware, take longer to reach init.
@@ -315,7 +304,7 @@ fn run(
                     _ => 180,
                 }),
             },
-            kvm_probe: (probing && cli.debug.is_none()).then(|| Duration::from_secs(8)),
+            kvm_probe: (probing && cli.gdb.is_none()).then(|| Duration::from_secs(8)),
             verbose: cli.verbose,
             console_log: serial,
             print_qemu: cli.verbose,
@@ -514,7 +503,7 @@ pub fn run_in_root(
         tag: Vec::new(),
         firmware: None,
         uefi: false,
-        debug: spec.gdb,
+        gdb: spec.gdb,
         build_tree: None,
         no_lcov: true,
         modules: spec.modules.clone(),

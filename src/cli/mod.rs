@@ -1,4 +1,7 @@
-//! Command-line definitions.
+//! Command-line definitions: the plain run here, the other verbs in
+//! [`verbs`].
+
+pub mod verbs;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -250,34 +253,6 @@ pub struct Cli {
     pub command: Vec<OsString>,
 }
 
-/// Handles `vexec completions SHELL` and `vexec manpage`, which print
-/// generated text on stdout. Returns false for a normal run. (Not clap
-/// subcommands: any other first word is the command to run.)
-pub fn generated_output(args: &[OsString], out: &mut dyn std::io::Write) -> Result<bool, String> {
-    use clap::CommandFactory;
-    let first = args.get(1).and_then(|a| a.to_str());
-    match first {
-        Some("completions") => {
-            let shell = args
-                .get(2)
-                .and_then(|a| a.to_str())
-                .ok_or("usage: vexec completions bash|zsh|fish|elvish|powershell")?;
-            let shell: clap_complete::Shell = shell.parse().map_err(|_| {
-                format!("unknown shell `{shell}`; use bash, zsh, fish, elvish or powershell")
-            })?;
-            clap_complete::generate(shell, &mut Cli::command(), "vexec", out);
-            Ok(true)
-        }
-        Some("manpage") => {
-            clap_mangen::Man::new(Cli::command())
-                .render(out)
-                .map_err(|e| format!("writing the man page: {e}"))?;
-            Ok(true)
-        }
-        _ => Ok(false),
-    }
-}
-
 /// Accepts QEMU-style sizes: a number of MiB, or with a K/M/G/T suffix.
 pub fn parse_memory(s: &str) -> Result<String, String> {
     let t = s.trim();
@@ -369,22 +344,33 @@ mod tests {
     }
 
     #[test]
-    fn completions_and_man_page() {
-        let generate = |args: &[&str]| {
-            let args: Vec<OsString> = args.iter().map(OsString::from).collect();
-            let mut out = Vec::new();
-            let r = generated_output(&args, &mut out);
-            (r, String::from_utf8(out).unwrap())
-        };
-        let (r, text) = generate(&["vexec", "completions", "bash"]);
-        assert!(r.unwrap());
-        assert!(text.contains("--transport"), "{text}");
-        let (r, text) = generate(&["vexec", "manpage"]);
-        assert!(r.unwrap());
+    fn completions_and_man_page_know_every_verb() {
+        let mut out = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut verbs::everything(),
+            "vexec",
+            &mut out,
+        );
+        let text = String::from_utf8(out).unwrap();
+        for word in [
+            "--transport",
+            "run-dir",
+            "kernel",
+            "fetch",
+            "bisect",
+            "shell",
+            "--gcov",
+        ] {
+            assert!(text.contains(word), "{word} missing from the completions");
+        }
+        let mut out = Vec::new();
+        clap_mangen::Man::new(verbs::everything())
+            .render(&mut out)
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
         assert!(text.contains(".TH vexec"), "{text}");
-        assert!(generate(&["vexec", "completions", "tcsh"]).0.is_err());
-        assert!(!generate(&["vexec", "--", "completions"]).0.unwrap());
-        assert!(!generate(&["vexec", "ls"]).0.unwrap());
+        assert!(text.contains("run\\-dir"), "{text}");
     }
 
     #[test]
