@@ -15,6 +15,7 @@ pub mod host;
 pub mod initramfs;
 pub mod kbuild;
 pub mod kernel;
+pub mod launch;
 pub mod matrix;
 pub mod oci;
 pub mod oops;

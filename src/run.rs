@@ -11,13 +11,14 @@ use crate::cache::{Cache, CacheError};
 use crate::host::session::{self, Job, Outcome, Params, SignalRelay, Timings};
 use crate::host::terminal;
 use crate::kernel::{self, ResolveError, resolve::Defaults};
+use crate::launch;
 use crate::oops;
 use crate::protocol::{Exec, Exit, Setup, Share, ShareMode, Transport, Tty};
 use crate::record::{self, OutputDir, RunRecord};
 use crate::shares::{self, ShareError, ShareRequest};
 use crate::spec::{RunSpec, TtyMode};
 use crate::transport::{self, TransportError};
-use crate::vm::accel::{self, Accel, AccelChoice};
+use crate::vm::accel::Accel;
 use crate::vm::qemu::{self, Backend, QemuConfig, ShareDevice};
 use crate::vm::virtiofsd::{self, DaemonSpec};
 use crate::vm::{self as vmmod, VmError};
@@ -242,23 +243,21 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
             .push((b"VEXEC_OUTPUT".to_vec(), bytes(&o.command_dir())));
     }
 
-    let (mut accel, why_not_kvm) = accel::choose(spec.accel, cache.root());
-    if let (Some(why), false) = (&why_not_kvm, spec.quiet) {
-        crate::say!("vexec: KVM not usable ({why}); using TCG emulation (slower)");
-    }
+    let start = launch::Start {
+        accel: spec.accel,
+        gdb: spec.gdb,
+        boot_timeout: spec.boot_timeout,
+        slow_boot: false,
+        quiet: spec.quiet,
+    };
+    let accel = launch::first_accel(&start, cache.root());
     let mut kernel_args = spec.kernel_args.clone();
     let mut qemu_args = spec.qemu_args.clone();
     if let Some(port) = spec.gdb {
-        // Breakpoints by symbol address need the kernel where it was linked.
-        kernel_args.push("nokaslr".into());
-        qemu_args.extend([
-            "-gdb".into(),
-            format!("tcp:127.0.0.1:{port}").into(),
-            "-S".into(),
-        ]);
+        launch::add_gdb(port, &mut kernel_args, &mut qemu_args);
     }
     let arch = kernel::image::Arch::X86_64;
-    let mut config = QemuConfig {
+    let config = QemuConfig {
         firmware: qemu::default_firmware(arch, &qemu_bin),
         binary: qemu_bin,
         arch,
@@ -297,19 +296,18 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         );
     }
     let prep = t0.elapsed();
-    loop {
-        let console_log = spec
-            .console_log
-            .clone()
-            .or_else(|| output.as_ref().map(|o| o.console_log()));
+    let console_log = spec
+        .console_log
+        .clone()
+        .or_else(|| output.as_ref().map(|o| o.console_log()));
+    let launched = launch::launch(&start, config, cache.root(), relay, |config| {
         let log = match &console_log {
             Some(p) => Some(std::fs::File::create(p).map_err(|e| {
                 RunError::Failed(format!("cannot write the console log {}: {e}", p.display()))
             })?),
             None => None,
         };
-        let probing = spec.accel == AccelChoice::Auto && accel == Accel::Kvm;
-        let params = Params {
+        Ok::<_, RunError>(Params {
             qemu: config.clone(),
             daemons: daemons.clone(),
             job: Job::Command {
@@ -317,87 +315,76 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
                 exec: Box::new(exec.clone()),
             },
             timeout: spec.timeout,
-            boot_timeout: match (spec.gdb, spec.boot_timeout, accel) {
-                // The CPUs wait for gdb for as long as the user needs.
-                (Some(_), _, _) => Duration::from_secs(7 * 24 * 3600),
-                (None, Some(t), _) => t,
-                (None, None, Accel::Kvm) => Duration::from_secs(20),
-                (None, None, Accel::Tcg) => Duration::from_secs(60),
-            },
-            kvm_probe: (probing && spec.gdb.is_none()).then(|| Duration::from_secs(8)),
+            boot_timeout: Duration::ZERO,
+            kvm_probe: None,
             verbose: spec.verbose,
             console_log: log,
             print_qemu: spec.verbose,
             dump_on_panic: spec.dump_on_panic.clone(),
-        };
-        let (outcome, timings) = session::run(params, relay)?;
-        if let Outcome::KvmBroken(why) = &outcome {
-            accel::fall_back_to_tcg(cache.root(), why, spec.quiet);
-            accel = Accel::Tcg;
-            config.accel = Accel::Tcg;
-            continue;
-        }
-        if let Outcome::KvmCrashed(_) = &outcome {
-            accel::mark_broken(cache.root());
-        }
-        if spec.verbose {
-            print_timings(prep, &timings, t0);
-        }
-        let kernel_log = timings.kernel_log.as_deref();
-        let splats = kernel_log
-            .map(|l| oops::find(&String::from_utf8_lossy(l)))
-            .unwrap_or_default();
-        report_aftermath(&timings.aftermath, &outcome, spec);
-        let words = outcome_words(&outcome);
-        let mut status = status_of(outcome);
-        if let Some(h) = &timings.hang {
-            report_hang(h);
-            if let Some(dir) = &spec.hang_reports {
-                keep_hang_report(dir, h, spec, &kernel.image);
-            }
-        }
-        if !splats.is_empty() {
-            report_splats(&splats, spec.fail_on_oops && status == 0);
-            if spec.fail_on_oops && status == 0 {
-                status = 1;
-            }
-        }
-        if let Some(o) = &output {
-            let ms = |d: Duration| d.as_millis() as u64;
-            let record = RunRecord {
-                kernel: &kernel.image,
-                release: kernel.release(),
-                banner: &kernel.info.banner,
-                transport: chosen.transport.name(),
-                accel: match accel {
-                    Accel::Kvm => "kvm",
-                    Accel::Tcg => "tcg",
-                },
-                command: spec
-                    .argv
-                    .iter()
-                    .map(|a| a.to_string_lossy().into_owned())
-                    .collect(),
-                qemu_command: qemu::shell_line(&config.binary, &qemu::argv(&config)),
-                exit_status: status,
-                outcome: words,
-                timings_ms: record::Timings {
-                    host_prep: ms(prep),
-                    boot_to_agent: timings.guest_ready_ms,
-                    command: timings
-                        .guest_exited_ms
-                        .zip(timings.guest_started_ms)
-                        .map_or(0, |(e, s)| e.saturating_sub(s)),
-                    total: ms(t0.elapsed()),
-                },
-                splats: &splats,
-            };
-            if let Err(e) = o.finish(kernel_log, &record) {
-                crate::say!("vexec: warning: {e}");
-            }
-        }
-        return Ok(status);
+        })
+    })?;
+    let launch::Launched {
+        outcome,
+        timings,
+        config,
+    } = launched;
+    if spec.verbose {
+        print_timings(prep, &timings, t0);
     }
+    let kernel_log = timings.kernel_log.as_deref();
+    let splats = kernel_log
+        .map(|l| oops::find(&String::from_utf8_lossy(l)))
+        .unwrap_or_default();
+    report_aftermath(&timings.aftermath, &outcome, spec);
+    let words = outcome_words(&outcome);
+    let mut status = status_of(outcome);
+    if let Some(h) = &timings.hang {
+        report_hang(h);
+        if let Some(dir) = &spec.hang_reports {
+            keep_hang_report(dir, h, spec, &kernel.image);
+        }
+    }
+    if !splats.is_empty() {
+        report_splats(&splats, spec.fail_on_oops && status == 0);
+        if spec.fail_on_oops && status == 0 {
+            status = 1;
+        }
+    }
+    if let Some(o) = &output {
+        let ms = |d: Duration| d.as_millis() as u64;
+        let record = RunRecord {
+            kernel: &kernel.image,
+            release: kernel.release(),
+            banner: &kernel.info.banner,
+            transport: chosen.transport.name(),
+            accel: match config.accel {
+                Accel::Kvm => "kvm",
+                Accel::Tcg => "tcg",
+            },
+            command: spec
+                .argv
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+            qemu_command: qemu::shell_line(&config.binary, &qemu::argv(&config)),
+            exit_status: status,
+            outcome: words,
+            timings_ms: record::Timings {
+                host_prep: ms(prep),
+                boot_to_agent: timings.guest_ready_ms,
+                command: timings
+                    .guest_exited_ms
+                    .zip(timings.guest_started_ms)
+                    .map_or(0, |(e, s)| e.saturating_sub(s)),
+                total: ms(t0.elapsed()),
+            },
+            splats: &splats,
+        };
+        if let Err(e) = o.finish(kernel_log, &record) {
+            crate::say!("vexec: warning: {e}");
+        }
+    }
+    Ok(status)
 }
 
 /// The command as the guest runs it: as the caller, or with `--sudo` as

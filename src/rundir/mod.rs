@@ -11,7 +11,6 @@ mod outdir;
 pub(crate) mod payload;
 mod report;
 
-use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -19,11 +18,12 @@ use std::time::{Duration, Instant};
 
 use crate::artifacts;
 use crate::cache::Cache;
-use crate::host::session::{self, Job, Outcome, Params, SignalRelay};
+use crate::host::session::{Job, Outcome, Params, SignalRelay};
 use crate::kernel::image::Arch;
 use crate::kernel::{self, resolve::Defaults};
-use crate::run::{STATUS_FAILED, outcome_words, status_of};
-use crate::vm::accel::{self, Accel, AccelChoice};
+use crate::launch;
+use crate::run::{RunError, STATUS_FAILED, outcome_words, status_of};
+use crate::vm::accel::{Accel, AccelChoice};
 use crate::vm::qemu::{self, Backend, QemuConfig, ShareDevice};
 
 /// The 9p tag of a `--root` filesystem.
@@ -178,19 +178,24 @@ fn run(
     let qemu_bin = crate::vm::find_qemu_for(arch, cli.qemu.as_deref(), path_var.clone())
         .map_err(|e| e.to_string())?;
     let firmware = firmware(cli, arch)?;
-    let (mut accel, why_not_kvm) = match arch {
-        Arch::X86_64 => accel::choose(cli.accel, cache.root()),
-        Arch::Aarch64 if cli.accel == AccelChoice::Kvm => {
-            return Err(
-                "--accel kvm: an aarch64 guest on this x86_64 host can only be emulated (TCG)"
-                    .into(),
-            );
-        }
-        Arch::Aarch64 => (Accel::Tcg, None),
-    };
-    if let (Some(why), false) = (&why_not_kvm, cli.quiet) {
-        crate::say!("vexec: KVM not usable ({why}); using TCG emulation (slower)");
+    if arch == Arch::Aarch64 && cli.accel == AccelChoice::Kvm {
+        return Err(
+            "--accel kvm: an aarch64 guest on this x86_64 host can only be emulated (TCG)".into(),
+        );
     }
+    let start = launch::Start {
+        // A foreign guest can only be emulated.
+        accel: match arch {
+            Arch::X86_64 => cli.accel,
+            Arch::Aarch64 => AccelChoice::Tcg,
+        },
+        gdb: cli.gdb,
+        boot_timeout: cli.boot_timeout,
+        // Emulated arm64, and firmware, take longer to reach init.
+        slow_boot: arch != Arch::X86_64 || firmware.is_some(),
+        quiet: cli.quiet,
+    };
+    let accel = launch::first_accel(&start, cache.root());
     let mut kernel_args = Vec::new();
     if cli.output.is_some() {
         // The record's serial log is the whole console, boot messages too.
@@ -199,15 +204,7 @@ fn run(
     kernel_args.extend(cli.kernel_args.iter().cloned());
     let mut extra = cli.qemu_args.clone();
     if let Some(port) = cli.gdb {
-        kernel_args.push("nokaslr".into());
-        extra.splice(
-            0..0,
-            [
-                OsString::from("-gdb"),
-                format!("tcp:127.0.0.1:{port}").into(),
-                "-S".into(),
-            ],
-        );
+        launch::add_gdb(port, &mut kernel_args, &mut extra);
         let symbols = crate::run::symbol_file(&kernel, &kernel.image);
         let gdb = match arch {
             Arch::X86_64 => "gdb",
@@ -225,7 +222,7 @@ fn run(
     } else {
         inspected.boot_kernel.clone()
     };
-    let mut config = QemuConfig {
+    let config = QemuConfig {
         firmware: firmware
             .clone()
             .or_else(|| qemu::default_firmware(arch, &qemu_bin)),
@@ -280,48 +277,32 @@ fn run(
         out.as_ref().map(|o| o.join("results")),
         cli.quiet,
     )));
-    let (outcome, timings) = loop {
+    let launched = launch::launch(&start, config, cache.root(), relay, |config| {
         let serial = match &out {
-            Some(o) => Some(
-                File::create(o.join("serial"))
-                    .map_err(|e| format!("creating {}: {e}", o.join("serial").display()))?,
-            ),
+            Some(o) => Some(File::create(o.join("serial")).map_err(|e| {
+                RunError::Failed(format!("creating {}: {e}", o.join("serial").display()))
+            })?),
             None => None,
         };
-        let probing = cli.accel == AccelChoice::Auto && accel == Accel::Kvm;
-        let params = Params {
+        Ok::<_, RunError>(Params {
             qemu: config.clone(),
             daemons: Vec::new(),
             job: Job::Batch(Box::new(report::Sink(Arc::clone(&report)))),
             timeout: cli.timeout,
-            boot_timeout: match (cli.gdb, cli.boot_timeout) {
-                (Some(_), _) => Duration::from_secs(7 * 24 * 3600),
-                (None, Some(t)) => t,
-                // Emulated arm64, and firmware, take longer to reach init.
-                (None, None) => Duration::from_secs(match (arch, firmware.is_some(), accel) {
-                    (Arch::X86_64, false, Accel::Kvm) => 20,
-                    (Arch::X86_64, false, Accel::Tcg) => 60,
-                    _ => 180,
-                }),
-            },
-            kvm_probe: (probing && cli.gdb.is_none()).then(|| Duration::from_secs(8)),
+            boot_timeout: Duration::ZERO,
+            kvm_probe: None,
             verbose: cli.verbose,
             console_log: serial,
             print_qemu: cli.verbose,
             dump_on_panic: None,
-        };
-        let (outcome, timings) = session::run(params, relay).map_err(|e| e.to_string())?;
-        if let Outcome::KvmBroken(why) = &outcome {
-            accel::fall_back_to_tcg(cache.root(), why, cli.quiet);
-            accel = Accel::Tcg;
-            config.accel = Accel::Tcg;
-            continue;
-        }
-        if let Outcome::KvmCrashed(_) = &outcome {
-            accel::mark_broken(cache.root());
-        }
-        break (outcome, timings);
-    };
+        })
+    })
+    .map_err(|e| e.to_string())?;
+    let launch::Launched {
+        outcome,
+        timings,
+        config,
+    } = launched;
     drop(initrd);
 
     let (mut results, coverage_data) = {
