@@ -254,6 +254,7 @@ fn run_matrix(
         sorted = matrix::shard(&sorted, s);
     }
     let guest_mib = cli
+        .machine
         .memory
         .as_deref()
         .and_then(|m| m.trim_end_matches('M').parse().ok())

@@ -92,15 +92,15 @@ pub fn build(
 ) -> Result<RunSpec, ConfigError> {
     let file = config.map(|c| &c.config);
 
-    let memory = match (cli.memory, config) {
+    let memory = match (cli.machine.memory, config) {
         (Some(m), _) => m,
         (None, Some(c)) if c.config.memory.is_some() => {
             let m = c.config.memory.as_deref().unwrap_or_default();
             cli::parse_memory(m).map_err(|e| invalid(c, "memory", e))?
         }
-        _ => "1024M".to_string(),
+        _ => cli::DEFAULT_MEMORY.to_string(),
     };
-    let cpus = match (cli.cpus, file.and_then(|f| f.cpus)) {
+    let cpus = match (cli.machine.cpus, file.and_then(|f| f.cpus)) {
         (Some(n), _) => n,
         (None, Some(n)) if (1..=256).contains(&n) => n,
         (None, Some(n)) => {
@@ -110,9 +110,9 @@ pub fn build(
                 format!("{n} is not in 1..=256"),
             ));
         }
-        (None, None) => 2,
+        (None, None) => cli::DEFAULT_CPUS,
     };
-    let accel = match cli.accel {
+    let accel = match cli.machine.accel {
         Some(a) => a,
         None => file_choice(config, "accel", |f| &f.accel)?.unwrap_or(AccelChoice::Auto),
     };
@@ -124,13 +124,20 @@ pub fn build(
     };
     let (timeout, boot_timeout, output_grace) = match config {
         Some(c) => (
-            cli.timeout.or(duration(c, "timeout", &c.config.timeout)?),
-            cli.boot_timeout
+            cli.machine
+                .timeout
+                .or(duration(c, "timeout", &c.config.timeout)?),
+            cli.machine
+                .boot_timeout
                 .or(duration(c, "boot-timeout", &c.config.boot_timeout)?),
             cli.output_grace
                 .or(duration(c, "output-grace", &c.config.output_grace)?),
         ),
-        None => (cli.timeout, cli.boot_timeout, cli.output_grace),
+        None => (
+            cli.machine.timeout,
+            cli.machine.boot_timeout,
+            cli.output_grace,
+        ),
     };
 
     // Environment: the caller's, then the file's [env], then --env.
@@ -176,7 +183,7 @@ pub fn build(
     };
 
     let mut kernel_args: Vec<String> = file.map(|f| f.kernel_args.clone()).unwrap_or_default();
-    kernel_args.extend(cli.kernel_args);
+    kernel_args.extend(cli.machine.kernel_args);
     if let Some(bad) = kernel_args
         .iter()
         .find(|a| a.chars().any(|c| c.is_control()))
@@ -223,6 +230,7 @@ pub fn build(
             .cloned()
             .or_else(|| config.and_then(|c| c.kernel())),
         modules: cli
+            .machine
             .modules
             .or_else(|| config.and_then(|c| c.config.modules.as_deref().map(|m| c.path(m)))),
         argv,
@@ -250,20 +258,20 @@ pub fn build(
         boot_timeout,
         output_grace: output_grace.unwrap_or(DEFAULT_OUTPUT_GRACE),
         hang_reports: cli.hang_reports.clone(),
-        qemu: cli.qemu,
+        qemu: cli.machine.qemu,
         kernel_args,
         qemu_args,
         console_log: cli.console_log,
         fail_on_oops: cli.fail_on_oops || file.and_then(|f| f.fail_on_oops).unwrap_or(false),
         output: cli.output,
-        gdb: cli.gdb,
+        gdb: cli.machine.gdb,
         root: cli.root,
         busybox: cli.busybox,
         dump_on_panic: cli.dump_on_panic,
         net,
         forwards,
-        verbose: cli.verbose,
-        quiet: cli.quiet,
+        verbose: cli.machine.verbose,
+        quiet: cli.machine.quiet,
         dry_run: cli.dry_run,
         cache_dir: host.cache_dir,
         running_release: host.running_release,

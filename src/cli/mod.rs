@@ -1,7 +1,10 @@
 //! Command-line definitions: the plain run here, the other verbs in
 //! [`verbs`].
 
+mod machine;
 pub mod verbs;
+
+pub use machine::{DEFAULT_CPUS, DEFAULT_MEMORY, MachineOptions};
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -10,7 +13,6 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::transport::TransportChoice;
-use crate::vm::accel::AccelChoice;
 
 /// Run a command inside a throwaway VM booted with the Linux kernel of your
 /// choice, with your own userspace, working directory, uid and environment.
@@ -45,6 +47,10 @@ pub struct Cli {
     )]
     pub kernel: Vec<String>,
 
+    /// Machine options, shared with `vexec run-dir`.
+    #[command(flatten)]
+    pub machine: MachineOptions,
+
     /// Matrix: kernels run at once [default: what the host's cores and
     /// memory fit].
     #[arg(short = 'j', long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
@@ -68,36 +74,10 @@ pub struct Cli {
     #[arg(long, value_name = "I/N", value_parser = crate::matrix::parse_shard)]
     pub shard: Option<crate::matrix::Shard>,
 
-    /// Module tree to use instead of the one found beside the kernel.
-    #[arg(long, value_name = "DIR")]
-    pub modules: Option<PathBuf>,
-
-    /// Guest memory (e.g. 512M, 2G) [default: 1G].
-    #[arg(short, long, value_parser = parse_memory)]
-    pub memory: Option<String>,
-
-    /// Guest CPUs [default: 2].
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=256))]
-    pub cpus: Option<u32>,
-
-    /// Accelerator: auto uses KVM only where it is proven to work [default:
-    /// auto].
-    #[arg(long, value_enum)]
-    pub accel: Option<AccelChoice>,
-
-    /// Stop the command and the VM after this long (e.g. 30s, 5m); exit 124,
-    /// with a report of where the host and the guest stood.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, env = "VEXEC_TIMEOUT")]
-    pub timeout: Option<Duration>,
-
     /// Also write the report of a run stopped by --timeout or Ctrl-C into
     /// a file in DIR (for CI artifacts: a retried test keeps its trail).
     #[arg(long, value_name = "DIR", env = "VEXEC_HANG_REPORTS")]
     pub hang_reports: Option<PathBuf>,
-
-    /// How long the guest may take to boot and report in before the run fails.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub boot_timeout: Option<Duration>,
 
     /// How long output may still arrive after the command exited (from a
     /// background process holding its stdout/stderr) before vexec reports
@@ -183,17 +163,9 @@ pub struct Cli {
     #[arg(long = "forward", value_name = "HOST:GUEST", value_parser = parse_forward)]
     pub forwards: Vec<(u16, u16)>,
 
-    /// Append ARG to the kernel command line (repeatable).
-    #[arg(long = "kernel-arg", value_name = "ARG")]
-    pub kernel_args: Vec<String>,
-
     /// Append ARG to QEMU's command line (repeatable).
     #[arg(long = "qemu-arg", value_name = "ARG", allow_hyphen_values = true)]
     pub qemu_args: Vec<OsString>,
-
-    /// QEMU binary to use (default: qemu-system-x86_64 on PATH).
-    #[arg(long, value_name = "PATH")]
-    pub qemu: Option<PathBuf>,
 
     /// Fail (exit 1) when the kernel logs a BUG, Oops, WARNING, KASAN,
     /// UBSAN, lockdep or similar report during the run, even if the command
@@ -205,12 +177,6 @@ pub struct Cli {
     /// and output/, which the command sees as $VEXEC_OUTPUT.
     #[arg(long, value_name = "DIR")]
     pub output: Option<PathBuf>,
-
-    /// Start QEMU's gdb stub on PORT (default 1234) with the CPUs halted;
-    /// vexec prints the gdb command to attach, and the run goes on once gdb
-    /// continues. Adds nokaslr to the kernel command line.
-    #[arg(long, value_name = "PORT", num_args = 0..=1, require_equals = true, default_missing_value = "1234")]
-    pub gdb: Option<u16>,
 
     /// Use DIR as the guest's root filesystem instead of the host's (read
     /// only, with a writable tmpfs overlay). With a kernel of another
@@ -233,14 +199,6 @@ pub struct Cli {
     /// Write the guest's full serial console to FILE.
     #[arg(long, value_name = "FILE")]
     pub console_log: Option<PathBuf>,
-
-    /// Show the kernel console, the steps and their timings on stderr.
-    #[arg(short, long)]
-    pub verbose: bool,
-
-    /// Do not print notices (such as falling back to TCG).
-    #[arg(short, long, conflicts_with = "verbose")]
-    pub quiet: bool,
 
     /// Print the QEMU command line and exit.
     #[arg(long)]

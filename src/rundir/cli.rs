@@ -2,12 +2,8 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Parser;
-
-use crate::cli::{parse_duration, parse_memory};
-use crate::vm::accel::AccelChoice;
 
 /// Boot a kernel with nothing but an initramfs, run every executable in DIR
 /// (in name order) inside it, report each one's result, power off.
@@ -76,18 +72,6 @@ pub struct RunDirCli {
     #[arg(long)]
     pub uefi: bool,
 
-    /// Start QEMU's gdb stub on 127.0.0.1:PORT (default 1234) with the CPUs
-    /// halted, as the plain run's --gdb does (`--debug=PORT` is its old name).
-    #[arg(
-        long,
-        alias = "debug",
-        value_name = "PORT",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "1234"
-    )]
-    pub gdb: Option<u16>,
-
     /// Kernel build tree for the LCOV capture of GCOV data [default: the
     /// tree given with -k].
     #[arg(long, value_name = "DIR")]
@@ -96,46 +80,6 @@ pub struct RunDirCli {
     /// Keep GCOV data as an archive only; skip the LCOV capture.
     #[arg(long)]
     pub no_lcov: bool,
-
-    /// Kernel module tree to take the guest's modules from.
-    #[arg(long, value_name = "DIR")]
-    pub modules: Option<PathBuf>,
-
-    /// Guest memory (e.g. 512M, 2G).
-    #[arg(short, long, value_parser = parse_memory, default_value = "1024M")]
-    pub memory: String,
-
-    /// Guest CPUs.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
-    pub cpus: u32,
-
-    /// Accelerator (aarch64 guests always use TCG on this host).
-    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
-    pub accel: AccelChoice,
-
-    /// Stop the whole run after this long (exit status 124).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub timeout: Option<Duration>,
-
-    /// Give up when the guest's init has not reported in after this long.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub boot_timeout: Option<Duration>,
-
-    /// An extra kernel command-line argument (repeatable).
-    #[arg(long = "kernel-arg", value_name = "ARG")]
-    pub kernel_args: Vec<String>,
-
-    /// The QEMU binary [default: qemu-system-ARCH on PATH].
-    #[arg(long, value_name = "PATH")]
-    pub qemu: Option<PathBuf>,
-
-    /// Show the console and each step.
-    #[arg(short, long)]
-    pub verbose: bool,
-
-    /// Only the programs' output and errors.
-    #[arg(short, long)]
-    pub quiet: bool,
 
     /// `vexec --root DIR` with a foreign kernel: the root filesystem shared
     /// (over 9p, read-only, overlaid) and chrooted into by the program.
@@ -146,4 +90,8 @@ pub struct RunDirCli {
     /// vexec's, and no summary is printed.
     #[arg(skip)]
     pub command_mode: bool,
+
+    /// Machine options, as for a plain run.
+    #[command(flatten)]
+    pub machine: crate::cli::MachineOptions,
 }

@@ -134,8 +134,12 @@ fn run(
     };
     let kernel = match resolved {
         Some(k) => k,
-        None => kernel::resolve(cli.kernel.as_deref(), cli.modules.as_deref(), &defaults)
-            .map_err(|e| e.to_string())?,
+        None => kernel::resolve(
+            cli.kernel.as_deref(),
+            cli.machine.modules.as_deref(),
+            &defaults,
+        )
+        .map_err(|e| e.to_string())?,
     };
     let arch = kernel.info.arch;
     if let Some(w) = wanted_arch
@@ -175,10 +179,10 @@ fn run(
     std::fs::write(initrd.path(), &payload.bytes)
         .map_err(|e| format!("writing {}: {e}", initrd.path().display()))?;
 
-    let qemu_bin = crate::vm::find_qemu_for(arch, cli.qemu.as_deref(), path_var.clone())
+    let qemu_bin = crate::vm::find_qemu_for(arch, cli.machine.qemu.as_deref(), path_var.clone())
         .map_err(|e| e.to_string())?;
     let firmware = firmware(cli, arch)?;
-    if arch == Arch::Aarch64 && cli.accel == AccelChoice::Kvm {
+    if arch == Arch::Aarch64 && cli.machine.accel == Some(AccelChoice::Kvm) {
         return Err(
             "--accel kvm: an aarch64 guest on this x86_64 host can only be emulated (TCG)".into(),
         );
@@ -186,14 +190,14 @@ fn run(
     let start = launch::Start {
         // A foreign guest can only be emulated.
         accel: match arch {
-            Arch::X86_64 => cli.accel,
+            Arch::X86_64 => cli.machine.accel.unwrap_or(AccelChoice::Auto),
             Arch::Aarch64 => AccelChoice::Tcg,
         },
-        gdb: cli.gdb,
-        boot_timeout: cli.boot_timeout,
+        gdb: cli.machine.gdb,
+        boot_timeout: cli.machine.boot_timeout,
         // Emulated arm64, and firmware, take longer to reach init.
         slow_boot: arch != Arch::X86_64 || firmware.is_some(),
-        quiet: cli.quiet,
+        quiet: cli.machine.quiet,
     };
     let accel = launch::first_accel(&start, cache.root());
     let mut kernel_args = Vec::new();
@@ -201,9 +205,9 @@ fn run(
         // The record's serial log is the whole console, boot messages too.
         kernel_args.push("loglevel=7".to_string());
     }
-    kernel_args.extend(cli.kernel_args.iter().cloned());
+    kernel_args.extend(cli.machine.kernel_args.iter().cloned());
     let mut extra = cli.qemu_args.clone();
-    if let Some(port) = cli.gdb {
+    if let Some(port) = cli.machine.gdb {
         launch::add_gdb(port, &mut kernel_args, &mut extra);
         let symbols = crate::run::symbol_file(&kernel, &kernel.image);
         let gdb = match arch {
@@ -229,11 +233,15 @@ fn run(
         binary: qemu_bin,
         arch,
         accel,
-        cpus: cli.cpus,
-        memory: cli.memory.clone(),
+        cpus: cli.machine.cpus.unwrap_or(crate::cli::DEFAULT_CPUS),
+        memory: cli
+            .machine
+            .memory
+            .clone()
+            .unwrap_or_else(|| crate::cli::DEFAULT_MEMORY.into()),
         kernel: boot_kernel,
         initrd: initrd.path().to_path_buf(),
-        cmdline: qemu::cmdline_for(arch, cli.verbose, false, &kernel_args),
+        cmdline: qemu::cmdline_for(arch, cli.machine.verbose, false, &kernel_args),
         shares: cli
             .root
             .iter()
@@ -255,7 +263,7 @@ fn run(
         .as_deref()
         .map(|o| outdir::create(o, &cli.tag))
         .transpose()?;
-    if !cli.quiet {
+    if !cli.machine.quiet {
         crate::say!(
             "vexec: run-dir: {} program(s) of {} on {} ({}, {}){}",
             payload.programs.len(),
@@ -275,7 +283,7 @@ fn run(
     let prep = t0.elapsed();
     let report = Arc::new(Mutex::new(report::Report::new(
         out.as_ref().map(|o| o.join("results")),
-        cli.quiet,
+        cli.machine.quiet,
     )));
     let launched = launch::launch(&start, config, cache.root(), relay, |config| {
         let serial = match &out {
@@ -288,12 +296,12 @@ fn run(
             qemu: config.clone(),
             daemons: Vec::new(),
             job: Job::Batch(Box::new(report::Sink(Arc::clone(&report)))),
-            timeout: cli.timeout,
+            timeout: cli.machine.timeout,
             boot_timeout: Duration::ZERO,
             kvm_probe: None,
-            verbose: cli.verbose,
+            verbose: cli.machine.verbose,
             console_log: serial,
-            print_qemu: cli.verbose,
+            print_qemu: cli.machine.verbose,
             dump_on_panic: None,
         })
     })
@@ -332,7 +340,7 @@ fn run(
     if finished && results.iter().any(|r| r.result != "pass") {
         status = 1;
     }
-    if !cli.command_mode && (!cli.quiet || status != 0) {
+    if !cli.command_mode && (!cli.machine.quiet || status != 0) {
         crate::say!(
             "vexec: run-dir on {} ({}):\n{}",
             kernel.release(),
@@ -361,7 +369,7 @@ fn run(
                         path_var: path_var.as_deref(),
                     },
                 )?;
-                if !cli.quiet {
+                if !cli.machine.quiet {
                     crate::say!(
                         "vexec: kernel coverage: {}{}",
                         saved
@@ -379,7 +387,7 @@ fn run(
                 }
                 coverage_saved = Some(saved);
             }
-            None if !cli.quiet => crate::say!(
+            None if !cli.machine.quiet => crate::say!(
                 "vexec: the kernel has GCOV data ({} KiB); pass --output DIR to keep it",
                 coverage_data.len() / 1024
             ),
@@ -484,20 +492,22 @@ pub fn run_in_root(
         tag: Vec::new(),
         firmware: None,
         uefi: false,
-        gdb: spec.gdb,
         build_tree: None,
         no_lcov: true,
-        modules: spec.modules.clone(),
-        memory: spec.memory.clone(),
-        cpus: spec.cpus,
-        // A foreign architecture is always emulated.
-        accel: AccelChoice::Tcg,
-        timeout: spec.timeout,
-        boot_timeout: spec.boot_timeout,
-        kernel_args: spec.kernel_args.clone(),
-        qemu: spec.qemu.clone(),
-        verbose: spec.verbose,
-        quiet: true,
+        machine: crate::cli::MachineOptions {
+            modules: spec.modules.clone(),
+            memory: Some(spec.memory.clone()),
+            cpus: Some(spec.cpus),
+            // A foreign architecture is always emulated.
+            accel: Some(AccelChoice::Tcg),
+            timeout: spec.timeout,
+            boot_timeout: spec.boot_timeout,
+            kernel_args: spec.kernel_args.clone(),
+            qemu: spec.qemu.clone(),
+            gdb: spec.gdb,
+            verbose: spec.verbose,
+            quiet: true,
+        },
         root: Some(root),
         command_mode: true,
     };
