@@ -17,15 +17,9 @@ fn main() {
     match args.get(1).and_then(|a| a.to_str()) {
         // bisect's options may follow run options, which clap cannot
         // split: its words are split by bisect::parse (clap gives --help).
-        Some("bisect") if !asks_help(&args) => std::process::exit(
-            match bisect::parse(&args[2..]).and_then(|b| bisect::bisect(&b)) {
-                Ok(code) => code,
-                Err(e) => {
-                    vexec::say!("vexec: error: {e}");
-                    run::STATUS_FAILED
-                }
-            },
-        ),
+        Some("bisect") if !asks_help(&args) => std::process::exit(failed_is_125(
+            bisect::parse(&args[2..]).and_then(|b| bisect::bisect(&b)),
+        )),
         Some(word) if cli::verbs::is_verb(word) => std::process::exit(verb(&args)),
         Some("shell") => {
             // `vexec shell [RUN OPTIONS]`: the run's options, no command.
@@ -51,59 +45,35 @@ fn main() {
         }),
         _ => {}
     }
+    std::process::exit(failed_is_125(plain_run(&args)));
+}
+
+/// The exit status of a run, or 125 (vexec's own failure) with the error.
+fn failed_is_125(r: Result<i32, String>) -> i32 {
+    r.unwrap_or_else(|e| {
+        vexec::say!("vexec: error: {e}");
+        run::STATUS_FAILED
+    })
+}
+
+/// `vexec [OPTIONS] [--] [COMMAND...]`: one kernel, or a matrix.
+fn plain_run(args: &[OsString]) -> Result<i32, String> {
     let separator = args.iter().any(|a| a == "--");
-    let mut cli = parsed(cli::Cli::try_parse_from(&args));
+    let mut cli = parsed(cli::Cli::try_parse_from(args));
     // Where the command starts in argv (for the matrix's per-kernel runs):
     // it is always the trailing words.
     let command_at = (!cli.command.is_empty()).then(|| args.len() - cli.command.len());
-    let relay = match host::session::SignalRelay::install() {
-        Ok(r) => r,
-        Err(e) => {
-            vexec::say!("vexec: error: installing signal handlers: {e}");
-            std::process::exit(run::STATUS_FAILED);
-        }
-    };
-    let host = match host_facts() {
-        Ok(h) => h,
-        Err(e) => {
-            vexec::say!("vexec: error: {e}");
-            std::process::exit(run::STATUS_FAILED);
-        }
-    };
-    let config = match load_config(&cli, &host.cwd) {
-        Ok(c) => c,
-        Err(e) => {
-            vexec::say!("vexec: error: {e}");
-            std::process::exit(run::STATUS_FAILED);
-        }
-    };
-    match kernels(&cli, config.as_ref(), &host) {
-        Ok(k)
-            if k.len() > 1 || cli.shard.is_some() || cli.junit.is_some() || cli.json.is_some() =>
-        {
-            std::process::exit(run_matrix(&cli, &args, command_at, k));
-        }
-        Ok(k) => cli.kernel = k,
-        Err(e) => {
-            vexec::say!("vexec: error: {e}");
-            std::process::exit(run::STATUS_FAILED);
-        }
+    let relay = host::session::SignalRelay::install()
+        .map_err(|e| format!("installing signal handlers: {e}"))?;
+    let host = host_facts()?;
+    let config = load_config(&cli, &host.cwd).map_err(|e| e.to_string())?;
+    let k = kernels(&cli, config.as_ref(), &host)?;
+    if k.len() > 1 || cli.shard.is_some() || cli.junit.is_some() || cli.json.is_some() {
+        return Ok(run_matrix(&cli, args, command_at, k));
     }
-    let spec = settings::build(cli, config.as_ref(), host, separator);
-    let spec = match spec {
-        Ok(s) => s,
-        Err(e) => {
-            vexec::say!("vexec: error: {e}");
-            std::process::exit(run::STATUS_FAILED);
-        }
-    };
-    match run::run(&spec, &relay) {
-        Ok(code) => std::process::exit(code),
-        Err(e) => {
-            vexec::say!("vexec: error: {e}");
-            std::process::exit(run::STATUS_FAILED);
-        }
-    }
+    cli.kernel = k;
+    let spec = settings::build(cli, config.as_ref(), host, separator).map_err(|e| e.to_string())?;
+    run::run(&spec, &relay).map_err(|e| e.to_string())
 }
 
 /// A parse's result; --help and --version are answers (exit 0), bad input
@@ -129,13 +99,7 @@ fn asks_help(args: &[OsString]) -> bool {
 /// Runs `vexec VERB ...`; returns the exit status.
 fn verb(args: &[OsString]) -> i32 {
     use cli::verbs::{Verb, VerbCli};
-    let done = |r: Result<i32, String>| match r {
-        Ok(code) => code,
-        Err(e) => {
-            vexec::say!("vexec: error: {e}");
-            run::STATUS_FAILED
-        }
-    };
+    let done = failed_is_125;
     match parsed(VerbCli::try_parse_from(args)).verb {
         Verb::Kernel(action) => {
             let root = cache::Cache::default_root(
