@@ -20,6 +20,7 @@ pub mod matrix;
 pub mod oci;
 pub mod oops;
 pub mod record;
+pub mod report;
 pub mod run;
 pub mod rundir;
 pub mod settings;

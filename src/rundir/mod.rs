@@ -22,7 +22,8 @@ use crate::host::session::{Job, Outcome, Params, SignalRelay};
 use crate::kernel::image::Arch;
 use crate::kernel::{self, resolve::Defaults};
 use crate::launch;
-use crate::run::{RunError, STATUS_FAILED, outcome_words, status_of};
+use crate::report::{outcome_words, status_of};
+use crate::run::{RunError, STATUS_FAILED};
 use crate::vm::accel::{Accel, AccelChoice};
 use crate::vm::qemu::{self, Backend, QemuConfig, ShareDevice};
 
