@@ -14,30 +14,58 @@ pub struct OutputDir {
     pub root: PathBuf,
 }
 
-/// run.json.
+/// run.json, for every mode: the facts all runs share, then the mode's own.
 #[derive(Debug, Serialize)]
 pub struct RunRecord<'a> {
     pub kernel: &'a Path,
     pub release: &'a str,
     pub banner: &'a str,
-    pub transport: &'a str,
     pub accel: &'a str,
-    pub command: Vec<String>,
     pub qemu_command: String,
     /// vexec's exit status.
     pub exit_status: i32,
     /// How the run ended, in words.
     pub outcome: String,
     pub timings_ms: Timings,
-    pub splats: &'a [Splat],
+    #[serde(flatten)]
+    pub mode: ModeRecord<'a>,
 }
 
-/// Milliseconds spent in each phase.
+/// What only one mode records.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum ModeRecord<'a> {
+    /// A command run over the host's files.
+    Command {
+        transport: &'a str,
+        command: Vec<String>,
+        splats: &'a [Splat],
+    },
+    /// `vexec run-dir`: programs from an initramfs.
+    Batch {
+        arch: &'a str,
+        firmware: Option<&'a Path>,
+        dir: PathBuf,
+        busybox: Option<&'a Path>,
+        tags: &'a [String],
+        programs: &'a [crate::rundir::report::ProgramResult],
+        coverage: Option<&'a crate::rundir::coverage::Saved>,
+    },
+}
+
+/// Milliseconds spent in each phase; a phase a mode does not have is left
+/// out.
 #[derive(Debug, Default, Serialize)]
 pub struct Timings {
     pub host_prep: u64,
-    pub boot_to_agent: u64,
-    pub command: u64,
+    /// Until the agent reported in (command runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boot_to_agent: Option<u64>,
+    /// Until the guest's init reported in (run-dir).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boot_to_init: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<u64>,
     pub total: u64,
 }
 
@@ -75,5 +103,67 @@ impl OutputDir {
         }
         let json = serde_json::to_vec_pretty(record).map_err(|e| e.to_string())?;
         write("run.json", &json)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(mode: ModeRecord<'_>, timings: Timings) -> serde_json::Value {
+        let r = RunRecord {
+            kernel: Path::new("/boot/vmlinuz"),
+            release: "6.1",
+            banner: "6.1 (gcc)",
+            accel: "tcg",
+            qemu_command: "qemu".into(),
+            exit_status: 0,
+            outcome: "exited with status 0".into(),
+            timings_ms: timings,
+            mode,
+        };
+        serde_json::to_value(&r).unwrap()
+    }
+
+    #[test]
+    fn every_mode_writes_the_shared_facts_and_its_own() {
+        let run = record(
+            ModeRecord::Command {
+                transport: "virtiofs",
+                command: vec!["true".into()],
+                splats: &[],
+            },
+            Timings {
+                boot_to_agent: Some(5),
+                command: Some(1),
+                ..Timings::default()
+            },
+        );
+        assert_eq!(run["transport"], "virtiofs");
+        assert_eq!(run["release"], "6.1");
+        assert_eq!(run["timings_ms"]["boot_to_agent"], 5);
+        assert!(run["timings_ms"].get("boot_to_init").is_none());
+        assert!(run.get("programs").is_none());
+
+        let batch = record(
+            ModeRecord::Batch {
+                arch: "aarch64",
+                firmware: None,
+                dir: "/t".into(),
+                busybox: None,
+                tags: &["ci".to_string()],
+                programs: &[],
+                coverage: None,
+            },
+            Timings {
+                boot_to_init: Some(7),
+                ..Timings::default()
+            },
+        );
+        assert_eq!(batch["arch"], "aarch64");
+        assert_eq!(batch["tags"][0], "ci");
+        assert_eq!(batch["exit_status"], 0);
+        assert_eq!(batch["timings_ms"]["boot_to_init"], 7);
+        assert!(batch.get("transport").is_none());
     }
 }

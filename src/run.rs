@@ -360,29 +360,34 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
             kernel: &kernel.image,
             release: kernel.release(),
             banner: &kernel.info.banner,
-            transport: chosen.transport.name(),
             accel: match config.accel {
                 Accel::Kvm => "kvm",
                 Accel::Tcg => "tcg",
             },
-            command: spec
-                .argv
-                .iter()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect(),
             qemu_command: qemu::shell_line(&config.binary, &qemu::argv(&config)),
             exit_status: status,
             outcome: words,
             timings_ms: record::Timings {
                 host_prep: ms(prep),
-                boot_to_agent: timings.guest_ready_ms,
-                command: timings
-                    .guest_exited_ms
-                    .zip(timings.guest_started_ms)
-                    .map_or(0, |(e, s)| e.saturating_sub(s)),
+                boot_to_agent: Some(timings.guest_ready_ms),
+                boot_to_init: None,
+                command: Some(
+                    timings
+                        .guest_exited_ms
+                        .zip(timings.guest_started_ms)
+                        .map_or(0, |(e, s)| e.saturating_sub(s)),
+                ),
                 total: ms(t0.elapsed()),
             },
-            splats: &splats,
+            mode: record::ModeRecord::Command {
+                transport: chosen.transport.name(),
+                command: spec
+                    .argv
+                    .iter()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect(),
+                splats: &splats,
+            },
         };
         if let Err(e) = o.finish(kernel_log, &record) {
             crate::say!("vexec: warning: {e}");

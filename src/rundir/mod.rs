@@ -6,10 +6,10 @@
 //! protocol's batch subset.
 
 pub mod cli;
-mod coverage;
+pub mod coverage;
 mod outdir;
 pub(crate) mod payload;
-mod report;
+pub mod report;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -396,27 +396,38 @@ fn run(
         }
     }
     if let Some(o) = &out {
-        let record = serde_json::json!({
-            "kernel": kernel.image,
-            "release": kernel.release(),
-            "banner": kernel.info.banner,
-            "arch": arch.name(),
-            "accel": match config.accel { Accel::Kvm => "kvm", Accel::Tcg => "tcg" },
-            "firmware": firmware,
-            "dir": std::path::absolute(&cli.dir).unwrap_or_else(|_| cli.dir.clone()),
-            "busybox": payload.busybox,
-            "tags": cli.tag,
-            "qemu_command": qemu::shell_line(&config.binary, &qemu::argv(&config)),
-            "outcome": words,
-            "exit_status": status,
-            "programs": results,
-            "coverage": coverage_saved,
-            "timings_ms": {
-                "host_prep": prep.as_millis() as u64,
-                "boot_to_init": timings.ready.zip(timings.spawned).map(|(r, s)| (r - s).as_millis() as u64),
-                "total": t0.elapsed().as_millis() as u64,
+        let dir = std::path::absolute(&cli.dir).unwrap_or_else(|_| cli.dir.clone());
+        let record = crate::record::RunRecord {
+            kernel: &kernel.image,
+            release: kernel.release(),
+            banner: &kernel.info.banner,
+            accel: match config.accel {
+                Accel::Kvm => "kvm",
+                Accel::Tcg => "tcg",
             },
-        });
+            qemu_command: qemu::shell_line(&config.binary, &qemu::argv(&config)),
+            exit_status: status,
+            outcome: words,
+            timings_ms: crate::record::Timings {
+                host_prep: prep.as_millis() as u64,
+                boot_to_agent: None,
+                boot_to_init: timings
+                    .ready
+                    .zip(timings.spawned)
+                    .map(|(r, s)| (r - s).as_millis() as u64),
+                command: None,
+                total: t0.elapsed().as_millis() as u64,
+            },
+            mode: crate::record::ModeRecord::Batch {
+                arch: arch.name(),
+                firmware: firmware.as_deref(),
+                dir,
+                busybox: payload.busybox.as_deref(),
+                tags: &cli.tag,
+                programs: &results,
+                coverage: coverage_saved.as_ref(),
+            },
+        };
         let path = o.join("run.json");
         let json = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
         std::fs::write(&path, json).map_err(|e| format!("writing {}: {e}", path.display()))?;
