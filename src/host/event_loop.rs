@@ -59,6 +59,8 @@ struct Loop<'a, 'p> {
     interrupted: Option<i32>,
     /// A daemon that died while QEMU ran: what it served and how it ended.
     daemon_died: Option<String>,
+    /// The exit status of that daemon (above 128: killed by a signal).
+    daemon_status: Option<i32>,
     /// The outcome waiting for the agent's report.
     reporting: Option<Outcome>,
     /// Raw mode on the host terminal while an interactive command runs.
@@ -81,6 +83,7 @@ pub fn run(p: &mut Params, t: &mut Timings, cx: Context<'_>, rx: &Receiver<Event
         ctl_closed: false,
         interrupted: None,
         daemon_died: None,
+        daemon_status: None,
         reporting: None,
         raw: None,
     };
@@ -129,12 +132,20 @@ impl Loop<'_, '_> {
             }
             Event::QemuExited(status) => {
                 self.qemu_status = Some(status);
+                // QEMU killed, and a daemon that ended on its own just
+                // before: the daemon was reacting to QEMU's socket closing
+                // (the two deaths are seen by separate threads, in either
+                // order), so QEMU's death is the one to report.
+                if status > 128 && self.daemon_status.is_some_and(|s| s <= 128) {
+                    self.daemon_died = None;
+                }
                 self.deadline = Some(Instant::now() + SETTLE);
                 None
             }
             Event::DaemonExited(i, status) => {
                 // After QEMU is gone its daemons end too: that says nothing.
                 if self.qemu_status.is_none() && self.daemon_died.is_none() {
+                    self.daemon_status = Some(status);
                     self.daemon_died = Some(self.daemon_death(i, status));
                     self.deadline = Some(Instant::now() + DAEMON_SETTLE);
                 }
@@ -311,46 +322,37 @@ impl Loop<'_, '_> {
 
     /// QEMU exited and the channel is drained.
     fn qemu_gone(&self) -> Outcome {
+        if self.p.kvm_probe.is_none() || self.panic_line.is_some() {
+            return self.failed();
+        }
+        let errs = self
+            .cx
+            .qemu_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let status = self.qemu_status.unwrap_or_default();
         // Under a KVM probe, QEMU dying before init reports in (an
         // assertion on MSRs, an emulation failure) condemns KVM, not the
         // kernel; a panic is the kernel's own doing.
-        if self.p.kvm_probe.is_some()
-            && self.phase == Phase::Booting
-            && self.panic_line.is_none()
-            && self.cx.vm.daemon_errors().is_empty()
-        {
-            let errs = self
-                .cx
-                .qemu_errors
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let last = errs
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("");
+        if self.phase == Phase::Booting && self.cx.vm.daemon_errors().is_empty() {
+            let last = errs.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
             return Outcome::KvmBroken(format!(
-                "QEMU exited (status {}) while booting: {last}",
-                self.qemu_status.unwrap_or_default()
+                "QEMU exited (status {status}) while booting: {last}"
             ));
         }
         // KVM that boots Linux may still abort QEMU later (seen: an MSR
         // assertion in kvm.c seconds into the command).
-        if self.p.kvm_probe.is_some() && self.panic_line.is_none() {
-            let errs = self
-                .cx
-                .qemu_errors
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if let Some(line) = errs.lines().find(|l| l.contains("kvm")) {
-                return Outcome::KvmCrashed(format!(
-                    "QEMU exited (status {}) under KVM while the command ran: {}",
-                    self.qemu_status.unwrap_or_default(),
-                    line.trim()
-                ));
+        let kvm_line = errs.lines().find(|l| l.contains("kvm")).map(str::trim);
+        match kvm_line {
+            Some(line) => Outcome::KvmCrashed(format!(
+                "QEMU exited (status {status}) under KVM while the command ran: {line}"
+            )),
+            None => {
+                // failed() reads the same errors: let go of them first.
+                drop(errs);
+                self.failed()
             }
         }
-        self.failed()
     }
 
     fn failed(&self) -> Outcome {
