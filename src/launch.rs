@@ -71,6 +71,13 @@ pub fn add_gdb(port: u16, kernel_args: &mut Vec<String>, qemu_args: &mut Vec<OsS
     );
 }
 
+/// The boot deadlines of one launch, for the session's [`Params`].
+#[derive(Debug, Clone, Copy)]
+pub struct Boot {
+    pub timeout: Duration,
+    pub kvm_probe: Option<Duration>,
+}
+
 /// How a launch ended, with the configuration it last ran (under TCG if
 /// KVM was given up on).
 pub struct Launched {
@@ -83,19 +90,21 @@ pub struct Launched {
 /// fails to boot the kernel, KVM is marked broken for this host boot and
 /// the machine is launched once more under TCG; when it crashes QEMU after
 /// the command started, it is marked broken but not relaunched.
-/// `attempt` builds the session's parameters for each launch.
+/// `attempt` builds the session's parameters for each launch, from the
+/// configuration and boot deadlines of that launch.
 pub fn launch<E: From<VmError>>(
     start: &Start,
     mut config: QemuConfig,
     cache_root: &Path,
     relay: &SignalRelay,
-    mut attempt: impl FnMut(&QemuConfig) -> Result<Params, E>,
+    mut attempt: impl FnMut(&QemuConfig, Boot) -> Result<Params, E>,
 ) -> Result<Launched, E> {
     loop {
-        let mut params = attempt(&config)?;
-        params.qemu = config.clone();
-        params.boot_timeout = boot_timeout(start, config.accel);
-        params.kvm_probe = kvm_probe(start, config.accel);
+        let boot = Boot {
+            timeout: boot_timeout(start, config.accel),
+            kvm_probe: kvm_probe(start, config.accel),
+        };
+        let params = attempt(&config, boot)?;
         let (outcome, timings) = session::run(params, relay)?;
         match &outcome {
             Outcome::KvmBroken(why) if config.accel == Accel::Kvm => {

@@ -31,6 +31,33 @@ pub struct RunRecord<'a> {
     pub mode: ModeRecord<'a>,
 }
 
+impl<'a> RunRecord<'a> {
+    /// The record of a run of `kernel` that last ran as `config`.
+    pub fn new(
+        kernel: &'a crate::kernel::Kernel,
+        config: &crate::vm::qemu::QemuConfig,
+        exit_status: i32,
+        outcome: String,
+        timings_ms: Timings,
+        mode: ModeRecord<'a>,
+    ) -> Self {
+        RunRecord {
+            kernel: &kernel.image,
+            release: kernel.release(),
+            banner: &kernel.info.banner,
+            accel: config.accel.name(),
+            qemu_command: crate::vm::qemu::shell_line(
+                &config.binary,
+                &crate::vm::qemu::argv(config),
+            ),
+            exit_status,
+            outcome,
+            timings_ms,
+            mode,
+        }
+    }
+}
+
 /// What only one mode records.
 #[derive(Debug, Serialize)]
 #[serde(untagged)]

@@ -22,7 +22,6 @@ use crate::report::{
 use crate::shares::{self, ShareError, ShareRequest};
 use crate::spec::{RunSpec, TtyMode};
 use crate::transport::{self, TransportError};
-use crate::vm::accel::Accel;
 use crate::vm::qemu::{self, Backend, QemuConfig, ShareDevice};
 use crate::vm::virtiofsd::{self, DaemonSpec};
 use crate::vm::{self as vmmod, VmError};
@@ -304,7 +303,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         .console_log
         .clone()
         .or_else(|| output.as_ref().map(|o| o.console_log()));
-    let launched = launch::launch(&start, config, cache.root(), relay, |config| {
+    let launched = launch::launch(&start, config, cache.root(), relay, |config, boot| {
         let log = match &console_log {
             Some(p) => Some(std::fs::File::create(p).map_err(|e| {
                 RunError::Failed(format!("cannot write the console log {}: {e}", p.display()))
@@ -319,8 +318,8 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
                 exec: Box::new(exec.clone()),
             },
             timeout: spec.timeout,
-            boot_timeout: Duration::ZERO,
-            kvm_probe: None,
+            boot_timeout: boot.timeout,
+            kvm_probe: boot.kvm_probe,
             verbose: spec.verbose,
             console_log: log,
             print_qemu: spec.verbose,
@@ -356,18 +355,12 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
     }
     if let Some(o) = &output {
         let ms = |d: Duration| d.as_millis() as u64;
-        let record = RunRecord {
-            kernel: &kernel.image,
-            release: kernel.release(),
-            banner: &kernel.info.banner,
-            accel: match config.accel {
-                Accel::Kvm => "kvm",
-                Accel::Tcg => "tcg",
-            },
-            qemu_command: qemu::shell_line(&config.binary, &qemu::argv(&config)),
-            exit_status: status,
-            outcome: words,
-            timings_ms: record::Timings {
+        let record = RunRecord::new(
+            &kernel,
+            &config,
+            status,
+            words,
+            record::Timings {
                 host_prep: ms(prep),
                 boot_to_agent: Some(timings.guest_ready_ms),
                 boot_to_init: None,
@@ -379,7 +372,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
                 ),
                 total: ms(t0.elapsed()),
             },
-            mode: record::ModeRecord::Command {
+            record::ModeRecord::Command {
                 transport: chosen.transport.name(),
                 command: spec
                     .argv
@@ -388,7 +381,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
                     .collect(),
                 splats: &splats,
             },
-        };
+        );
         if let Err(e) = o.finish(kernel_log, &record) {
             crate::say!("vexec: warning: {e}");
         }

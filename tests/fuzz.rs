@@ -109,6 +109,11 @@ fn encoded<T: serde::Serialize>(msgs: &[T]) -> Vec<u8> {
     buf
 }
 
+/// One of the magics the decompressors recognise.
+fn magic() -> impl Strategy<Value = &'static [u8]> {
+    prop::sample::select(Format::MAGICS.iter().map(|(m, _)| *m).collect::<Vec<_>>())
+}
+
 /// A bzImage-shaped buffer: the "HdrS" magic and a random setup header, so
 /// that the header's offsets and lengths are exercised, not only rejected.
 fn bzimage_like() -> impl Strategy<Value = Vec<u8>> {
@@ -119,14 +124,7 @@ fn bzimage_like() -> impl Strategy<Value = Vec<u8>> {
         any::<u16>(),
         any::<u32>(),
         any::<u32>(),
-        prop::sample::select(vec![
-            &b"\x1f\x8b"[..],
-            b"\xfd7zXZ\0",
-            b"\x28\xb5\x2f\xfd",
-            b"\x02\x21\x4c\x18",
-            b"BZh",
-            b"\x5d\0\0",
-        ]),
+        magic(),
     )
         .prop_map(|(mut d, sects, version, vptr, offset, length, magic)| {
             d[0x1f1] = sects;
@@ -146,18 +144,7 @@ fn bzimage_like() -> impl Strategy<Value = Vec<u8>> {
 
 /// Inputs starting with one of the magics the decompressors accept.
 fn compressed_like() -> impl Strategy<Value = Vec<u8>> {
-    (
-        prop::sample::select(vec![
-            &b"\x1f\x8b\x08"[..],
-            b"\xfd7zXZ\0",
-            b"\x28\xb5\x2f\xfd",
-            b"\x02\x21\x4c\x18",
-            b"BZh9",
-            b"\x5d\0\0",
-            b"\x89LZO",
-        ]),
-        prop::collection::vec(any::<u8>(), 0..2000),
-    )
+    (magic(), prop::collection::vec(any::<u8>(), 0..2000))
         .prop_map(|(m, rest)| [m, &rest[..]].concat())
 }
 

@@ -20,17 +20,19 @@ pub enum Format {
 
 impl Format {
     /// Identifies the format from the first bytes of a stream.
+    /// The first bytes of each format, as [`Format::sniff`] knows them.
+    pub const MAGICS: &[(&[u8], Format)] = &[
+        (&[0x1f, 0x8b], Format::Gzip),
+        (&[0xfd, b'7', b'z', b'X', b'Z', 0x00], Format::Xz),
+        (&[0x5d, 0x00, 0x00], Format::Lzma),
+        (b"BZh", Format::Bzip2),
+        (&[0x02, 0x21, 0x4c, 0x18], Format::Lz4Legacy),
+        (&[0x28, 0xb5, 0x2f, 0xfd], Format::Zstd),
+        (&[0x89, b'L', b'Z', b'O'], Format::Lzo),
+    ];
+
     pub fn sniff(data: &[u8]) -> Option<Format> {
-        const MAGICS: &[(&[u8], Format)] = &[
-            (&[0x1f, 0x8b], Format::Gzip),
-            (&[0xfd, b'7', b'z', b'X', b'Z', 0x00], Format::Xz),
-            (&[0x5d, 0x00, 0x00], Format::Lzma),
-            (b"BZh", Format::Bzip2),
-            (&[0x02, 0x21, 0x4c, 0x18], Format::Lz4Legacy),
-            (&[0x28, 0xb5, 0x2f, 0xfd], Format::Zstd),
-            (&[0x89, b'L', b'Z', b'O'], Format::Lzo),
-        ];
-        MAGICS
+        Self::MAGICS
             .iter()
             .find(|(m, _)| data.starts_with(m))
             .map(|&(_, f)| f)

@@ -14,7 +14,7 @@ pub mod report;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::artifacts;
 use crate::cache::Cache;
@@ -24,7 +24,7 @@ use crate::kernel::{self, resolve::Defaults};
 use crate::launch;
 use crate::report::{outcome_words, status_of};
 use crate::run::{RunError, STATUS_FAILED};
-use crate::vm::accel::{Accel, AccelChoice};
+use crate::vm::accel::AccelChoice;
 use crate::vm::qemu::{self, Backend, QemuConfig, ShareDevice};
 
 /// The 9p tag of a `--root` filesystem.
@@ -286,7 +286,7 @@ fn run(
         out.as_ref().map(|o| o.join("results")),
         cli.machine.quiet,
     )));
-    let launched = launch::launch(&start, config, cache.root(), relay, |config| {
+    let launched = launch::launch(&start, config, cache.root(), relay, |config, boot| {
         let serial = match &out {
             Some(o) => Some(File::create(o.join("serial")).map_err(|e| {
                 RunError::Failed(format!("creating {}: {e}", o.join("serial").display()))
@@ -298,8 +298,8 @@ fn run(
             daemons: Vec::new(),
             job: Job::Batch(Box::new(report::Sink(Arc::clone(&report)))),
             timeout: cli.machine.timeout,
-            boot_timeout: Duration::ZERO,
-            kvm_probe: None,
+            boot_timeout: boot.timeout,
+            kvm_probe: boot.kvm_probe,
             verbose: cli.machine.verbose,
             console_log: serial,
             print_qemu: cli.machine.verbose,
@@ -397,18 +397,12 @@ fn run(
     }
     if let Some(o) = &out {
         let dir = std::path::absolute(&cli.dir).unwrap_or_else(|_| cli.dir.clone());
-        let record = crate::record::RunRecord {
-            kernel: &kernel.image,
-            release: kernel.release(),
-            banner: &kernel.info.banner,
-            accel: match config.accel {
-                Accel::Kvm => "kvm",
-                Accel::Tcg => "tcg",
-            },
-            qemu_command: qemu::shell_line(&config.binary, &qemu::argv(&config)),
-            exit_status: status,
-            outcome: words,
-            timings_ms: crate::record::Timings {
+        let record = crate::record::RunRecord::new(
+            &kernel,
+            &config,
+            status,
+            words,
+            crate::record::Timings {
                 host_prep: prep.as_millis() as u64,
                 boot_to_agent: None,
                 boot_to_init: timings
@@ -418,7 +412,7 @@ fn run(
                 command: None,
                 total: t0.elapsed().as_millis() as u64,
             },
-            mode: crate::record::ModeRecord::Batch {
+            crate::record::ModeRecord::Batch {
                 arch: arch.name(),
                 firmware: firmware.as_deref(),
                 dir,
@@ -427,7 +421,7 @@ fn run(
                 programs: &results,
                 coverage: coverage_saved.as_ref(),
             },
-        };
+        );
         let path = o.join("run.json");
         let json = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
         std::fs::write(&path, json).map_err(|e| format!("writing {}: {e}", path.display()))?;

@@ -12,6 +12,16 @@ pub enum Accel {
     Tcg,
 }
 
+impl Accel {
+    /// The name QEMU and the run record use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
 /// What the user asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum AccelChoice {
