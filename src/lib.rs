@@ -6,28 +6,13 @@
 //! the `vexec-protocol` crate, re-exported here as [`protocol`].
 
 pub mod artifacts;
-pub mod bisect;
-pub mod cache;
-pub mod caps;
 pub mod cli;
-pub mod config;
 pub mod host;
-pub mod initramfs;
-pub mod kbuild;
 pub mod kernel;
 pub mod launch;
-pub mod matrix;
-pub mod oci;
-pub mod oops;
-pub mod record;
+pub mod modes;
 pub mod report;
-pub mod run;
-pub mod rundir;
-pub mod settings;
-pub mod shares;
-pub mod spec;
 pub mod store;
-pub mod transport;
 pub mod vm;
 
 pub use vexec_protocol as protocol;

@@ -5,7 +5,11 @@
 
 use std::ffi::OsString;
 
-use vexec::{bisect, cache, cli, config, host, kbuild, matrix, run, rundir, settings, store};
+use vexec::artifacts::cache;
+use vexec::cli::{self, config, settings};
+use vexec::kernel::build as kbuild;
+use vexec::modes::{bisect, matrix, run, rundir};
+use vexec::{host, store};
 
 use clap::Parser;
 

@@ -6,7 +6,7 @@
 use std::io::Read;
 
 use proptest::prelude::*;
-use vexec::initramfs::{Cpio, parse_module_list};
+use vexec::artifacts::initramfs::{Cpio, parse_module_list};
 use vexec::kernel::decompress::{Format, decompress, decompress_any};
 use vexec::kernel::image::{embedded_config, extract_vmlinux, has_pvh_entry, inspect};
 use vexec::kernel::kconfig::KernelConfig;

@@ -1,6 +1,9 @@
 //! Command-line definitions: the plain run here, the other verbs in
 //! [`verbs`].
 
+pub mod config;
+pub mod settings;
+
 mod machine;
 pub mod verbs;
 
@@ -12,7 +15,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::transport::TransportChoice;
+use crate::launch::transport::TransportChoice;
 
 /// Run a command inside a throwaway VM booted with the Linux kernel of your
 /// choice, with your own userspace, working directory, uid and environment.
@@ -58,8 +61,8 @@ pub struct Cli {
 
     /// Matrix: prefix each output line with its kernel as it comes, or show
     /// each kernel's output in one block when its run ends.
-    #[arg(long, value_enum, default_value_t = crate::matrix::OutputMode::Prefix)]
-    pub matrix_output: crate::matrix::OutputMode,
+    #[arg(long, value_enum, default_value_t = crate::modes::matrix::OutputMode::Prefix)]
+    pub matrix_output: crate::modes::matrix::OutputMode,
 
     /// Matrix: write a JUnit XML report (one test case per kernel).
     #[arg(long, value_name = "FILE")]
@@ -71,8 +74,8 @@ pub struct Cli {
 
     /// Matrix: run only the I-th of N deterministic slices of the kernel
     /// list (for CI job matrices).
-    #[arg(long, value_name = "I/N", value_parser = crate::matrix::parse_shard)]
-    pub shard: Option<crate::matrix::Shard>,
+    #[arg(long, value_name = "I/N", value_parser = crate::modes::matrix::parse_shard)]
+    pub shard: Option<crate::modes::matrix::Shard>,
 
     /// Also write the report of a run stopped by --timeout or Ctrl-C into
     /// a file in DIR (for CI artifacts: a retried test keeps its trail).

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use super::Cli;
-use crate::rundir::cli::RunDirCli;
+use crate::modes::rundir::cli::RunDirCli;
 
 /// `vexec VERB ...`.
 #[derive(Debug, Parser)]

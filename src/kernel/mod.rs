@@ -1,6 +1,8 @@
 //! Kernels: where they come from, what their images and module trees hold,
 //! and what they can do.
 
+pub mod build;
+
 pub mod decompress;
 pub mod image;
 pub mod kconfig;

@@ -10,7 +10,7 @@
 //! with no message from the host: `Ready`, then for each program `Begin`,
 //! `Stdout`/`Stderr`, `Exited`; then `Coverage` pieces and `Finished`. The
 //! foreign-architecture init, a busybox `sh` script, encodes exactly these
-//! (see `src/rundir/init.sh`, which gets the numbers from [`batch_tags`],
+//! (see `src/modes/rundir/init.sh`, which gets the numbers from [`batch_tags`],
 //! and docs/run-dir.md).
 
 pub mod layout;

@@ -2,14 +2,16 @@
 //! words for its outcome, OOM kills and cut output, a hang report, kernel
 //! reports, and the -v timing breakdown.
 
+pub mod oops;
+pub mod record;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::host::session::{self, Outcome, Timings};
-use crate::oops;
+use crate::modes::run::{STATUS_FAILED, STATUS_TIMEOUT};
+use crate::modes::spec::RunSpec;
 use crate::protocol::Exit;
-use crate::run::{STATUS_FAILED, STATUS_TIMEOUT};
-use crate::spec::RunSpec;
 
 /// How the session ended, in words (for run.json).
 pub(crate) fn outcome_words(outcome: &Outcome) -> String {

@@ -2,17 +2,21 @@
 //! uncompressed vmlinux for direct PVH entry, the guest initramfs, and the
 //! module index that lets `modprobe` work in the guest.
 
+pub mod cache;
+pub mod caps;
+pub mod initramfs;
+
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::cache::{Cache, CacheError, hash_parts};
-use crate::caps::{self, MissingFeature};
-use crate::initramfs::{self, InitramfsError};
+use crate::artifacts::cache::{Cache, CacheError, hash_parts};
 use crate::kernel::image;
 use crate::kernel::kconfig::KernelConfig;
 use crate::kernel::modules::{self, ModuleError, ModuleTree};
 use crate::kernel::{ImageKind, Kernel};
 use crate::protocol::Transport;
+use caps::MissingFeature;
+use initramfs::InitramfsError;
 
 /// Bumped whenever the layout of an artifact changes.
 const FORMAT: &[u8] = b"vexec-artifacts-4";

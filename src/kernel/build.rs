@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 
 /// What every vexec guest needs, built in (also used by
 /// scripts/build-test-kernel.sh).
-pub const GUEST_OPTIONS: &str = include_str!("../scripts/kconfig/vexec-builtin.config");
+pub const GUEST_OPTIONS: &str = include_str!("../../scripts/kconfig/vexec-builtin.config");
 
 /// What gdb and drgn want on top.
 pub const DEBUG_OPTIONS: &str = "\

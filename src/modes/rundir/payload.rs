@@ -6,7 +6,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::initramfs::{self, BATCH_DIR, Cpio, InitramfsError};
+use crate::artifacts::initramfs::{self, BATCH_DIR, Cpio, InitramfsError};
 use crate::kernel::image::Arch;
 use crate::kernel::modules::LoadableModule;
 #[cfg(test)]

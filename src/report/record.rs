@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::oops::Splat;
+use crate::report::oops::Splat;
 
 /// Where a run keeps its record.
 #[derive(Debug, Clone)]
@@ -75,8 +75,8 @@ pub enum ModeRecord<'a> {
         dir: PathBuf,
         busybox: Option<&'a Path>,
         tags: &'a [String],
-        programs: &'a [crate::rundir::report::ProgramResult],
-        coverage: Option<&'a crate::rundir::coverage::Saved>,
+        programs: &'a [crate::modes::rundir::report::ProgramResult],
+        coverage: Option<&'a crate::modes::rundir::coverage::Saved>,
     },
 }
 

@@ -4,6 +4,9 @@
 //! The front ends build the QEMU configuration and the job; this module
 //! decides how the machine is started and started again.
 
+pub mod shares;
+pub mod transport;
+
 use std::ffi::OsString;
 use std::path::Path;
 use std::time::Duration;

@@ -6,22 +6,22 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::artifacts::cache::{Cache, CacheError};
 use crate::artifacts::{self, PrepareError};
-use crate::cache::{Cache, CacheError};
 use crate::host::session::{Job, Params, SignalRelay};
 use crate::host::terminal;
 use crate::kernel::{self, ResolveError, resolve::Defaults};
 use crate::launch;
-use crate::oops;
+use crate::launch::shares::{self, ShareError, ShareRequest};
+use crate::launch::transport::{self, TransportError};
+use crate::modes::spec::{RunSpec, TtyMode};
 use crate::protocol::{Exec, Setup, Share, ShareMode, Transport, Tty};
-use crate::record::{self, OutputDir, RunRecord};
+use crate::report::oops;
+use crate::report::record::{self, OutputDir, RunRecord};
 use crate::report::{
     keep_hang_report, outcome_words, print_timings, report_aftermath, report_hang, report_splats,
     status_of,
 };
-use crate::shares::{self, ShareError, ShareRequest};
-use crate::spec::{RunSpec, TtyMode};
-use crate::transport::{self, TransportError};
 use crate::vm::qemu::{self, Backend, QemuConfig, ShareDevice};
 use crate::vm::virtiofsd::{self, DaemonSpec};
 use crate::vm::{self as vmmod, VmError};
@@ -92,7 +92,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
     let kernel = kernel::resolve(spec.kernel.as_deref(), spec.modules.as_deref(), &defaults)?;
     if kernel.info.arch != kernel::image::Arch::X86_64 {
         if let Some(root) = &spec.root {
-            return crate::rundir::run_in_root(spec, &kernel, root, relay)
+            return crate::modes::rundir::run_in_root(spec, &kernel, root, relay)
                 .map_err(RunError::Failed);
         }
         return Err(RunError::Failed(format!(
@@ -131,7 +131,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
     if let (true, Some(why)) = (spec.net, &inspected.support.net) {
         return Err(RunError::Failed(format!("--net is not possible: {why}")));
     }
-    let agent = crate::initramfs::agent_executable().map_err(RunError::SelfExe)?;
+    let agent = crate::artifacts::initramfs::agent_executable().map_err(RunError::SelfExe)?;
     let interactive = !spec.quiet && terminal::is_tty(2);
     let art = artifacts::prepare(
         &cache,

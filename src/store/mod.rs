@@ -5,11 +5,13 @@
 //! Entries are assembled in a temporary directory beside the store and
 //! renamed into place, so an interrupted add never leaves half an entry.
 
+pub mod oci;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::artifacts;
-use crate::cache::Cache;
+use crate::artifacts::cache::Cache;
 use crate::cli::verbs::KernelAction;
 use crate::kernel::{self, resolve::Defaults};
 
@@ -213,11 +215,11 @@ pub fn add(store: &Path, path: &Path, source: &str) -> Result<String, String> {
 /// download`; then adds it.
 pub fn fetch(store: &Path, package: &str) -> Result<String, String> {
     let work = scratch(store)?;
-    if crate::oci::is_reference(package) {
+    if crate::store::oci::is_reference(package) {
         let root = work.path().join("image");
         let blobs = store.parent().unwrap_or(store).join("oci-blobs");
-        crate::oci::pull(package, &root, &blobs)?;
-        let image = crate::oci::image_in(&root)
+        crate::store::oci::pull(package, &root, &blobs)?;
+        let image = crate::store::oci::image_in(&root)
             .ok_or_else(|| format!("{package} has no /boot/vmlinuz* or /boot/vmlinux*"))?;
         return add(store, &image, &format!("oci:{package}"));
     }

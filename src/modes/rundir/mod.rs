@@ -17,13 +17,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::artifacts;
-use crate::cache::Cache;
+use crate::artifacts::cache::Cache;
 use crate::host::session::{Job, Outcome, Params, SignalRelay};
 use crate::kernel::image::Arch;
 use crate::kernel::{self, resolve::Defaults};
 use crate::launch;
+use crate::modes::run::{RunError, STATUS_FAILED};
 use crate::report::{outcome_words, status_of};
-use crate::run::{RunError, STATUS_FAILED};
 use crate::vm::accel::AccelChoice;
 use crate::vm::qemu::{self, Backend, QemuConfig, ShareDevice};
 
@@ -156,7 +156,7 @@ fn run(
     let inspected = artifacts::inspect(&cache, &kernel).map_err(|e| e.to_string())?;
     let modules = artifacts::batch_modules(&cache, &kernel, &inspected, cli.root.is_some())
         .map_err(|e| e.to_string())?;
-    let agent = crate::initramfs::agent_executable()
+    let agent = crate::artifacts::initramfs::agent_executable()
         .map_err(|e| format!("cannot find vexec's own executable for the guest's init: {e}"))?;
     let payload = payload::build(&payload::Inputs {
         arch,
@@ -210,7 +210,7 @@ fn run(
     let mut extra = cli.qemu_args.clone();
     if let Some(port) = cli.machine.gdb {
         launch::add_gdb(port, &mut kernel_args, &mut extra);
-        let symbols = crate::run::symbol_file(&kernel, &kernel.image);
+        let symbols = crate::modes::run::symbol_file(&kernel, &kernel.image);
         let gdb = match arch {
             Arch::X86_64 => "gdb",
             Arch::Aarch64 => "gdb-multiarch",
@@ -397,12 +397,12 @@ fn run(
     }
     if let Some(o) = &out {
         let dir = std::path::absolute(&cli.dir).unwrap_or_else(|_| cli.dir.clone());
-        let record = crate::record::RunRecord::new(
+        let record = crate::report::record::RunRecord::new(
             &kernel,
             &config,
             status,
             words,
-            crate::record::Timings {
+            crate::report::record::Timings {
                 host_prep: prep.as_millis() as u64,
                 boot_to_agent: None,
                 boot_to_init: timings
@@ -412,7 +412,7 @@ fn run(
                 command: None,
                 total: t0.elapsed().as_millis() as u64,
             },
-            crate::record::ModeRecord::Batch {
+            crate::report::record::ModeRecord::Batch {
                 arch: arch.name(),
                 firmware: firmware.as_deref(),
                 dir,
@@ -434,7 +434,7 @@ fn run(
 /// 9p, overlaid with tmpfs) from the busybox init, as root, with a clean
 /// environment. Its output comes back when it ends.
 pub fn run_in_root(
-    spec: &crate::spec::RunSpec,
+    spec: &crate::modes::spec::RunSpec,
     kernel: &kernel::Kernel,
     root: &Path,
     relay: &SignalRelay,

@@ -9,15 +9,15 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 
+use crate::cli::config::{ConfigError, Loaded};
 use crate::cli::{self, Cli};
-use crate::config::{ConfigError, Loaded};
+use crate::launch::shares::ShareRequest;
+use crate::modes::spec::{RunSpec, TtyMode};
 use crate::protocol::ShareMode;
-use crate::shares::ShareRequest;
-use crate::spec::{RunSpec, TtyMode};
 
 /// How long output may still arrive after the command exited, by default.
 pub const DEFAULT_OUTPUT_GRACE: Duration = Duration::from_secs(2);
-use crate::transport::TransportChoice;
+use crate::launch::transport::TransportChoice;
 use crate::vm::accel::AccelChoice;
 
 /// What vexec learns about the caller and the host before a run.
@@ -59,7 +59,7 @@ fn enum_value<T: ValueEnum>(config: &Loaded, key: &str, v: &str) -> Result<T, Co
 fn file_choice<T: ValueEnum>(
     config: Option<&Loaded>,
     key: &str,
-    field: impl Fn(&crate::config::Config) -> &Option<String>,
+    field: impl Fn(&crate::cli::config::Config) -> &Option<String>,
 ) -> Result<Option<T>, ConfigError> {
     match config {
         Some(c) => field(&c.config)
@@ -324,7 +324,7 @@ mod tests {
     fn loaded(text: &str) -> Loaded {
         Loaded {
             path: "/work/p/.vexec.toml".into(),
-            config: crate::config::parse(text).unwrap(),
+            config: crate::cli::config::parse(text).unwrap(),
         }
     }
 

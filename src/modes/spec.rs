@@ -6,8 +6,8 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::shares::ShareRequest;
-use crate::transport::TransportChoice;
+use crate::launch::shares::ShareRequest;
+use crate::launch::transport::TransportChoice;
 use crate::vm::accel::AccelChoice;
 
 /// When the command gets a pseudo-terminal.

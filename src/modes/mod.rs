@@ -1,0 +1,8 @@
+//! The front ends: each mode turns what the user asked into requests for
+//! [`crate::launch`] and reports the outcome. None boots a VM on its own.
+
+pub mod bisect;
+pub mod matrix;
+pub mod run;
+pub mod rundir;
+pub mod spec;
