@@ -29,7 +29,7 @@ shift $((OPTIND - 1))
 kernels="${VEXEC_TEST_KERNELS:-${XDG_CACHE_HOME:-$HOME/.cache}/vexec-test-kernels}"
 kernel="${kernel:-$(ls "$kernels"/6.1/boot/vmlinuz-* | head -1)}"
 cargo build --release -q
-export VEXEC_BIN="$PWD/target/release/vexec" VEXEC_KERNEL="$kernel" MODE="$mode"
+export VEXEC_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/vexec" VEXEC_KERNEL="$kernel" MODE="$mode"
 export EXTRA="$*"
 logs="$(mktemp -d "${TMPDIR:-/tmp}/vexec-reliability.XXXXXX")"
 export LOGS="$logs"

@@ -27,6 +27,8 @@ const DAEMON_SETTLE: Duration = Duration::from_millis(500);
 const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
 /// How long the agent gets to answer a report request on the console.
 const REPORT_WAIT: Duration = Duration::from_secs(3);
+/// Console lines a hang report keeps.
+const HANG_CONSOLE_LINES: usize = 60;
 
 #[derive(PartialEq)]
 enum Phase {
@@ -162,6 +164,8 @@ impl Loop<'_, '_> {
                 self.t.hang = Some(HangReport {
                     host: self.cx.progress.describe(),
                     guest: Some(text),
+                    console: self.cx.tail.last(HANG_CONSOLE_LINES),
+                    booting: false,
                 });
                 Some(o)
             }
@@ -284,6 +288,8 @@ impl Loop<'_, '_> {
             self.t.hang = Some(HangReport {
                 host: self.cx.progress.describe(),
                 guest: None,
+                console: self.cx.tail.last(HANG_CONSOLE_LINES),
+                booting: false,
             });
             return Some(o);
         }
@@ -303,6 +309,16 @@ impl Loop<'_, '_> {
                 )));
             }
             (Phase::Booting, _) => {
+                // A boot that never ends is a hang too: keep its trail.
+                self.t.hang = Some(HangReport {
+                    host: format!(
+                        "the guest did not report in within {}s",
+                        self.boot_limit.as_secs()
+                    ),
+                    guest: None,
+                    console: self.cx.tail.last(HANG_CONSOLE_LINES),
+                    booting: true,
+                });
                 return Some(Outcome::Failed(format!(
                     "the guest did not report in within {}s of starting (raise --boot-timeout if this machine is very slow)\nlast console lines:\n{}",
                     self.boot_limit.as_secs(),

@@ -3,5 +3,6 @@
 pub mod console;
 pub mod event_loop;
 pub mod output;
+pub mod programs;
 pub mod session;
 pub mod terminal;

@@ -154,6 +154,12 @@ pub struct HangReport {
     /// The agent's answer on the console (its state and the kernel stacks
     /// of every task), or None when it did not answer in time.
     pub guest: Option<String>,
+    /// The console's last lines: a guest that does not answer, or never
+    /// reported in, left its last words there.
+    pub console: Vec<String>,
+    /// The guest never reported in: the failure message already said so
+    /// with the console's last lines, and this report is only kept.
+    pub booting: bool,
 }
 
 /// Runs one VM to the end.

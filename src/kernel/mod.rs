@@ -2,7 +2,6 @@
 //! and what they can do.
 
 pub mod build;
-
 pub mod decompress;
 pub mod image;
 pub mod kconfig;
@@ -34,5 +33,29 @@ impl Kernel {
     /// `uname -r` of the kernel.
     pub fn release(&self) -> &str {
         &self.info.release
+    }
+
+    /// The image with debug symbols for gdb, when there is one: `vmlinux`
+    /// in a build tree or beside the image, or from Debian's and Ubuntu's
+    /// debug packages.
+    pub fn symbol_file(&self) -> Option<PathBuf> {
+        let rel = self.release();
+        let mut candidates = Vec::new();
+        // .../arch/x86/boot/bzImage (or arch/arm64/boot/Image) -> .../vmlinux
+        if let Some(tree) = self.image.ancestors().nth(4)
+            && (self.image.ends_with("arch/x86/boot/bzImage")
+                || self.image.ends_with("arch/arm64/boot/Image"))
+        {
+            candidates.push(tree.join("vmlinux"));
+        }
+        if let Some(dir) = self.image.parent() {
+            candidates.push(dir.join("vmlinux"));
+            candidates.push(dir.join(format!("vmlinux-{rel}")));
+        }
+        candidates.push(PathBuf::from(format!("/usr/lib/debug/boot/vmlinux-{rel}")));
+        candidates.push(PathBuf::from(format!(
+            "/usr/lib/debug/lib/modules/{rel}/vmlinux"
+        )));
+        candidates.into_iter().find(|p| p.is_file())
     }
 }

@@ -1,20 +1,36 @@
-//! Launching a planned VM, the same way for every mode (plain runs, the
-//! shell, run-dir, matrix children, bisect steps): the accelerator choice,
-//! the gdb stub, the boot-time policy, and the KVM→TCG retry, written once.
-//! The front ends build the QEMU configuration and the job; this module
-//! decides how the machine is started and started again.
+//! Launching a machine, the same way for every mode (plain runs, the
+//! shell, run-dir, foreign roots, and through them matrix children and
+//! bisect steps): a [`plan::BootRequest`] is planned into a
+//! [`plan::BootPlan`] by a pure function, then launched here, where the
+//! accelerator choice, the boot-time policy and the KVM→TCG retry are
+//! written once.
 
+pub mod plan;
 pub mod shares;
 pub mod transport;
 
-use std::ffi::OsString;
-use std::path::Path;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::host::session::{self, Outcome, Params, SignalRelay, Timings};
+use crate::host::session::{self, Job, Outcome, Params, SignalRelay, Timings};
+use crate::kernel::image::Arch;
 use crate::vm::VmError;
 use crate::vm::accel::{self, Accel, AccelChoice};
 use crate::vm::qemu::QemuConfig;
+use plan::BootPlan;
+
+/// Why a planned machine could not be run.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("cannot write the console log {}: {source}; check that its directory exists and is writable", path.display())]
+    ConsoleLog {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
 
 /// How the machine is to be started, beyond its QEMU configuration.
 #[derive(Debug, Clone, Copy)]
@@ -60,27 +76,6 @@ pub fn first_accel(start: &Start, cache_root: &Path) -> Accel {
     accel
 }
 
-/// Adds QEMU's gdb stub (CPUs halted until gdb continues) and `nokaslr`
-/// (breakpoints by symbol need the kernel where it was linked).
-pub fn add_gdb(port: u16, kernel_args: &mut Vec<String>, qemu_args: &mut Vec<OsString>) {
-    kernel_args.push("nokaslr".into());
-    qemu_args.splice(
-        0..0,
-        [
-            OsString::from("-gdb"),
-            format!("tcp:127.0.0.1:{port}").into(),
-            "-S".into(),
-        ],
-    );
-}
-
-/// The boot deadlines of one launch, for the session's [`Params`].
-#[derive(Debug, Clone, Copy)]
-pub struct Boot {
-    pub timeout: Duration,
-    pub kvm_probe: Option<Duration>,
-}
-
 /// How a launch ended, with the configuration it last ran (under TCG if
 /// KVM was given up on).
 pub struct Launched {
@@ -89,25 +84,59 @@ pub struct Launched {
     pub config: QemuConfig,
 }
 
-/// Launches `config` and runs the session to its end. When KVM, on trial,
-/// fails to boot the kernel, KVM is marked broken for this host boot and
-/// the machine is launched once more under TCG; when it crashes QEMU after
-/// the command started, it is marked broken but not relaunched.
-/// `attempt` builds the session's parameters for each launch, from the
-/// configuration and boot deadlines of that launch.
-pub fn launch<E: From<VmError>>(
+/// How a session is watched, the same for every launch of it.
+#[derive(Debug, Clone, Default)]
+pub struct Watch {
+    /// `--timeout`.
+    pub timeout: Option<Duration>,
+    /// Show the kernel's console and QEMU's command line.
+    pub verbose: bool,
+    /// Where the console is logged (written anew by each launch).
+    pub console_log: Option<PathBuf>,
+    /// Where guest memory is dumped when the kernel panics.
+    pub dump_on_panic: Option<PathBuf>,
+}
+
+/// Launches `plan` and runs the session to its end, with the job `job`
+/// makes for each launch. When KVM, on trial, fails to boot the kernel,
+/// KVM is marked broken for this host boot and the machine is launched
+/// once more under TCG; when it crashes QEMU after the command started, it
+/// is marked broken but not relaunched.
+pub fn launch(
     start: &Start,
-    mut config: QemuConfig,
+    plan: BootPlan,
+    watch: &Watch,
     cache_root: &Path,
     relay: &SignalRelay,
-    mut attempt: impl FnMut(&QemuConfig, Boot) -> Result<Params, E>,
-) -> Result<Launched, E> {
+    mut job: impl FnMut() -> Job,
+) -> Result<Launched, LaunchError> {
+    let BootPlan {
+        mut config,
+        daemons,
+        ..
+    } = plan;
     loop {
-        let boot = Boot {
-            timeout: boot_timeout(start, config.accel),
-            kvm_probe: kvm_probe(start, config.accel),
+        let console_log = match &watch.console_log {
+            Some(path) => Some(
+                File::create(path).map_err(|source| LaunchError::ConsoleLog {
+                    path: path.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
         };
-        let params = attempt(&config, boot)?;
+        let params = Params {
+            qemu: config.clone(),
+            daemons: daemons.clone(),
+            job: job(),
+            timeout: watch.timeout,
+            boot_timeout: boot_timeout(start, config.accel),
+            kvm_probe: kvm_probe(start, config.accel),
+            verbose: watch.verbose,
+            console_log,
+            print_qemu: watch.verbose,
+            dump_on_panic: watch.dump_on_panic.clone(),
+        };
         let (outcome, timings) = session::run(params, relay)?;
         match &outcome {
             Outcome::KvmBroken(why) if config.accel == Accel::Kvm => {
@@ -124,6 +153,24 @@ pub fn launch<E: From<VmError>>(
             config,
         });
     }
+}
+
+/// Tells the user how to attach gdb to a guest halted for it: with the
+/// kernel's debug symbols when they were found.
+pub fn announce_gdb(port: u16, arch: Arch, symbols: Option<&Path>, booted: &Path) {
+    let gdb = match arch {
+        Arch::X86_64 => "gdb",
+        Arch::Aarch64 => "gdb-multiarch",
+    };
+    crate::say!(
+        "vexec: the guest waits for gdb; attach with:\n  {gdb} -ex 'target remote localhost:{port}' {}{}",
+        symbols.unwrap_or(booted).display(),
+        if symbols.is_none() {
+            "\nvexec: (no vmlinux with debug symbols found beside the kernel or in /usr/lib/debug; use hbreak *ADDR with addresses from /proc/kallsyms)"
+        } else {
+            ""
+        }
+    );
 }
 
 #[cfg(test)]
@@ -169,13 +216,5 @@ mod tests {
         assert!(probe(AccelChoice::Auto, Some(1), Accel::Kvm).is_none());
         assert!(probe(AccelChoice::Kvm, None, Accel::Kvm).is_none());
         assert!(probe(AccelChoice::Auto, None, Accel::Tcg).is_none());
-    }
-
-    #[test]
-    fn gdb_halts_the_cpus_and_pins_the_kernel() {
-        let (mut k, mut q) = (vec!["quiet".to_string()], vec![OsString::from("-d")]);
-        add_gdb(4321, &mut k, &mut q);
-        assert_eq!(k, ["quiet", "nokaslr"]);
-        assert_eq!(q, ["-gdb", "tcp:127.0.0.1:4321", "-S", "-d"]);
     }
 }

@@ -1,29 +1,32 @@
-//! One run from [`RunSpec`] to exit status: resolve the kernel, prepare the
-//! boot artifacts, choose the accelerator, run the session (rerunning under
-//! TCG when KVM proves broken), and map the outcome to an exit status.
+//! The plain run (and the shell): from [`RunSpec`] to exit status. It
+//! resolves the kernel, prepares the boot artifacts and the shares, asks
+//! [`launch`] for the machine, and reports how the command ended.
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::artifacts::cache::{Cache, CacheError};
-use crate::artifacts::{self, PrepareError};
-use crate::host::session::{Job, Params, SignalRelay};
+use crate::artifacts::{self, BootArtifacts, PrepareError};
+use crate::host::session::{Job, SignalRelay};
 use crate::host::terminal;
-use crate::kernel::{self, ResolveError, resolve::Defaults};
-use crate::launch;
-use crate::launch::shares::{self, ShareError, ShareRequest};
-use crate::launch::transport::{self, TransportError};
+use crate::kernel::image::Arch;
+use crate::kernel::{self, Kernel, ResolveError, resolve::Defaults};
+use crate::launch::plan::{self, BootPlan, BootRequest, Found, ROOT_TAG};
+use crate::launch::shares::{self, ResolvedShare, ShareError, ShareRequest};
+use crate::launch::transport::{self, Chosen, TransportError};
+use crate::launch::{self, LaunchError, Launched, Watch};
+use crate::modes::rundir::RunDirError;
 use crate::modes::spec::{RunSpec, TtyMode};
-use crate::protocol::{Exec, Setup, Share, ShareMode, Transport, Tty};
-use crate::report::oops;
-use crate::report::record::{self, OutputDir, RunRecord};
+use crate::protocol::{Exec, Setup, ShareMode, Tty};
+use crate::report::oops::{self, Splat};
+use crate::report::record::{self, OutputDir, RecordError, RunRecord};
 use crate::report::{
     keep_hang_report, outcome_words, print_timings, report_aftermath, report_hang, report_splats,
     status_of,
 };
-use crate::vm::qemu::{self, Backend, QemuConfig, ShareDevice};
-use crate::vm::virtiofsd::{self, DaemonSpec};
+use crate::vm::qemu;
+use crate::vm::virtiofsd;
 use crate::vm::{self as vmmod, VmError};
 
 /// Exit status for vexec's own failures.
@@ -43,18 +46,29 @@ pub enum RunError {
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error(transparent)]
     Share(#[from] ShareError),
     #[error(transparent)]
     Transport(#[from] TransportError),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error(transparent)]
+    ForeignRoot(#[from] RunDirError),
     #[error("no command given; usage: vexec [OPTIONS] [--] COMMAND [ARGS...]")]
     NoCommand,
     #[error("cannot find vexec's own executable to use as the guest's init: {0}")]
     SelfExe(std::io::Error),
-    #[error("{0}")]
-    Failed(String),
+    #[error(
+        "{image} is a kernel for {arch}: commands run with the host's x86_64 userspace need an x86_64 kernel; to boot it, use `vexec run-dir --arch {arch} -k KERNEL DIR` (initramfs only) or add `--root DIR` with a root filesystem of that architecture"
+    )]
+    ForeignKernel { image: String, arch: &'static str },
+    #[error("--root {0}: not a root filesystem (no bin/ or usr/bin/ in it)")]
+    NotARoot(String),
+    #[error("--net is not possible: {0}")]
+    NoNet(String),
 }
 
-const ROOT_TAG: &str = "vexec-root";
 /// 9p's largest message size over virtio on every kernel we boot.
 const MSIZE: u32 = 512_000;
 
@@ -69,53 +83,129 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         return Err(RunError::NoCommand);
     }
     let qemu_bin = vmmod::find_qemu(spec.qemu.as_deref(), spec.path_var.clone())?;
-    let output = spec
-        .output
-        .as_deref()
-        .map(OutputDir::create)
-        .transpose()
-        .map_err(RunError::Failed)?;
-    let mut requests = spec.shares.clone();
+    let output = spec.output.as_deref().map(OutputDir::create).transpose()?;
+    let shares = shares_for(spec, output.as_ref())?;
+    let cache = Cache::open(spec.cache_dir.clone())?;
+    let kernel = resolve_kernel(spec, &cache)?;
+    if kernel.info.arch != Arch::X86_64 {
+        return foreign(spec, &kernel, relay);
+    }
+    let root = root_of(spec)?;
+    let (chosen, art) = prepare(spec, &cache, &kernel)?;
+    if spec.verbose {
+        describe(&kernel, &art, &chosen, &shares);
+    }
+    let start = launch::Start {
+        accel: spec.accel,
+        gdb: spec.gdb,
+        boot_timeout: spec.boot_timeout,
+        slow_boot: false,
+        quiet: spec.quiet,
+    };
+    let found = Found {
+        default_firmware: qemu::default_firmware(Arch::X86_64, &qemu_bin),
+        qemu: qemu_bin,
+        accel: launch::first_accel(&start, cache.root()),
+        firmware: None,
+        image: kernel.image.clone(),
+        direct_kernel: art.kernel.clone(),
+        initrd: art.initramfs.clone(),
+        transport: chosen.transport,
+        virtiofsd: chosen.virtiofsd.clone(),
+    };
+    let plan = plan::plan(&boot_request(spec, root, shares), &found);
+    if spec.dry_run {
+        print_dry_run(&plan);
+        return Ok(0);
+    }
+    let setup = setup_for(spec, &chosen, &plan, &art);
+    let exec = exec_with_output(spec, output.as_ref());
+    if let Some(port) = spec.gdb {
+        launch::announce_gdb(
+            port,
+            Arch::X86_64,
+            kernel.symbol_file().as_deref(),
+            &art.kernel,
+        );
+    }
+    let watch = Watch {
+        timeout: spec.timeout,
+        verbose: spec.verbose,
+        console_log: (spec.console_log.clone())
+            .or_else(|| output.as_ref().map(|o| o.console_log())),
+        dump_on_panic: spec.dump_on_panic.clone(),
+    };
+    let prep = t0.elapsed();
+    let launched = launch::launch(&start, plan, &watch, cache.root(), relay, || Job::Command {
+        setup: Box::new(setup.clone()),
+        exec: Box::new(exec.clone()),
+    })?;
+    if spec.verbose {
+        print_timings(prep, &launched.timings, t0);
+    }
+    let ended = Ended::report(spec, &kernel, launched);
     if let Some(o) = &output {
+        keep_record(o, spec, &kernel, &chosen, &ended, prep, t0);
+    }
+    Ok(ended.status)
+}
+
+/// The shares the user asked for, and `--output`'s directory.
+fn shares_for(spec: &RunSpec, output: Option<&OutputDir>) -> Result<Vec<ResolvedShare>, RunError> {
+    let mut requests = spec.shares.clone();
+    if let Some(o) = output {
         requests.push(ShareRequest {
             path: o.command_dir(),
             mode: ShareMode::ReadWrite,
         });
     }
-    let shares = shares::resolve(&requests, &spec.cwd, spec.share_cwd)?;
-    let cache = Cache::open(spec.cache_dir.clone())?;
+    Ok(shares::resolve(&requests, &spec.cwd, spec.share_cwd)?)
+}
+
+fn resolve_kernel(spec: &RunSpec, cache: &Cache) -> Result<Kernel, RunError> {
     let defaults = Defaults {
         running: spec.running_release.clone(),
         boot_dir: PathBuf::from("/boot"),
         store: Some(cache.root().join("kernels")),
     };
-    let kernel = kernel::resolve(spec.kernel.as_deref(), spec.modules.as_deref(), &defaults)?;
-    if kernel.info.arch != kernel::image::Arch::X86_64 {
-        if let Some(root) = &spec.root {
-            return crate::modes::rundir::run_in_root(spec, &kernel, root, relay)
-                .map_err(RunError::Failed);
-        }
-        return Err(RunError::Failed(format!(
-            "{} is a kernel for {}: commands run with the host's x86_64 userspace need an x86_64 kernel; to boot it, use `vexec run-dir --arch {} -k KERNEL DIR` (initramfs only) or add `--root DIR` with a root filesystem of that architecture",
-            kernel.image.display(),
-            kernel.info.arch.name(),
-            kernel.info.arch.name()
-        )));
+    Ok(kernel::resolve(
+        spec.kernel.as_deref(),
+        spec.modules.as_deref(),
+        &defaults,
+    )?)
+}
+
+/// A kernel of another architecture: only with a root of its own.
+fn foreign(spec: &RunSpec, kernel: &Kernel, relay: &SignalRelay) -> Result<i32, RunError> {
+    match &spec.root {
+        Some(root) => Ok(crate::modes::rundir::run_in_root(
+            spec, kernel, root, relay,
+        )?),
+        None => Err(RunError::ForeignKernel {
+            image: kernel.image.display().to_string(),
+            arch: kernel.info.arch.name(),
+        }),
     }
-    let root = match &spec.root {
+}
+
+/// The directory the guest's root is made of: the host's, or `--root`.
+fn root_of(spec: &RunSpec) -> Result<PathBuf, RunError> {
+    match &spec.root {
         Some(r) if r.join("bin").exists() || r.join("usr/bin").is_dir() => {
-            std::fs::canonicalize(r).unwrap_or_else(|_| r.clone())
+            Ok(std::fs::canonicalize(r).unwrap_or_else(|_| r.clone()))
         }
-        Some(r) => {
-            return Err(RunError::Failed(format!(
-                "--root {}: not a root filesystem (no bin/ or usr/bin/ in it)",
-                r.display()
-            )));
-        }
-        None => PathBuf::from("/"),
-    };
-    let custom_root = spec.root.as_ref().map(|_| root.clone());
-    let inspected = artifacts::inspect(&cache, &kernel)?;
+        Some(r) => Err(RunError::NotARoot(r.display().to_string())),
+        None => Ok(PathBuf::from("/")),
+    }
+}
+
+/// The transport, and the kernel and initramfs to boot with it.
+fn prepare(
+    spec: &RunSpec,
+    cache: &Cache,
+    kernel: &Kernel,
+) -> Result<(Chosen, BootArtifacts), RunError> {
+    let inspected = artifacts::inspect(cache, kernel)?;
     let chosen = transport::choose(spec.transport, &inspected.support, || {
         let dirs: Vec<PathBuf> = virtiofsd::DESCRIPTOR_DIRS
             .iter()
@@ -129,264 +219,196 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         )
     })?;
     if let (true, Some(why)) = (spec.net, &inspected.support.net) {
-        return Err(RunError::Failed(format!("--net is not possible: {why}")));
+        return Err(RunError::NoNet(why.clone()));
     }
     let agent = crate::artifacts::initramfs::agent_executable().map_err(RunError::SelfExe)?;
     let interactive = !spec.quiet && terminal::is_tty(2);
     let art = artifacts::prepare(
-        &cache,
-        &kernel,
+        cache,
+        kernel,
         &inspected,
         chosen.transport,
         spec.net,
         &agent,
         interactive,
     )?;
-    if spec.verbose {
-        crate::say!(
-            "vexec: kernel {} ({}), booted as {}, modules {}",
-            kernel.info.banner,
-            kernel.image.display(),
-            if art.pvh {
-                "vmlinux via PVH"
-            } else {
-                "bzImage"
-            },
-            kernel
-                .modules
-                .as_ref()
-                .map_or("none".into(), |m| m.display().to_string())
-        );
-        for n in &art.notes {
-            crate::say!("vexec: {n}");
-        }
-        crate::say!(
-            "vexec: transport {}{}; shares: / read-only with overlay{}{}",
-            chosen.transport.name(),
-            chosen
-                .virtiofsd
-                .as_ref()
-                .map(|v| format!(" ({}, {:?})", v.path.display(), v.flavour))
-                .unwrap_or_default(),
-            if shares.is_empty() { "" } else { ", " },
-            shares::describe(&shares)
-        );
-        if let Some(n) = &chosen.note {
-            crate::say!("vexec: {n}");
-        }
-    }
+    Ok((chosen, art))
+}
 
-    // Every share, the root first, as devices (and daemons for virtio-fs).
-    let mut devices = Vec::new();
-    let mut daemons = Vec::new();
-    let mut add = |tag: String, path: PathBuf, mode: ShareMode, cache: &'static str| {
-        let readonly = mode != ShareMode::ReadWrite;
-        let backend = match (&chosen.virtiofsd, chosen.transport) {
-            (Some(v), Transport::Virtiofs) => {
-                daemons.push((
-                    devices.len(),
-                    DaemonSpec {
-                        virtiofsd: v.clone(),
-                        source: path.clone(),
-                        readonly,
-                        cache,
-                        submounts: mode != ShareMode::Overlay,
-                    },
-                ));
-                // The real descriptor is known once the daemon runs.
-                Backend::Virtiofs { fd: -1 }
-            }
-            _ => Backend::NineP,
-        };
-        devices.push(ShareDevice {
-            tag,
-            path,
-            readonly,
-            backend,
-        });
-    };
-    // The root is read-only and rarely changes under a run: cache it all.
-    add(ROOT_TAG.into(), root, ShareMode::Overlay, "always");
-    let mut guest_shares = Vec::new();
-    for (i, s) in shares.iter().enumerate() {
-        let tag = format!("vexec-s{i}");
-        add(tag.clone(), s.path.clone(), s.mode, "auto");
-        guest_shares.push(Share {
-            tag,
-            path: bytes(&s.path),
-            mode: s.mode,
-        });
+/// What `-v` says about the kernel, its artifacts and the shares.
+fn describe(kernel: &Kernel, art: &BootArtifacts, chosen: &Chosen, shares: &[ResolvedShare]) {
+    crate::say!(
+        "vexec: kernel {} ({}), booted as {}, modules {}",
+        kernel.info.banner,
+        kernel.image.display(),
+        if art.pvh {
+            "vmlinux via PVH"
+        } else {
+            "bzImage"
+        },
+        kernel
+            .modules
+            .as_ref()
+            .map_or("none".into(), |m| m.display().to_string())
+    );
+    for n in &art.notes {
+        crate::say!("vexec: {n}");
     }
-    let setup = Setup {
+    crate::say!(
+        "vexec: transport {}{}; shares: / read-only with overlay{}{}",
+        chosen.transport.name(),
+        chosen
+            .virtiofsd
+            .as_ref()
+            .map(|v| format!(" ({}, {:?})", v.path.display(), v.flavour))
+            .unwrap_or_default(),
+        if shares.is_empty() { "" } else { ", " },
+        shares::describe(shares)
+    );
+    if let Some(n) = &chosen.note {
+        crate::say!("vexec: {n}");
+    }
+}
+
+/// The machine the spec asks for.
+fn boot_request(spec: &RunSpec, root: PathBuf, shares: Vec<ResolvedShare>) -> BootRequest {
+    BootRequest {
+        arch: Arch::X86_64,
+        cpus: spec.cpus,
+        memory: spec.memory.clone(),
+        kernel_args: spec.kernel_args.clone(),
+        qemu_args: spec.qemu_args.clone(),
+        gdb: spec.gdb,
+        verbose: spec.verbose,
+        hold_on_panic: spec.dump_on_panic.is_some(),
+        net: spec.net.then(|| spec.forwards.clone()),
+        root: Some(root),
+        shares,
+    }
+}
+
+/// `--dry-run`: the daemons' and QEMU's command lines. Each daemon's
+/// socket is an inherited descriptor, shown as -1 (its number is known
+/// only at run time).
+fn print_dry_run(plan: &BootPlan) {
+    for (_, d) in &plan.daemons {
+        println!("{}", qemu::shell_line(&d.virtiofsd.path, &d.args(-1)));
+    }
+    let config = &plan.config;
+    println!("{}", qemu::shell_line(&config.binary, &qemu::argv(config)));
+}
+
+/// How the guest builds its root.
+fn setup_for(spec: &RunSpec, chosen: &Chosen, plan: &BootPlan, art: &BootArtifacts) -> Setup {
+    // The module tree is shown from the host's root; another root does
+    // not hold it (the modules the guest needs to boot are loaded).
+    let host_root = spec.root.is_none();
+    Setup {
         transport: chosen.transport,
         root_tag: ROOT_TAG.into(),
-        shares: guest_shares,
-        // The module tree is shown from the host's root; another root
-        // does not hold it (modules the guest needs to boot are loaded).
-        modules: art
-            .modules
-            .as_deref()
-            .map(bytes)
-            .filter(|_| custom_root.is_none()),
-        module_index: art
-            .module_index
-            .as_deref()
-            .map(bytes)
-            .filter(|_| custom_root.is_none()),
+        shares: plan.guest_shares.clone(),
+        modules: art.modules.as_deref().map(bytes).filter(|_| host_root),
+        module_index: art.module_index.as_deref().map(bytes).filter(|_| host_root),
         hostname: spec.hostname.clone(),
         msize: MSIZE,
         verbose: spec.verbose,
         net: spec.net,
-    };
+    }
+}
+
+/// The command, told where `--output`'s directory is.
+fn exec_with_output(spec: &RunSpec, output: Option<&OutputDir>) -> Exec {
     let mut exec = exec_for(spec);
     exec.kernel_log = spec.fail_on_oops || output.is_some();
-    if let Some(o) = &output {
+    if let Some(o) = output {
         exec.env.retain(|(k, _)| k != b"VEXEC_OUTPUT");
         exec.env
             .push((b"VEXEC_OUTPUT".to_vec(), bytes(&o.command_dir())));
     }
+    exec
+}
 
-    let start = launch::Start {
-        accel: spec.accel,
-        gdb: spec.gdb,
-        boot_timeout: spec.boot_timeout,
-        slow_boot: false,
-        quiet: spec.quiet,
-    };
-    let accel = launch::first_accel(&start, cache.root());
-    let mut kernel_args = spec.kernel_args.clone();
-    let mut qemu_args = spec.qemu_args.clone();
-    if let Some(port) = spec.gdb {
-        launch::add_gdb(port, &mut kernel_args, &mut qemu_args);
-    }
-    let arch = kernel::image::Arch::X86_64;
-    let config = QemuConfig {
-        firmware: qemu::default_firmware(arch, &qemu_bin),
-        binary: qemu_bin,
-        arch,
-        accel,
-        cpus: spec.cpus,
-        memory: spec.memory.clone(),
-        kernel: art.kernel.clone(),
-        initrd: art.initramfs.clone(),
-        cmdline: qemu::cmdline(spec.verbose, spec.dump_on_panic.is_some(), &kernel_args),
-        shares: devices,
-        net: spec.net.then(|| spec.forwards.clone()),
-        console_fd: 3,
-        control_fd: 4,
-        qmp_fd: None,
-        extra: qemu_args,
-    };
-    if spec.dry_run {
-        // Each daemon's socket is passed as an inherited descriptor, shown
-        // here as -1 (its number is known only at run time).
-        for (_, d) in &daemons {
-            println!("{}", qemu::shell_line(&d.virtiofsd.path, &d.args(-1)));
-        }
-        println!("{}", qemu::shell_line(&config.binary, &qemu::argv(&config)));
-        return Ok(0);
-    }
-    if let Some(port) = spec.gdb {
-        let symbols = symbol_file(&kernel, &art.kernel);
-        crate::say!(
-            "vexec: the guest waits for gdb; attach with:\n  gdb -ex 'target remote localhost:{port}' {}{}",
-            symbols.display(),
-            if symbols == art.kernel {
-                "\nvexec: (no vmlinux with debug symbols found beside the kernel or in /usr/lib/debug; use hbreak *ADDR with addresses from /proc/kallsyms)"
-            } else {
-                ""
+/// How the run ended, told to the user.
+struct Ended {
+    launched: Launched,
+    status: i32,
+    words: String,
+    splats: Vec<Splat>,
+}
+
+impl Ended {
+    /// Reports the end (aftermath, hang, splats) and settles the status.
+    fn report(spec: &RunSpec, kernel: &Kernel, launched: Launched) -> Ended {
+        let timings = &launched.timings;
+        let splats = (timings.kernel_log.as_deref())
+            .map(|l| oops::find(&String::from_utf8_lossy(l)))
+            .unwrap_or_default();
+        report_aftermath(&timings.aftermath, &launched.outcome, spec);
+        let words = outcome_words(&launched.outcome);
+        let mut status = status_of(&launched.outcome);
+        if let Some(h) = &timings.hang {
+            report_hang(h);
+            if let Some(dir) = &spec.hang_reports {
+                keep_hang_report(dir, h, spec, &kernel.image);
             }
-        );
-    }
-    let prep = t0.elapsed();
-    let console_log = spec
-        .console_log
-        .clone()
-        .or_else(|| output.as_ref().map(|o| o.console_log()));
-    let launched = launch::launch(&start, config, cache.root(), relay, |config, boot| {
-        let log = match &console_log {
-            Some(p) => Some(std::fs::File::create(p).map_err(|e| {
-                RunError::Failed(format!("cannot write the console log {}: {e}", p.display()))
-            })?),
-            None => None,
-        };
-        Ok::<_, RunError>(Params {
-            qemu: config.clone(),
-            daemons: daemons.clone(),
-            job: Job::Command {
-                setup: Box::new(setup.clone()),
-                exec: Box::new(exec.clone()),
-            },
-            timeout: spec.timeout,
-            boot_timeout: boot.timeout,
-            kvm_probe: boot.kvm_probe,
-            verbose: spec.verbose,
-            console_log: log,
-            print_qemu: spec.verbose,
-            dump_on_panic: spec.dump_on_panic.clone(),
-        })
-    })?;
-    let launch::Launched {
-        outcome,
-        timings,
-        config,
-    } = launched;
-    if spec.verbose {
-        print_timings(prep, &timings, t0);
-    }
-    let kernel_log = timings.kernel_log.as_deref();
-    let splats = kernel_log
-        .map(|l| oops::find(&String::from_utf8_lossy(l)))
-        .unwrap_or_default();
-    report_aftermath(&timings.aftermath, &outcome, spec);
-    let words = outcome_words(&outcome);
-    let mut status = status_of(outcome);
-    if let Some(h) = &timings.hang {
-        report_hang(h);
-        if let Some(dir) = &spec.hang_reports {
-            keep_hang_report(dir, h, spec, &kernel.image);
         }
-    }
-    if !splats.is_empty() {
-        report_splats(&splats, spec.fail_on_oops && status == 0);
-        if spec.fail_on_oops && status == 0 {
-            status = 1;
+        if !splats.is_empty() {
+            report_splats(&splats, spec.fail_on_oops && status == 0);
+            if spec.fail_on_oops && status == 0 {
+                status = 1;
+            }
         }
-    }
-    if let Some(o) = &output {
-        let ms = |d: Duration| d.as_millis() as u64;
-        let record = RunRecord::new(
-            &kernel,
-            &config,
+        Ended {
+            launched,
             status,
             words,
-            record::Timings {
-                host_prep: ms(prep),
-                boot_to_agent: Some(timings.guest_ready_ms),
-                boot_to_init: None,
-                command: Some(
-                    timings
-                        .guest_exited_ms
-                        .zip(timings.guest_started_ms)
-                        .map_or(0, |(e, s)| e.saturating_sub(s)),
-                ),
-                total: ms(t0.elapsed()),
-            },
-            record::ModeRecord::Command {
-                transport: chosen.transport.name(),
-                command: spec
-                    .argv
-                    .iter()
-                    .map(|a| a.to_string_lossy().into_owned())
-                    .collect(),
-                splats: &splats,
-            },
-        );
-        if let Err(e) = o.finish(kernel_log, &record) {
-            crate::say!("vexec: warning: {e}");
+            splats,
         }
     }
-    Ok(status)
+}
+
+/// Writes `--output`'s record; a failure is a warning (the command ran).
+fn keep_record(
+    o: &OutputDir,
+    spec: &RunSpec,
+    kernel: &Kernel,
+    chosen: &Chosen,
+    ended: &Ended,
+    prep: Duration,
+    t0: Instant,
+) {
+    let ms = |d: Duration| d.as_millis() as u64;
+    let timings = &ended.launched.timings;
+    let record = RunRecord::new(
+        kernel,
+        &ended.launched.config,
+        ended.status,
+        ended.words.clone(),
+        record::Timings {
+            host_prep: ms(prep),
+            boot_to_agent: Some(timings.guest_ready_ms),
+            boot_to_init: None,
+            command: Some(
+                timings
+                    .guest_exited_ms
+                    .zip(timings.guest_started_ms)
+                    .map_or(0, |(e, s)| e.saturating_sub(s)),
+            ),
+            total: ms(t0.elapsed()),
+        },
+        record::ModeRecord::Command {
+            transport: chosen.transport.name(),
+            command: spec
+                .argv
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+            splats: &ended.splats,
+        },
+    );
+    if let Err(e) = o.finish(timings.kernel_log.as_deref(), &record) {
+        crate::say!("vexec: warning: {e}");
+    }
 }
 
 /// The command as the guest runs it: as the caller, or with `--sudo` as
@@ -459,30 +481,4 @@ fn tty_for(spec: &RunSpec) -> Option<Tty> {
         job_control: spec.shell,
         host_raw: stdin && terminal::is_tty(0),
     })
-}
-
-/// The kernel image with debug symbols for gdb: `vmlinux` in a build
-/// tree, Debian's and Ubuntu's debug packages, else the image vexec boots.
-pub(crate) fn symbol_file(kernel: &kernel::Kernel, booted: &Path) -> PathBuf {
-    let rel = kernel.release();
-    let mut candidates = Vec::new();
-    // .../arch/x86/boot/bzImage (or arch/arm64/boot/Image) -> .../vmlinux
-    if let Some(tree) = kernel.image.ancestors().nth(4)
-        && (kernel.image.ends_with("arch/x86/boot/bzImage")
-            || kernel.image.ends_with("arch/arm64/boot/Image"))
-    {
-        candidates.push(tree.join("vmlinux"));
-    }
-    if let Some(dir) = kernel.image.parent() {
-        candidates.push(dir.join("vmlinux"));
-        candidates.push(dir.join(format!("vmlinux-{rel}")));
-    }
-    candidates.push(PathBuf::from(format!("/usr/lib/debug/boot/vmlinux-{rel}")));
-    candidates.push(PathBuf::from(format!(
-        "/usr/lib/debug/lib/modules/{rel}/vmlinux"
-    )));
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| booted.to_path_buf())
 }

@@ -54,6 +54,9 @@ pub(crate) fn report_aftermath(a: &crate::protocol::Aftermath, outcome: &Outcome
 /// Says where a stopped run stood, host and guest, so a hang can be told
 /// apart from a slow command.
 pub(crate) fn report_hang(h: &session::HangReport) {
+    if h.booting {
+        return;
+    }
     crate::say!("vexec: where the run stood when it was stopped:");
     crate::say!("vexec:   host: {}", h.host);
     match &h.guest {
@@ -62,16 +65,21 @@ pub(crate) fn report_hang(h: &session::HangReport) {
                 crate::say!("vexec:   guest: {line}");
             }
         }
-        None => crate::say!(
-            "vexec:   guest: no answer on its console within 3s (its kernel may be stuck; the console log has its last words)"
-        ),
+        None => {
+            crate::say!(
+                "vexec:   guest: no answer on its console within 3s (its kernel may be stuck); its console's last lines:"
+            );
+            for line in h.console.iter().rev().take(15).rev() {
+                crate::say!("vexec:   console: {line}");
+            }
+        }
     }
 }
 
 /// Writes the report into a new file in `dir` (`--hang-reports`).
 pub(crate) fn keep_hang_report(dir: &Path, h: &session::HangReport, spec: &RunSpec, kernel: &Path) {
     let text = format!(
-        "command: {}\nkernel: {}\nhost: {}\nguest:\n{}",
+        "command: {}\nkernel: {}\nhost: {}\nguest:\n{}\nconsole (last lines):\n{}\n",
         spec.argv
             .iter()
             .map(|a| a.to_string_lossy())
@@ -79,7 +87,8 @@ pub(crate) fn keep_hang_report(dir: &Path, h: &session::HangReport, spec: &RunSp
             .join(" "),
         kernel.display(),
         h.host,
-        h.guest.as_deref().unwrap_or("(no answer on the console)\n")
+        h.guest.as_deref().unwrap_or("(no answer on the console)\n"),
+        h.console.join("\n")
     );
     let written = std::fs::create_dir_all(dir).and_then(|_| {
         let f = tempfile::Builder::new()
@@ -117,23 +126,23 @@ pub(crate) fn report_splats(splats: &[oops::Splat], failing: bool) {
 
 /// Maps how the session ended to vexec's exit status, telling the user why
 /// when it was not the command's own doing.
-pub(crate) fn status_of(outcome: Outcome) -> i32 {
+pub(crate) fn status_of(outcome: &Outcome) -> i32 {
     match outcome {
         Outcome::Finished => 0,
-        Outcome::Exited(Exit::Code(c)) => c,
-        Outcome::Exited(Exit::Signal(n)) => 128 + n,
+        Outcome::Exited(Exit::Code(c)) => *c,
+        Outcome::Exited(Exit::Signal(n)) => 128 + *n,
         Outcome::Exited(Exit::NotStarted { status, message }) => {
             crate::say!("{message}");
-            status
+            *status
         }
         Outcome::TimedOut(d) => {
             crate::say!(
                 "vexec: timed out after {}; the command was stopped with its VM",
-                humantime::format_duration(d)
+                humantime::format_duration(*d)
             );
             STATUS_TIMEOUT
         }
-        Outcome::Interrupted(sig) => 128 + sig,
+        Outcome::Interrupted(sig) => 128 + *sig,
         Outcome::Failed(msg) => {
             crate::say!("vexec: error: {msg}");
             STATUS_FAILED

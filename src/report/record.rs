@@ -96,15 +96,38 @@ pub struct Timings {
     pub total: u64,
 }
 
+/// The record could not be kept.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("cannot create the output directory {}: {source}; pass a writable --output DIR", path.display())]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {}: {source}; the run's record is incomplete", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Writes `record` as pretty JSON to `path`.
+pub fn write_json(path: &Path, record: &RunRecord) -> Result<(), RecordError> {
+    let json = serde_json::to_vec_pretty(record).map_err(std::io::Error::other);
+    json.and_then(|j| std::fs::write(path, j))
+        .map_err(|source| RecordError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
 impl OutputDir {
     /// Creates the directory (and `output/` in it) if needed.
-    pub fn create(root: &Path) -> Result<OutputDir, String> {
+    pub fn create(root: &Path) -> Result<OutputDir, RecordError> {
         let root = std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf());
-        std::fs::create_dir_all(root.join("output")).map_err(|e| {
-            format!(
-                "cannot create the output directory {}: {e}; pass a writable --output DIR",
-                root.display()
-            )
+        std::fs::create_dir_all(root.join("output")).map_err(|source| RecordError::Create {
+            path: root.clone(),
+            source,
         })?;
         Ok(OutputDir { root })
     }
@@ -120,16 +143,12 @@ impl OutputDir {
     }
 
     /// Writes dmesg.txt and run.json.
-    pub fn finish(&self, kernel_log: Option<&[u8]>, record: &RunRecord) -> Result<(), String> {
-        let write = |name: &str, data: &[u8]| {
-            std::fs::write(self.root.join(name), data)
-                .map_err(|e| format!("writing {}: {e}", self.root.join(name).display()))
-        };
+    pub fn finish(&self, kernel_log: Option<&[u8]>, record: &RunRecord) -> Result<(), RecordError> {
         if let Some(log) = kernel_log {
-            write("dmesg.txt", log)?;
+            let path = self.root.join("dmesg.txt");
+            std::fs::write(&path, log).map_err(|source| RecordError::Write { path, source })?;
         }
-        let json = serde_json::to_vec_pretty(record).map_err(|e| e.to_string())?;
-        write("run.json", &json)
+        write_json(&self.root.join("run.json"), record)
     }
 }
 

@@ -51,12 +51,9 @@ pub fn find_qemu_for(
     explicit: Option<&Path>,
     path_var: Option<OsString>,
 ) -> Result<PathBuf, VmError> {
-    use std::os::unix::fs::PermissionsExt;
-    let is_exe = |p: &Path| {
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
+    use crate::host::programs;
     if let Some(p) = explicit {
-        return if is_exe(p) {
+        return if programs::is_executable(p) {
             Ok(p.to_path_buf())
         } else {
             Err(VmError::QemuMissing(
@@ -66,11 +63,7 @@ pub fn find_qemu_for(
         };
     }
     let name = format!("qemu-system-{}", arch.name());
-    path_var
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|d| d.join(&name))
-        .find(|p| is_exe(p))
+    programs::on_path(&name, path_var.as_deref())
         .ok_or_else(|| VmError::QemuMissing(name.clone(), qemu_package(arch)))
 }
 

@@ -65,10 +65,7 @@ pub const LIBEXEC: &[&str] = &[
 /// Where QEMU's vhost-user JSON descriptors live.
 pub const DESCRIPTOR_DIRS: &[&str] = &["/usr/share/qemu/vhost-user", "/etc/qemu/vhost-user"];
 
-fn is_exe(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
+use crate::host::programs::is_executable as is_exe;
 
 /// The `binary` of every descriptor of type "fs" in `dirs`, in file order.
 pub fn from_descriptors(dirs: &[PathBuf]) -> Vec<PathBuf> {
@@ -154,11 +151,7 @@ pub fn find(
     if let Some(p) = explicit {
         return usable(identify(p)?);
     }
-    let mut candidates: Vec<PathBuf> = path_var
-        .into_iter()
-        .flat_map(std::env::split_paths)
-        .map(|d| d.join("virtiofsd"))
-        .collect();
+    let mut candidates = crate::host::programs::candidates_on_path("virtiofsd", path_var);
     candidates.extend(LIBEXEC.iter().map(PathBuf::from));
     candidates.extend(from_descriptors(descriptor_dirs));
     let mut first_err = None;

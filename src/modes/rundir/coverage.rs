@@ -41,7 +41,7 @@ pub fn save(archive: &[u8], c: &Capture) -> Result<Saved, String> {
         saved.note = Some("--no-lcov: GCOV data kept as gcda.tar only".into());
         return Ok(saved);
     }
-    let Some(lcov) = super::find_on_path("lcov", c.path_var) else {
+    let Some(lcov) = crate::host::programs::on_path("lcov", c.path_var) else {
         saved.note = Some("lcov is not installed (Debian: apt-get install lcov)".into());
         return Ok(saved);
     };

@@ -252,7 +252,7 @@ pub fn build(i: &Inputs) -> Result<Payload, PayloadError> {
             return Err(PayloadError::NoForeignBusybox { arch, deb });
         }
         (None, false, true) => Some(
-            super::find_on_path("busybox", i.path_var)
+            crate::host::programs::on_path("busybox", i.path_var)
                 .ok_or_else(|| PayloadError::NoBusybox(programs[0].1.display().to_string()))?,
         ),
         (None, false, false) => None,
