@@ -53,7 +53,7 @@ fn main() {
 }
 
 /// The exit status of a run, or 125 (vexec's own failure) with the error.
-fn failed_is_125(r: Result<i32, String>) -> i32 {
+fn failed_is_125<E: std::fmt::Display>(r: Result<i32, E>) -> i32 {
     r.unwrap_or_else(|e| {
         vexec::say!("vexec: error: {e}");
         run::STATUS_FAILED
@@ -103,26 +103,27 @@ fn asks_help(args: &[OsString]) -> bool {
 /// Runs `vexec VERB ...`; returns the exit status.
 fn verb(args: &[OsString]) -> i32 {
     use cli::verbs::{Verb, VerbCli};
-    let done = failed_is_125;
     match parsed(VerbCli::try_parse_from(args)).verb {
         Verb::Kernel(action) => {
             let root = cache::Cache::default_root(
                 std::env::var_os("XDG_CACHE_HOME").map(Into::into),
                 std::env::var_os("HOME").map(Into::into),
             );
-            done(store::main(&action, root))
+            failed_is_125(store::main(&action, root))
         }
         Verb::RunDir(c) => rundir::main(&c),
-        Verb::Kconfig(a) => done(kbuild::kconfig(&a).map(|_| 0)),
-        Verb::Build(a) => done(kbuild::build(&a).map(|_| 0)),
+        Verb::Kconfig(a) => failed_is_125(kbuild::kconfig(&a).map(|_| 0)),
+        Verb::Build(a) => failed_is_125(kbuild::build(&a).map(|_| 0)),
         // Reached only when clap answered nothing itself (see main).
-        Verb::Bisect(_) => done(bisect::parse(&args[2..]).and_then(|b| bisect::bisect(&b))),
+        Verb::Bisect(_) => {
+            failed_is_125(bisect::parse(&args[2..]).and_then(|b| bisect::bisect(&b)))
+        }
         Verb::Completions { shell } => {
             let mut out = std::io::stdout().lock();
             clap_complete::generate(shell, &mut cli::verbs::everything(), "vexec", &mut out);
             0
         }
-        Verb::Manpage => done(
+        Verb::Manpage => failed_is_125(
             clap_mangen::Man::new(cli::verbs::everything())
                 .render(&mut std::io::stdout().lock())
                 .map(|_| 0)

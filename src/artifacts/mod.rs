@@ -179,38 +179,7 @@ pub fn inspect(cache: &Cache, kernel: &Kernel) -> Result<Inspected, PrepareError
     let support = match cached {
         Some(s) => s,
         None => {
-            let tree = scan_tree(kernel)?;
-            let config = load_config(kernel, vmlinux_data.as_deref(), &boot_kernel, pvh);
-            let base = caps::check(kernel, config.as_ref(), tree.as_ref(), caps::BASE)?;
-            let why_not = |t| {
-                caps::check(
-                    kernel,
-                    config.as_ref(),
-                    tree.as_ref(),
-                    caps::transport_features(t),
-                )
-                .err()
-                .map(|e| e.to_string())
-            };
-            let mut unknown: Vec<String> = base.unknown.iter().map(|s| s.to_string()).collect();
-            for t in [Transport::NineP, Transport::Virtiofs] {
-                if let Ok(p) = caps::check(
-                    kernel,
-                    config.as_ref(),
-                    tree.as_ref(),
-                    caps::transport_features(t),
-                ) {
-                    unknown.extend(p.unknown.iter().map(|s| s.to_string()));
-                }
-            }
-            let s = Support {
-                ninep: why_not(Transport::NineP),
-                virtiofs: why_not(Transport::Virtiofs),
-                net: caps::check(kernel, config.as_ref(), tree.as_ref(), caps::NET)
-                    .err()
-                    .map(|e| e.to_string()),
-                unknown,
-            };
+            let s = find_support(kernel, vmlinux_data.as_deref(), &boot_kernel, pvh)?;
             let bytes = postcard::to_allocvec(&s).map_err(|e| PrepareError::Io {
                 path: cache.root().join("support").join(&support_key),
                 source: std::io::Error::other(e),
@@ -233,6 +202,48 @@ pub fn inspect(cache: &Cache, kernel: &Kernel) -> Result<Inspected, PrepareError
         image_hash,
         modules_id,
         config_id,
+    })
+}
+
+/// What the kernel supports (each transport, networking), from its config
+/// or module tree; fails when it lacks what every guest needs.
+fn find_support(
+    kernel: &Kernel,
+    vmlinux: Option<&[u8]>,
+    boot_kernel: &Path,
+    pvh: bool,
+) -> Result<Support, PrepareError> {
+    let tree = scan_tree(kernel)?;
+    let config = load_config(kernel, vmlinux, boot_kernel, pvh);
+    let base = caps::check(kernel, config.as_ref(), tree.as_ref(), caps::BASE)?;
+    let why_not = |t| {
+        caps::check(
+            kernel,
+            config.as_ref(),
+            tree.as_ref(),
+            caps::transport_features(t),
+        )
+        .err()
+        .map(|e| e.to_string())
+    };
+    let mut unknown: Vec<String> = base.unknown.iter().map(|s| s.to_string()).collect();
+    for t in [Transport::NineP, Transport::Virtiofs] {
+        if let Ok(p) = caps::check(
+            kernel,
+            config.as_ref(),
+            tree.as_ref(),
+            caps::transport_features(t),
+        ) {
+            unknown.extend(p.unknown.iter().map(|s| s.to_string()));
+        }
+    }
+    Ok(Support {
+        ninep: why_not(Transport::NineP),
+        virtiofs: why_not(Transport::Virtiofs),
+        net: caps::check(kernel, config.as_ref(), tree.as_ref(), caps::NET)
+            .err()
+            .map(|e| e.to_string()),
+        unknown,
     })
 }
 

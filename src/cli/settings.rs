@@ -91,27 +91,7 @@ pub fn build(
     separator: bool,
 ) -> Result<RunSpec, ConfigError> {
     let file = config.map(|c| &c.config);
-
-    let memory = match (cli.machine.memory, config) {
-        (Some(m), _) => m,
-        (None, Some(c)) if c.config.memory.is_some() => {
-            let m = c.config.memory.as_deref().unwrap_or_default();
-            cli::parse_memory(m).map_err(|e| invalid(c, "memory", e))?
-        }
-        _ => cli::DEFAULT_MEMORY.to_string(),
-    };
-    let cpus = match (cli.machine.cpus, file.and_then(|f| f.cpus)) {
-        (Some(n), _) => n,
-        (None, Some(n)) if (1..=256).contains(&n) => n,
-        (None, Some(n)) => {
-            return Err(invalid(
-                config.expect("cpus came from the file"),
-                "cpus",
-                format!("{n} is not in 1..=256"),
-            ));
-        }
-        (None, None) => cli::DEFAULT_CPUS,
-    };
+    let (memory, cpus) = machine_size(&cli, config)?;
     let accel = match cli.machine.accel {
         Some(a) => a,
         None => file_choice(config, "accel", |f| &f.accel)?.unwrap_or(AccelChoice::Auto),
@@ -122,107 +102,32 @@ pub fn build(
             file_choice(config, "transport", |f| &f.transport)?.unwrap_or(TransportChoice::Auto)
         }
     };
-    let (timeout, boot_timeout, output_grace) = match config {
-        Some(c) => (
-            cli.machine
-                .timeout
-                .or(duration(c, "timeout", &c.config.timeout)?),
-            cli.machine
-                .boot_timeout
-                .or(duration(c, "boot-timeout", &c.config.boot_timeout)?),
-            cli.output_grace
-                .or(duration(c, "output-grace", &c.config.output_grace)?),
-        ),
-        None => (
-            cli.machine.timeout,
-            cli.machine.boot_timeout,
-            cli.output_grace,
-        ),
+    let (timeout, boot_timeout, output_grace) = timeouts(&cli, config)?;
+    let env = environment_for(host.env.clone(), file, &cli);
+    let shares = share_requests(&cli, config);
+    let share_cwd = match (cli.cwd, cli.no_cwd) {
+        (true, _) => true,
+        (false, true) => false,
+        (false, false) => file.and_then(|f| f.cwd).unwrap_or(true),
     };
-
-    // Environment: the caller's, then the file's [env], then --env.
-    let mut env = host.env.clone();
-    if let Some(f) = file {
-        let unset: Vec<OsString> = f.env.unset.iter().map(OsString::from).collect();
-        let set: Vec<(OsString, OsString)> = f
-            .env
-            .set
-            .iter()
-            .map(|(k, v)| (k.into(), v.into()))
-            .collect();
-        env = environment(env, &set, &unset);
-    }
-    env = environment(env, &cli.env, &cli.unset_env);
-
-    let mut shares = Vec::new();
-    if let Some(c) = config {
-        for (paths, mode) in [
-            (&c.config.rw, ShareMode::ReadWrite),
-            (&c.config.ro, ShareMode::ReadOnly),
-            (&c.config.overlay, ShareMode::Overlay),
-        ] {
-            shares.extend(paths.iter().map(|p| ShareRequest {
-                path: c.path(p),
-                mode,
-            }));
-        }
-    }
-    for (paths, mode) in [
-        (cli.rw, ShareMode::ReadWrite),
-        (cli.ro, ShareMode::ReadOnly),
-        (cli.overlay, ShareMode::Overlay),
-    ] {
-        shares.extend(paths.into_iter().map(|path| ShareRequest { path, mode }));
-    }
-    let share_cwd = if cli.cwd {
-        true
-    } else if cli.no_cwd {
-        false
-    } else {
-        file.and_then(|f| f.cwd).unwrap_or(true)
-    };
-
-    let mut kernel_args: Vec<String> = file.map(|f| f.kernel_args.clone()).unwrap_or_default();
-    kernel_args.extend(cli.machine.kernel_args);
-    if let Some(bad) = kernel_args
-        .iter()
-        .find(|a| a.chars().any(|c| c.is_control()))
-    {
-        return Err(ConfigError::KernelArg(bad.clone()));
-    }
-    let mut qemu_args: Vec<OsString> = file
-        .map(|f| f.qemu_args.iter().map(OsString::from).collect())
-        .unwrap_or_default();
-    qemu_args.extend(cli.qemu_args);
-
-    let mut forwards = Vec::new();
-    if let Some(c) = config {
-        for f in &c.config.forward {
-            forwards.push(cli::parse_forward(f).map_err(|e| invalid(c, "forward", e))?);
-        }
-    }
-    forwards.extend(cli.forwards.iter().copied());
-    let net = cli.net || !forwards.is_empty() || file.and_then(|f| f.net).unwrap_or(false);
+    let (kernel_args, qemu_args) = arguments(&cli, file)?;
+    let (net, forwards) = network(&cli, config)?;
     let shell = cli.command.is_empty() || (cli.command == ["shell"] && !separator);
     let argv = if shell {
-        let sh = env
-            .iter()
+        let sh = (env.iter())
             .find(|(k, _)| k == "SHELL")
             .map(|(_, v)| v.clone())
             .filter(|v| !v.is_empty())
             .unwrap_or_else(|| "/bin/sh".into());
         vec![sh, "-l".into()]
     } else {
-        cli.command
+        cli.command.clone()
     };
-    let tty = if cli.tty {
-        TtyMode::Always
-    } else if cli.no_tty {
-        TtyMode::Never
-    } else {
-        TtyMode::Auto
+    let tty = match (cli.tty, cli.no_tty) {
+        (true, _) => TtyMode::Always,
+        (false, true) => TtyMode::Never,
+        (false, false) => TtyMode::Auto,
     };
-
     Ok(RunSpec {
         kernel: cli
             .kernel
@@ -277,6 +182,122 @@ pub fn build(
         running_release: host.running_release,
         path_var: host.path_var,
     })
+}
+
+/// The caller's environment, then the file's `[env]`, then `--env`.
+fn environment_for(
+    host: Vec<(OsString, OsString)>,
+    file: Option<&crate::cli::config::Config>,
+    cli: &Cli,
+) -> Vec<(OsString, OsString)> {
+    let mut env = host;
+    if let Some(f) = file {
+        let unset: Vec<OsString> = f.env.unset.iter().map(OsString::from).collect();
+        let set: Vec<(OsString, OsString)> = (f.env.set.iter())
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        env = environment(env, &set, &unset);
+    }
+    environment(env, &cli.env, &cli.unset_env)
+}
+
+/// Whether the guest gets a network, and its TCP forwards (the file's
+/// first); a forward implies the network.
+fn network(cli: &Cli, config: Option<&Loaded>) -> Result<(bool, Vec<(u16, u16)>), ConfigError> {
+    let mut forwards = Vec::new();
+    if let Some(c) = config {
+        for f in &c.config.forward {
+            forwards.push(cli::parse_forward(f).map_err(|e| invalid(c, "forward", e))?);
+        }
+    }
+    forwards.extend(cli.forwards.iter().copied());
+    let file_net = config.and_then(|c| c.config.net).unwrap_or(false);
+    Ok((cli.net || !forwards.is_empty() || file_net, forwards))
+}
+
+/// `--memory` and `--cpus`, else the file's, else the defaults.
+fn machine_size(cli: &Cli, config: Option<&Loaded>) -> Result<(String, u32), ConfigError> {
+    let memory = match (&cli.machine.memory, config) {
+        (Some(m), _) => m.clone(),
+        (None, Some(c)) if c.config.memory.is_some() => {
+            let m = c.config.memory.as_deref().unwrap_or_default();
+            cli::parse_memory(m).map_err(|e| invalid(c, "memory", e))?
+        }
+        _ => cli::DEFAULT_MEMORY.to_string(),
+    };
+    let cpus = match (cli.machine.cpus, config.and_then(|c| c.config.cpus)) {
+        (Some(n), _) => n,
+        (None, Some(n)) if (1..=256).contains(&n) => n,
+        (None, Some(n)) => {
+            return Err(invalid(
+                config.expect("cpus came from the file"),
+                "cpus",
+                format!("{n} is not in 1..=256"),
+            ));
+        }
+        (None, None) => cli::DEFAULT_CPUS,
+    };
+    Ok((memory, cpus))
+}
+
+/// `--timeout`, `--boot-timeout` and `--output-grace`, else the file's.
+type Timeouts = (Option<Duration>, Option<Duration>, Option<Duration>);
+fn timeouts(cli: &Cli, config: Option<&Loaded>) -> Result<Timeouts, ConfigError> {
+    let m = &cli.machine;
+    Ok(match config {
+        Some(c) => (
+            m.timeout.or(duration(c, "timeout", &c.config.timeout)?),
+            (m.boot_timeout).or(duration(c, "boot-timeout", &c.config.boot_timeout)?),
+            (cli.output_grace).or(duration(c, "output-grace", &c.config.output_grace)?),
+        ),
+        None => (m.timeout, m.boot_timeout, cli.output_grace),
+    })
+}
+
+/// The file's shares, then the command line's, in the order given.
+fn share_requests(cli: &Cli, config: Option<&Loaded>) -> Vec<ShareRequest> {
+    let mut shares = Vec::new();
+    if let Some(c) = config {
+        for (paths, mode) in [
+            (&c.config.rw, ShareMode::ReadWrite),
+            (&c.config.ro, ShareMode::ReadOnly),
+            (&c.config.overlay, ShareMode::Overlay),
+        ] {
+            shares.extend(paths.iter().map(|p| ShareRequest {
+                path: c.path(p),
+                mode,
+            }));
+        }
+    }
+    for (paths, mode) in [
+        (&cli.rw, ShareMode::ReadWrite),
+        (&cli.ro, ShareMode::ReadOnly),
+        (&cli.overlay, ShareMode::Overlay),
+    ] {
+        shares.extend(paths.iter().map(|path| ShareRequest {
+            path: path.clone(),
+            mode,
+        }));
+    }
+    shares
+}
+
+/// Kernel and QEMU arguments, the file's first; a control character in a
+/// kernel argument would split it in two on the kernel's command line.
+fn arguments(
+    cli: &Cli,
+    file: Option<&crate::cli::config::Config>,
+) -> Result<(Vec<String>, Vec<OsString>), ConfigError> {
+    let mut kernel_args: Vec<String> = file.map(|f| f.kernel_args.clone()).unwrap_or_default();
+    kernel_args.extend(cli.machine.kernel_args.iter().cloned());
+    if let Some(bad) = (kernel_args.iter()).find(|a| a.chars().any(|c| c.is_control())) {
+        return Err(ConfigError::KernelArg(bad.clone()));
+    }
+    let mut qemu_args: Vec<OsString> = file
+        .map(|f| f.qemu_args.iter().map(OsString::from).collect())
+        .unwrap_or_default();
+    qemu_args.extend(cli.qemu_args.iter().cloned());
+    Ok((kernel_args, qemu_args))
 }
 
 /// A program path from the file: relative to the file when it has a slash.

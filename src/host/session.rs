@@ -211,20 +211,7 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
     });
     relay.attach(Some(tx.clone()));
 
-    let qemu_errors = Arc::new(Mutex::new(String::new()));
-    if let Some(err) = vm.stderr.take() {
-        let (buf, tx) = (Arc::clone(&qemu_errors), tx.clone());
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if line.contains("KVM internal error") || line.contains("emulation failure") {
-                    let _ = tx.send(Event::KvmError(line.clone()));
-                }
-                let mut b = buf.lock().unwrap_or_else(|p| p.into_inner());
-                b.push_str(&line);
-                b.push('\n');
-            }
-        });
-    }
+    let qemu_errors = read_qemu_errors(vm.stderr.take(), tx.clone());
     let con_tx = tx.clone();
     let console_writer = host_con.try_clone().map_err(spawn_err(&p))?;
     let (tail, _con_thread) =
@@ -249,25 +236,57 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
         console: console_writer,
     };
     let mut outcome = event_loop::run(&mut p, &mut t, cx, &rx);
-    if let (Some(path), Some(qmp), Outcome::Failed(msg)) =
-        (&p.dump_on_panic, host_qmp, &mut outcome)
-        && msg.starts_with("the guest kernel panicked")
-    {
-        let result = crate::vm::qmp::Qmp::connect(qmp, Duration::from_secs(120))
-            .and_then(|mut q| crate::vm::qmp::dump_guest_memory(&mut q, path));
-        msg.push_str(&match result {
-            Ok(()) => format!(
-                "\nguest memory dumped to {} (ELF core; open with drgn or crash)",
-                path.display()
-            ),
-            Err(e) => format!("\nthe memory dump to {} failed: {e}", path.display()),
-        });
+    if let (Some(path), Some(qmp)) = (&p.dump_on_panic, host_qmp) {
+        dump_on_panic(&mut outcome, qmp, path);
     }
     relay.attach(None);
     t.qemu_peak_rss_kib = vm.peak_rss_kib();
     drop(vm);
     t.ended = Some(Instant::now());
     Ok((outcome, t))
+}
+
+/// Collects QEMU's stderr on a thread (for messages about its end), and
+/// tells the event loop at once about KVM failures.
+fn read_qemu_errors(
+    stderr: Option<std::process::ChildStderr>,
+    tx: mpsc::Sender<Event>,
+) -> Arc<Mutex<String>> {
+    let qemu_errors = Arc::new(Mutex::new(String::new()));
+    if let Some(err) = stderr {
+        let buf = Arc::clone(&qemu_errors);
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if line.contains("KVM internal error") || line.contains("emulation failure") {
+                    let _ = tx.send(Event::KvmError(line.clone()));
+                }
+                let mut b = buf.lock().unwrap_or_else(|p| p.into_inner());
+                b.push_str(&line);
+                b.push('\n');
+            }
+        });
+    }
+    qemu_errors
+}
+
+/// `--dump-on-panic`: a guest whose kernel panicked has its memory dumped
+/// through QMP, and the outcome says where (or why not).
+fn dump_on_panic(outcome: &mut Outcome, qmp: UnixStream, path: &std::path::Path) {
+    let Outcome::Failed(msg) = outcome else {
+        return;
+    };
+    if !msg.starts_with("the guest kernel panicked") {
+        return;
+    }
+    let result = crate::vm::qmp::Qmp::connect(qmp, Duration::from_secs(120))
+        .and_then(|mut q| crate::vm::qmp::dump_guest_memory(&mut q, path));
+    msg.push_str(&match result {
+        Ok(()) => format!(
+            "\nguest memory dumped to {} (ELF core; open with drgn or crash)",
+            path.display()
+        ),
+        Err(e) => format!("\nthe memory dump to {} failed: {e}", path.display()),
+    });
 }
 
 /// Reads the guest's messages on a thread until the channel closes:

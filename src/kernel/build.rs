@@ -110,14 +110,38 @@ fn extras_words(x: Extras) -> &'static str {
     }
 }
 
+/// Why a kernel tree could not be configured or built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{} is not a Linux source tree (no Kconfig and Makefile); pass the tree's directory", .0.display())]
+    NotATree(PathBuf),
+    #[error("running make: {0}; install build-essential")]
+    NoMake(std::io::Error),
+    #[error("`make {args}` failed in {}", dir.display())]
+    Make { args: String, dir: PathBuf },
+    #[error("the kernel build failed in {} (make's errors are above)", .0.display())]
+    Build(PathBuf),
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BuildError {
+    let path = path.to_path_buf();
+    move |source| BuildError::Io { what, path, source }
+}
+
 /// `vexec kconfig [--debug] [--gcov] [DIR]`: merges vexec's options into
 /// DIR/.config.
-pub fn kconfig(args: &KbuildArgs) -> Result<(), String> {
+pub fn kconfig(args: &KbuildArgs) -> Result<(), BuildError> {
     let (extras, dir) = tree(args)?;
     let path = dir.join(".config");
     let existing = std::fs::read_to_string(&path).unwrap_or_default();
     let merged = merge(&existing, &fragment(extras));
-    std::fs::write(&path, merged).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    std::fs::write(&path, merged).map_err(io("writing", &path))?;
     crate::say!(
         "vexec: merged vexec's options{} into {}; run `make olddefconfig` there (or `vexec build`)",
         extras_words(extras),
@@ -127,22 +151,19 @@ pub fn kconfig(args: &KbuildArgs) -> Result<(), String> {
 }
 
 /// What was asked, once the directory is known to be a kernel tree.
-fn tree(args: &KbuildArgs) -> Result<(Extras, PathBuf), String> {
+fn tree(args: &KbuildArgs) -> Result<(Extras, PathBuf), BuildError> {
     let x = Extras {
         debug: args.debug,
         gcov: args.gcov,
     };
     let dir = args.dir.clone();
     if !dir.join("Kconfig").is_file() || !dir.join("Makefile").is_file() {
-        return Err(format!(
-            "{} is not a Linux source tree (no Kconfig and Makefile); pass the tree's directory",
-            dir.display()
-        ));
+        return Err(BuildError::NotATree(dir));
     }
     Ok((x, dir))
 }
 
-fn make(dir: &Path, args: &[&str]) -> Result<(), String> {
+fn make(dir: &Path, args: &[&str]) -> Result<(), BuildError> {
     let status = Command::new("make")
         .arg("-C")
         .arg(dir)
@@ -150,22 +171,21 @@ fn make(dir: &Path, args: &[&str]) -> Result<(), String> {
         .args(args)
         .stdin(Stdio::null())
         .status()
-        .map_err(|e| format!("running make: {e}; install build-essential"))?;
+        .map_err(BuildError::NoMake)?;
     if status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "`make {}` failed in {}",
-            args.join(" "),
-            dir.display()
-        ))
+        Err(BuildError::Make {
+            args: args.join(" "),
+            dir: dir.into(),
+        })
     }
 }
 
 /// `vexec build [--debug] [--gcov] [DIR]`: configures (tinyconfig when there is no
 /// .config yet, then vexec's options and olddefconfig) and compiles the
 /// tree with a progress line. ARCH and CROSS_COMPILE pass through to make.
-pub fn build(args: &KbuildArgs) -> Result<(), String> {
+pub fn build(args: &KbuildArgs) -> Result<(), BuildError> {
     let (extras, dir) = tree(args)?;
     let config = dir.join(".config");
     if !config.exists() {
@@ -176,10 +196,8 @@ pub fn build(args: &KbuildArgs) -> Result<(), String> {
         make(&dir, &["tinyconfig"])?;
     }
     let frag = fragment(extras);
-    let existing = std::fs::read_to_string(&config)
-        .map_err(|e| format!("reading {}: {e}", config.display()))?;
-    std::fs::write(&config, merge(&existing, &frag))
-        .map_err(|e| format!("writing {}: {e}", config.display()))?;
+    let existing = std::fs::read_to_string(&config).map_err(io("reading", &config))?;
+    std::fs::write(&config, merge(&existing, &frag)).map_err(io("writing", &config))?;
     make(&dir, &["olddefconfig"])?;
     let after = std::fs::read_to_string(&config).unwrap_or_default();
     let lost = missing(&after, &frag);
@@ -197,7 +215,7 @@ pub fn build(args: &KbuildArgs) -> Result<(), String> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("running make: {e}; install build-essential"))?;
+        .map_err(BuildError::NoMake)?;
     let bar = indicatif::ProgressBar::new_spinner();
     if !crate::host::terminal::is_tty(2) {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -210,13 +228,10 @@ pub fn build(args: &KbuildArgs) -> Result<(), String> {
             bar.set_message(format!("[{steps}] {}", line.trim()));
         }
     }
-    let status = child.wait().map_err(|e| format!("waiting for make: {e}"))?;
+    let status = child.wait().map_err(BuildError::NoMake)?;
     bar.finish_and_clear();
     if !status.success() {
-        return Err(format!(
-            "the kernel build failed in {} (make's errors are above)",
-            dir.display()
-        ));
+        return Err(BuildError::Build(dir));
     }
     let release = Command::new("make")
         .arg("-C")

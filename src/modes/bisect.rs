@@ -26,8 +26,32 @@ pub struct BisectArgs {
 
 const USAGE: &str = "usage: vexec bisect --good COMMIT [--good COMMIT...] --bad COMMIT [--build CMD] [RUN OPTIONS] -- COMMAND [ARGS...]";
 
+/// Why a bisection could not be run.
+#[derive(Debug, thiserror::Error)]
+pub enum BisectError {
+    #[error("{0}; {USAGE}")]
+    Usage(String),
+    #[error("running {what}: {source}; install git")]
+    NoGit {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("`git {args}` failed: {stderr}")]
+    Git { args: String, stderr: String },
+    #[error("vexec bisect must run inside a git repository: {0}")]
+    NotARepo(Box<BisectError>),
+    #[error(
+        "the work tree {0} has uncommitted changes; bisecting checks out other commits, so commit or stash them first"
+    )]
+    Dirty(String),
+    #[error("finding vexec itself: {0}")]
+    SelfExe(std::io::Error),
+    #[error("the bisection found no single first bad commit (see git's output above)")]
+    NoFirstBad,
+}
+
 /// Parses the words after `bisect` (or `__bisect-step`).
-pub fn parse(args: &[OsString]) -> Result<BisectArgs, String> {
+pub fn parse(args: &[OsString]) -> Result<BisectArgs, BisectError> {
     let mut good = Vec::new();
     let mut bad = None;
     let mut build = None;
@@ -36,13 +60,13 @@ pub fn parse(args: &[OsString]) -> Result<BisectArgs, String> {
     let mut command = Vec::new();
     while let Some(a) = it.next() {
         let s = a.to_string_lossy();
-        let mut value = |name: &str| -> Result<OsString, String> {
+        let mut value = |name: &str| -> Result<OsString, BisectError> {
             match s.strip_prefix(&format!("{name}=")) {
                 Some(v) => Ok(v.into()),
                 None => it
                     .next()
                     .cloned()
-                    .ok_or_else(|| format!("{name} needs a value; {USAGE}")),
+                    .ok_or_else(|| BisectError::Usage(format!("{name} needs a value"))),
             }
         };
         if s == "--" {
@@ -58,12 +82,13 @@ pub fn parse(args: &[OsString]) -> Result<BisectArgs, String> {
             run_options.push(a.clone());
         }
     }
-    let bad = bad.ok_or_else(|| format!("--bad is missing; {USAGE}"))?;
+    let usage = |what: &str| BisectError::Usage(what.into());
+    let bad = bad.ok_or_else(|| usage("--bad is missing"))?;
     if good.is_empty() {
-        return Err(format!("--good is missing; {USAGE}"));
+        return Err(usage("--good is missing"));
     }
     if command.is_empty() {
-        return Err(format!("no command after --; {USAGE}"));
+        return Err(usage("no command after --"));
     }
     Ok(BisectArgs {
         good,
@@ -90,25 +115,28 @@ fn unparse(b: &BisectArgs) -> Vec<OsString> {
     v
 }
 
-fn git(args: &[&OsStr]) -> Result<std::process::Output, String> {
+fn git(args: &[&OsStr]) -> Result<std::process::Output, BisectError> {
     Command::new("git")
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| format!("running git: {e}; install git"))
+        .map_err(|source| BisectError::NoGit {
+            what: "git",
+            source,
+        })
 }
 
-fn git_ok(args: &[&OsStr]) -> Result<String, String> {
+fn git_ok(args: &[&OsStr]) -> Result<String, BisectError> {
     let out = git(args)?;
     if !out.status.success() {
-        return Err(format!(
-            "`git {}` failed: {}",
-            args.iter()
+        return Err(BisectError::Git {
+            args: args
+                .iter()
                 .map(|a| a.to_string_lossy())
                 .collect::<Vec<_>>()
                 .join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+            stderr: String::from_utf8_lossy(&out.stderr).trim().into(),
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -120,21 +148,18 @@ fn is_kernel_tree(dir: &Path) -> bool {
 
 /// Runs the whole bisection; returns vexec's exit status (0 when a first
 /// bad commit was found).
-pub fn bisect(args: &BisectArgs) -> Result<i32, String> {
+pub fn bisect(args: &BisectArgs) -> Result<i32, BisectError> {
     let top = git_ok(&["rev-parse".as_ref(), "--show-toplevel".as_ref()])
-        .map_err(|e| format!("vexec bisect must run inside a git repository: {e}"))?;
+        .map_err(|e| BisectError::NotARepo(Box::new(e)))?;
     let status = git_ok(&[
         "status".as_ref(),
         "--porcelain".as_ref(),
         "--untracked-files=no".as_ref(),
     ])?;
     if !status.trim().is_empty() {
-        return Err(format!(
-            "the work tree {} has uncommitted changes; bisecting checks out other commits, so commit or stash them first",
-            top.trim()
-        ));
+        return Err(BisectError::Dirty(top.trim().into()));
     }
-    let me = std::env::current_exe().map_err(|e| format!("finding vexec itself: {e}"))?;
+    let me = std::env::current_exe().map_err(BisectError::SelfExe)?;
     let mut start: Vec<&OsStr> = vec!["bisect".as_ref(), "start".as_ref(), &args.bad];
     start.extend(args.good.iter().map(|g| g.as_os_str()));
     git_ok(&start)?;
@@ -154,7 +179,10 @@ pub fn bisect(args: &BisectArgs) -> Result<i32, String> {
         .args(unparse(args))
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
-    let out = run.output().map_err(|e| format!("running git bisect: {e}"));
+    let out = run.output().map_err(|source| BisectError::NoGit {
+        what: "git bisect",
+        source,
+    });
     let log = git_ok(&["bisect".as_ref(), "log".as_ref()]).unwrap_or_default();
     let _ = git(&["bisect".as_ref(), "reset".as_ref()]);
     let out = out?;
@@ -179,7 +207,7 @@ pub fn bisect(args: &BisectArgs) -> Result<i32, String> {
         }
         None => {
             crate::say!("{}", text.trim_end());
-            Err("the bisection found no single first bad commit (see git's output above)".into())
+            Err(BisectError::NoFirstBad)
         }
     }
 }
@@ -294,16 +322,19 @@ mod tests {
         assert!(
             parse(&os(&["--bad", "x", "--", "t"]))
                 .unwrap_err()
+                .to_string()
                 .contains("--good")
         );
         assert!(
             parse(&os(&["--good", "x", "--", "t"]))
                 .unwrap_err()
+                .to_string()
                 .contains("--bad")
         );
         assert!(
             parse(&os(&["--good", "x", "--bad", "y"]))
                 .unwrap_err()
+                .to_string()
                 .contains("no command")
         );
     }

@@ -11,13 +11,52 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::artifacts;
-use crate::artifacts::cache::Cache;
+use crate::artifacts::cache::{Cache, CacheError};
 use crate::cli::verbs::KernelAction;
-use crate::kernel::{self, resolve::Defaults};
+use crate::kernel::{self, ResolveError, resolve::Defaults};
+
+/// Why the kernel store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Oci(#[from] oci::OciError),
+    #[error("{rel} is not in the kernel store ({}); see `vexec kernel list`", store.display())]
+    NotStored { rel: String, store: PathBuf },
+    #[error("{} does not exist; give a kernel image, build tree, unpacked package, tarball or .deb", .0.display())]
+    Missing(PathBuf),
+    #[error("no kernel image (vmlinuz*, bzImage) in {}", .0.display())]
+    NoImage(PathBuf),
+    #[error("{0} has no /boot/vmlinuz* or /boot/vmlinux*")]
+    NoImageInOci(String),
+    #[error("cannot tell the release of {}; is it a Linux kernel image?", .0.display())]
+    NoRelease(PathBuf),
+    #[error("apt-get could not download {0}; check the name with `apt-cache search linux-image`")]
+    Download(String),
+    #[error("apt-get downloaded no .deb for {0}")]
+    NoDeb(String),
+    /// A helper program (dpkg-deb, cp, apt-get) failed.
+    #[error("{what} failed: {detail}")]
+    Tool { what: String, detail: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// Wraps an I/O error with what was being done.
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+    let what = what.into();
+    move |source| StoreError::Io { what, source }
+}
 
 /// `vexec kernel ACTION`; returns the exit status.
-pub fn main(action: &KernelAction, cache_root: PathBuf) -> Result<i32, String> {
-    let cache = Cache::open(cache_root).map_err(|e| e.to_string())?;
+pub fn main(action: &KernelAction, cache_root: PathBuf) -> Result<i32, StoreError> {
+    let cache = Cache::open(cache_root)?;
     let store = cache.root().join("kernels");
     match action {
         KernelAction::Add { path } => {
@@ -36,13 +75,12 @@ pub fn main(action: &KernelAction, cache_root: PathBuf) -> Result<i32, String> {
             for rel in releases {
                 let dir = store.join(rel);
                 if !dir.join("boot").is_dir() {
-                    return Err(format!(
-                        "{rel} is not in the kernel store ({}); see `vexec kernel list`",
-                        store.display()
-                    ));
+                    return Err(StoreError::NotStored {
+                        rel: rel.clone(),
+                        store,
+                    });
                 }
-                std::fs::remove_dir_all(&dir)
-                    .map_err(|e| format!("removing {}: {e}", dir.display()))?;
+                std::fs::remove_dir_all(&dir).map_err(io(format!("removing {}", dir.display())))?;
                 crate::say!("vexec: removed {rel}");
             }
         }
@@ -50,39 +88,39 @@ pub fn main(action: &KernelAction, cache_root: PathBuf) -> Result<i32, String> {
     Ok(0)
 }
 
-fn image_of(store: &Path, rel: &str) -> Result<PathBuf, String> {
+fn image_of(store: &Path, rel: &str) -> Result<PathBuf, StoreError> {
     let img = store.join(rel).join("boot").join(format!("vmlinuz-{rel}"));
     if img.is_file() {
         Ok(img)
     } else {
-        Err(format!(
-            "{rel} is not in the kernel store ({}); see `vexec kernel list`",
-            store.display()
-        ))
+        Err(StoreError::NotStored {
+            rel: rel.into(),
+            store: store.into(),
+        })
     }
 }
 
 /// A scratch directory beside the store, removed when dropped.
-fn scratch(store: &Path) -> Result<tempfile::TempDir, String> {
-    std::fs::create_dir_all(store).map_err(|e| format!("creating {}: {e}", store.display()))?;
+fn scratch(store: &Path) -> Result<tempfile::TempDir, StoreError> {
+    std::fs::create_dir_all(store).map_err(io(format!("creating {}", store.display())))?;
     tempfile::Builder::new()
         .prefix(".incoming-")
         .tempdir_in(store)
-        .map_err(|e| format!("creating a scratch directory in {}: {e}", store.display()))
+        .map_err(io(format!(
+            "creating a scratch directory in {}",
+            store.display()
+        )))
 }
 
-fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{what}: {e}"))?;
+fn run(cmd: &mut Command, what: &str) -> Result<(), StoreError> {
+    let out = cmd.stdin(Stdio::null()).output().map_err(io(what))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "{what} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(StoreError::Tool {
+            what: what.into(),
+            detail: String::from_utf8_lossy(&out.stderr).trim().into(),
+        })
     }
 }
 
@@ -140,9 +178,9 @@ fn find_image(root: &Path) -> Option<PathBuf> {
 
 /// Adds a kernel from `path`: an image, a build tree, an unpacked package
 /// directory, a tarball, or a `.deb`. Returns its release.
-pub fn add(store: &Path, path: &Path, source: &str) -> Result<String, String> {
+pub fn add(store: &Path, path: &Path, source: &str) -> Result<String, StoreError> {
     if !path.exists() {
-        return Err(format!("{} does not exist", path.display()));
+        return Err(StoreError::Missing(path.into()));
     }
     let work = scratch(store)?;
     let name = path
@@ -162,14 +200,12 @@ pub fn add(store: &Path, path: &Path, source: &str) -> Result<String, String> {
     .iter()
     .any(|s| name.ends_with(s))
     {
-        untar(path, &name, &unpacked).map_err(|e| format!("unpacking {}: {e}", path.display()))?;
+        untar(path, &name, &unpacked).map_err(io(format!("unpacking {}", path.display())))?;
         // A package layout (boot/vmlinuz-*), else wherever the image is.
         if unpacked.join("boot").is_dir() {
             unpacked.clone()
         } else {
-            find_image(&unpacked).ok_or_else(|| {
-                format!("no kernel image (vmlinuz*, bzImage) in {}", path.display())
-            })?
+            find_image(&unpacked).ok_or_else(|| StoreError::NoImage(path.into()))?
         }
     } else {
         path.to_path_buf()
@@ -179,48 +215,48 @@ pub fn add(store: &Path, path: &Path, source: &str) -> Result<String, String> {
         .parent()
         .map(|d| d.join("modules"))
         .filter(|m| m.join("kernel").is_dir() || m.join("modules.order").is_file());
-    let k = resolve_path(&reference, beside.as_deref()).map_err(|e| e.to_string())?;
+    let k = resolve_path(&reference, beside.as_deref())?;
     let rel = k.release().to_string();
     if rel.is_empty() || rel.contains('/') {
-        return Err(format!("cannot tell the release of {}", path.display()));
+        return Err(StoreError::NoRelease(path.into()));
     }
     let entry = work.path().join("entry");
     let boot = entry.join("boot");
-    std::fs::create_dir_all(&boot).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&boot).map_err(io(format!("creating {}", boot.display())))?;
     std::fs::copy(&k.image, boot.join(format!("vmlinuz-{rel}")))
-        .map_err(|e| format!("copying {}: {e}", k.image.display()))?;
+        .map_err(io(format!("copying {}", k.image.display())))?;
     if let Some(c) = &k.config {
         let _ = std::fs::copy(c, boot.join(format!("config-{rel}")));
     }
     if let Some(m) = &k.modules {
         let dest = entry.join("lib/modules");
-        std::fs::create_dir_all(&dest).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&dest).map_err(io(format!("creating {}", dest.display())))?;
         run(
             Command::new("cp").arg("-a").arg(m).arg(dest.join(&rel)),
             "copying the module tree",
         )?;
     }
-    std::fs::write(entry.join("source"), format!("{source}\n")).map_err(|e| e.to_string())?;
+    std::fs::write(entry.join("source"), format!("{source}\n"))
+        .map_err(io(format!("writing {}", entry.join("source").display())))?;
     let target = store.join(&rel);
     if target.exists() {
-        std::fs::remove_dir_all(&target)
-            .map_err(|e| format!("replacing {}: {e}", target.display()))?;
+        std::fs::remove_dir_all(&target).map_err(io(format!("replacing {}", target.display())))?;
     }
-    std::fs::rename(&entry, &target).map_err(|e| format!("storing {}: {e}", target.display()))?;
+    std::fs::rename(&entry, &target).map_err(io(format!("storing {}", target.display())))?;
     Ok(rel)
 }
 
 /// Downloads a kernel: an OCI image reference (anything with a `/`, or
 /// `oci://...`) through the registry API, else a package with `apt-get
 /// download`; then adds it.
-pub fn fetch(store: &Path, package: &str) -> Result<String, String> {
+pub fn fetch(store: &Path, package: &str) -> Result<String, StoreError> {
     let work = scratch(store)?;
     if crate::store::oci::is_reference(package) {
         let root = work.path().join("image");
         let blobs = store.parent().unwrap_or(store).join("oci-blobs");
         crate::store::oci::pull(package, &root, &blobs)?;
         let image = crate::store::oci::image_in(&root)
-            .ok_or_else(|| format!("{package} has no /boot/vmlinuz* or /boot/vmlinux*"))?;
+            .ok_or_else(|| StoreError::NoImageInOci(package.into()))?;
         return add(store, &image, &format!("oci:{package}"));
     }
     crate::say!("vexec: downloading {package} with apt-get...");
@@ -229,18 +265,18 @@ pub fn fetch(store: &Path, package: &str) -> Result<String, String> {
         .current_dir(work.path())
         .stdin(Stdio::null())
         .status()
-        .map_err(|e| format!("running apt-get: {e}; `vexec kernel fetch` needs apt"))?;
+        .map_err(io(
+            "running apt-get (`vexec kernel fetch PACKAGE` needs apt)",
+        ))?;
     if !status.success() {
-        return Err(format!(
-            "apt-get could not download {package}; check the name with `apt-cache search linux-image`"
-        ));
+        return Err(StoreError::Download(package.into()));
     }
     let deb = std::fs::read_dir(work.path())
-        .map_err(|e| e.to_string())?
+        .map_err(io(format!("reading {}", work.path().display())))?
         .flatten()
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .ok_or("apt-get downloaded no .deb")?;
+        .ok_or_else(|| StoreError::NoDeb(package.into()))?;
     // A metapackage (linux-image-amd64, linux-image-cloud-amd64) holds no
     // kernel: follow it to the versioned image package it depends on.
     if let Some(next) = image_dependency(&deb)? {
@@ -252,12 +288,12 @@ pub fn fetch(store: &Path, package: &str) -> Result<String, String> {
 
 /// For a package without a kernel image, the `linux-image-*` package it
 /// depends on.
-fn image_dependency(deb: &Path) -> Result<Option<String>, String> {
+fn image_dependency(deb: &Path) -> Result<Option<String>, StoreError> {
     let contents = Command::new("dpkg-deb")
         .arg("-c")
         .arg(deb)
         .output()
-        .map_err(|e| format!("running dpkg-deb: {e}"))?;
+        .map_err(io("running dpkg-deb"))?;
     let listing = String::from_utf8_lossy(&contents.stdout);
     if listing.contains("/boot/vmlinuz") || listing.contains("/boot/vmlinux") {
         return Ok(None);
@@ -267,7 +303,7 @@ fn image_dependency(deb: &Path) -> Result<Option<String>, String> {
         .arg(deb)
         .arg("Depends")
         .output()
-        .map_err(|e| format!("running dpkg-deb: {e}"))?;
+        .map_err(io("running dpkg-deb"))?;
     Ok(String::from_utf8_lossy(&depends.stdout)
         .split(',')
         .map(|d| {
@@ -295,7 +331,7 @@ fn du(p: &Path) -> u64 {
     total
 }
 
-fn list(cache: &Cache, store: &Path) -> Result<(), String> {
+fn list(cache: &Cache, store: &Path) -> Result<(), StoreError> {
     let mut rels: Vec<String> = std::fs::read_dir(store)
         .into_iter()
         .flatten()

@@ -16,6 +16,31 @@ use oci_client::client::{ClientConfig, ClientProtocol, linux_amd64_resolver};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
+/// Why an image could not be pulled.
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    #[error("`{image}` is not an image reference: {detail}")]
+    Reference { image: String, detail: String },
+    #[error(
+        "{what}: {detail}; check the reference, the network and, for a private registry, VEXEC_REGISTRY_USERNAME and VEXEC_REGISTRY_PASSWORD"
+    )]
+    Registry { what: String, detail: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+impl OciError {
+    fn io(what: impl Into<String>, source: std::io::Error) -> OciError {
+        OciError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
 /// True when `s` names an OCI image rather than an apt package.
 pub fn is_reference(s: &str) -> bool {
     s.starts_with("oci://") || s.contains('/')
@@ -39,11 +64,15 @@ fn is_local(registry: &str) -> bool {
 
 /// Pulls `image` and merges its layers into `root`; `blobs` keeps the
 /// downloaded layers by digest.
-pub fn pull(image: &str, root: &Path, blobs: &Path) -> Result<(), String> {
-    let reference: Reference = image
-        .trim_start_matches("oci://")
-        .parse()
-        .map_err(|e| format!("`{image}` is not an image reference: {e}"))?;
+pub fn pull(image: &str, root: &Path, blobs: &Path) -> Result<(), OciError> {
+    let reference: Reference =
+        image
+            .trim_start_matches("oci://")
+            .parse()
+            .map_err(|e: oci_client::ParseError| OciError::Reference {
+                image: image.into(),
+                detail: e.to_string(),
+            })?;
     let registry = reference.resolve_registry().to_string();
     let protocol = if is_local(&registry) {
         ClientProtocol::HttpsExcept(vec![registry.clone()])
@@ -58,12 +87,16 @@ pub fn pull(image: &str, root: &Path, blobs: &Path) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("starting the download runtime: {e}"))?;
-    std::fs::create_dir_all(blobs).map_err(|e| format!("creating {}: {e}", blobs.display()))?;
+        .map_err(|e| OciError::io("starting the download runtime", e))?;
+    std::fs::create_dir_all(blobs)
+        .map_err(|e| OciError::io(format!("creating {}", blobs.display()), e))?;
     let auth = auth();
     let (manifest, digest) = rt
         .block_on(client.pull_image_manifest(&reference, &auth))
-        .map_err(|e| format!("fetching the manifest of {image} from {registry}: {e}"))?;
+        .map_err(|e| OciError::Registry {
+            what: format!("fetching the manifest of {image} from {registry}"),
+            detail: e.to_string(),
+        })?;
     crate::say!(
         "vexec: {image}: {} layers ({digest})",
         manifest.layers.len()
@@ -74,7 +107,7 @@ pub fn pull(image: &str, root: &Path, blobs: &Path) -> Result<(), String> {
             download(&rt, &client, &reference, layer, &path)?;
         }
         unpack(&path, &layer.media_type, root)
-            .map_err(|e| format!("unpacking layer {}: {e}", layer.digest))?;
+            .map_err(|e| OciError::io(format!("unpacking layer {}", layer.digest), e))?;
     }
     Ok(())
 }
@@ -85,7 +118,7 @@ fn download(
     reference: &Reference,
     layer: &oci_client::manifest::OciDescriptor,
     path: &Path,
-) -> Result<(), String> {
+) -> Result<(), OciError> {
     let bar = indicatif::ProgressBar::new(layer.size.max(0) as u64);
     if !crate::host::terminal::is_tty(2) {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -113,10 +146,13 @@ fn download(
     bar.finish_and_clear();
     match result {
         Ok(()) => std::fs::rename(&partial, path)
-            .map_err(|e| format!("storing layer {}: {e}", layer.digest)),
+            .map_err(|e| OciError::io(format!("storing layer {}", layer.digest), e)),
         Err(e) => {
             let _ = std::fs::remove_file(&partial);
-            Err(format!("downloading layer {}: {e}", layer.digest))
+            Err(OciError::Registry {
+                what: format!("downloading layer {}", layer.digest),
+                detail: e.to_string(),
+            })
         }
     }
 }
