@@ -200,7 +200,7 @@ fn kernels(
     } else {
         Vec::new()
     };
-    matrix::expand(&refs, &sets, &known)
+    matrix::expand(&refs, &sets, &known).map_err(|e| e.to_string())
 }
 
 /// Runs a kernel matrix; returns the exit status.

@@ -77,8 +77,10 @@ pub struct Cli {
     #[arg(long, value_name = "I/N", value_parser = crate::modes::matrix::parse_shard)]
     pub shard: Option<crate::modes::matrix::Shard>,
 
-    /// Also write the report of a run stopped by --timeout or Ctrl-C into
-    /// a file in DIR (for CI artifacts: a retried test keeps its trail).
+    /// Also write the report of a run stopped by --timeout or Ctrl-C, or of
+    /// a guest that never reported in, into a file in DIR, with the
+    /// console's last lines (for CI artifacts: a retried test keeps its
+    /// trail).
     #[arg(long, value_name = "DIR", env = "VEXEC_HANG_REPORTS")]
     pub hang_reports: Option<PathBuf>,
 

@@ -5,15 +5,19 @@
 //! caller's other options, so every run is exactly what a single `vexec`
 //! would do, with its own process, stdio and VM.
 
+mod reports;
+
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Serialize;
+
+use reports::{print_summary, write_json, write_junit};
 
 /// How each kernel's output is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -31,9 +35,31 @@ pub struct Shard {
     pub count: usize,
 }
 
+/// Why a matrix could not be set up or its reports written.
+#[derive(Debug, thiserror::Error)]
+pub enum MatrixError {
+    #[error("`{0}` is not I/N with 1 <= I <= N (e.g. 2/4)")]
+    Shard(String),
+    #[error("kernel sets nest too deep (does one include itself?)")]
+    TooDeep,
+    #[error("no kernel set `{name}` in the config file (sets: {known})")]
+    NoSet { name: String, known: String },
+    #[error("bad kernel pattern `{pattern}`: {detail}")]
+    BadPattern { pattern: String, detail: String },
+    #[error("no kernel matches `{pattern}`; known releases: {known}")]
+    NoMatch { pattern: String, known: String },
+    #[error("the matrix (or this shard of it) has no kernels")]
+    Empty,
+    #[error("writing {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// Parses `I/N`.
-pub fn parse_shard(s: &str) -> Result<Shard, String> {
-    let bad = || format!("`{s}` is not I/N with 1 <= I <= N (e.g. 2/4)");
+pub fn parse_shard(s: &str) -> Result<Shard, MatrixError> {
+    let bad = || MatrixError::Shard(s.into());
     let (i, n) = s.split_once('/').ok_or_else(bad)?;
     let (index, count): (usize, usize) = (
         i.trim().parse().map_err(|_| bad())?,
@@ -66,7 +92,7 @@ pub fn expand(
     refs: &[String],
     sets: &std::collections::BTreeMap<String, Vec<String>>,
     known: &[(String, PathBuf)],
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>, MatrixError> {
     expand_within(refs, sets, known, 0)
 }
 
@@ -75,9 +101,9 @@ fn expand_within(
     sets: &std::collections::BTreeMap<String, Vec<String>>,
     known: &[(String, PathBuf)],
     depth: usize,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>, MatrixError> {
     if depth > 8 {
-        return Err("kernel sets nest too deep (does one include itself?)".into());
+        return Err(MatrixError::TooDeep);
     }
     let mut out: Vec<String> = Vec::new();
     let mut push = |k: String| {
@@ -87,29 +113,27 @@ fn expand_within(
     };
     for r in refs {
         if let Some(name) = r.strip_prefix('@') {
-            let set = sets.get(name).ok_or_else(|| {
-                format!(
-                    "no kernel set `{name}` in the config file (sets: {})",
-                    sets.keys().cloned().collect::<Vec<_>>().join(", ")
-                )
+            let set = sets.get(name).ok_or_else(|| MatrixError::NoSet {
+                name: name.into(),
+                known: sets.keys().cloned().collect::<Vec<_>>().join(", "),
             })?;
             for k in expand_within(set, sets, known, depth + 1)? {
                 push(k);
             }
         } else if is_pattern(r) {
-            let pat =
-                glob::Pattern::new(r).map_err(|e| format!("bad kernel pattern `{r}`: {e}"))?;
+            let pat = glob::Pattern::new(r).map_err(|e| MatrixError::BadPattern {
+                pattern: r.clone(),
+                detail: e.to_string(),
+            })?;
             let mut hits: Vec<&(String, PathBuf)> =
                 known.iter().filter(|(rel, _)| pat.matches(rel)).collect();
             if hits.is_empty() {
-                return Err(format!(
-                    "no kernel matches `{r}`; known releases: {}",
-                    known
-                        .iter()
-                        .map(|(r, _)| r.as_str())
+                return Err(MatrixError::NoMatch {
+                    pattern: r.clone(),
+                    known: (known.iter().map(|(r, _)| r.as_str()))
                         .collect::<Vec<_>>()
-                        .join(", ")
-                ));
+                        .join(", "),
+                });
             }
             hits.sort();
             for (_, img) in hits {
@@ -295,9 +319,9 @@ fn run_one(m: &Matrix, r: &str, out_lock: &Mutex<()>) -> KernelResult {
 
 /// Runs the matrix; returns the exit status: 0 when every kernel passed, 1
 /// when any command failed, 125 when runs failed only for vexec's reasons.
-pub fn run(m: &Matrix) -> Result<i32, String> {
+pub fn run(m: &Matrix) -> Result<i32, MatrixError> {
     if m.kernels.is_empty() {
-        return Err("the matrix (or this shard of it) has no kernels".into());
+        return Err(MatrixError::Empty);
     }
     if m.dry_run {
         for k in &m.kernels {
@@ -346,12 +370,16 @@ pub fn run(m: &Matrix) -> Result<i32, String> {
     let total = started.elapsed();
     print_summary(&results, total);
     if let Some(p) = &m.junit {
-        write_junit(p, &results, &m.command)
-            .map_err(|e| format!("writing {}: {e}", p.display()))?;
+        write_junit(p, &results, &m.command).map_err(|source| MatrixError::Write {
+            path: p.clone(),
+            source,
+        })?;
     }
     if let Some(p) = &m.json {
-        write_json(p, &results, &m.command, total)
-            .map_err(|e| format!("writing {}: {e}", p.display()))?;
+        write_json(p, &results, &m.command, total).map_err(|source| MatrixError::Write {
+            path: p.clone(),
+            source,
+        })?;
     }
     Ok(if results.iter().all(|r| r.status == 0) {
         0
@@ -360,102 +388,6 @@ pub fn run(m: &Matrix) -> Result<i32, String> {
     } else {
         125
     })
-}
-
-fn print_summary(results: &[KernelResult], total: Duration) {
-    let width = results
-        .iter()
-        .map(|r| r.kernel.len())
-        .max()
-        .unwrap_or(6)
-        .max(6);
-    crate::say!("vexec: matrix summary");
-    crate::say!("  {:width$}  {:<12}  {:>7}", "KERNEL", "RESULT", "TIME");
-    for r in results {
-        let result = match r.result {
-            "pass" => "pass".to_string(),
-            other => format!("{} ({})", other.to_uppercase(), r.status),
-        };
-        crate::say!(
-            "  {:width$}  {:<12}  {:>6.1}s",
-            r.kernel,
-            result,
-            r.duration_s
-        );
-    }
-    let passed = results.iter().filter(|r| r.status == 0).count();
-    crate::say!(
-        "  {passed}/{} passed in {:.1}s",
-        results.len(),
-        total.as_secs_f64()
-    );
-}
-
-fn command_line(command: &[OsString]) -> String {
-    command
-        .iter()
-        .map(|a| a.to_string_lossy())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn write_junit(path: &Path, results: &[KernelResult], command: &[OsString]) -> std::io::Result<()> {
-    use quick_junit::{NonSuccessKind, Report, TestCase, TestCaseStatus, TestSuite};
-    let mut report = Report::new("vexec");
-    let mut suite = TestSuite::new(command_line(command));
-    for r in results {
-        let status = match r.result {
-            "pass" => TestCaseStatus::success(),
-            "fail" => {
-                let mut s = TestCaseStatus::non_success(NonSuccessKind::Failure);
-                s.set_message(format!("exit status {}", r.status));
-                s
-            }
-            _ => {
-                let mut s = TestCaseStatus::non_success(NonSuccessKind::Error);
-                s.set_message("vexec or the VM failed (exit status 125)");
-                s
-            }
-        };
-        let mut case = TestCase::new(r.kernel.clone(), status);
-        case.set_classname("vexec.kernel")
-            .set_time(Duration::from_secs_f64(r.duration_s))
-            .set_system_out(String::from_utf8_lossy(&r.stdout).into_owned())
-            .set_system_err(String::from_utf8_lossy(&r.stderr).into_owned());
-        suite.add_test_case(case);
-    }
-    report.add_test_suite(suite);
-    let xml = report.to_string().map_err(std::io::Error::other)?;
-    std::fs::write(path, xml)
-}
-
-fn write_json(
-    path: &Path,
-    results: &[KernelResult],
-    command: &[OsString],
-    total: Duration,
-) -> std::io::Result<()> {
-    #[derive(Serialize)]
-    struct Doc<'a> {
-        command: String,
-        passed: usize,
-        failed: usize,
-        errors: usize,
-        duration_s: f64,
-        kernels: &'a [KernelResult],
-    }
-    let doc = Doc {
-        command: command_line(command),
-        passed: results.iter().filter(|r| r.result == "pass").count(),
-        failed: results.iter().filter(|r| r.result == "fail").count(),
-        errors: results.iter().filter(|r| r.result == "error").count(),
-        duration_s: total.as_secs_f64(),
-        kernels: results,
-    };
-    std::fs::write(
-        path,
-        serde_json::to_vec_pretty(&doc).map_err(std::io::Error::other)?,
-    )
 }
 
 /// The caller's options for each run: `args` (without the program name and
@@ -553,6 +485,7 @@ mod tests {
         assert!(
             expand(&["7.*".into()], &sets, &known)
                 .unwrap_err()
+                .to_string()
                 .contains("no kernel matches")
         );
         assert!(expand(&["@nope".into()], &sets, &known).is_err());
@@ -560,6 +493,7 @@ mod tests {
         assert!(
             expand(&["@loop".into()], &sets, &known)
                 .unwrap_err()
+                .to_string()
                 .contains("nest")
         );
         assert_eq!(display_name("/b/vmlinuz-6.1.0-56-amd64"), "6.1.0-56-amd64");
