@@ -500,3 +500,43 @@ fn a_hung_run_says_where_it_stood() {
     assert!(err.contains("(sleep) S"), "{err}");
     assert!(err.contains("nanosleep"), "{err}");
 }
+
+/// `c`'s program and arguments under `prefix` (e.g. taskset, nice), with
+/// its environment.
+fn wrapped(c: &Command, prefix: &[&str]) -> Command {
+    let mut w = Command::new(prefix[0]);
+    w.args(&prefix[1..]).arg(c.get_program()).args(c.get_args());
+    for (k, v) in c.get_envs() {
+        match v {
+            Some(v) => w.env(k, v),
+            None => w.env_remove(k),
+        };
+    }
+    w
+}
+
+#[test]
+fn a_boot_starved_of_cpu_gets_more_time_and_says_why_it_failed() {
+    // One host CPU shared with a busy loop, vexec and QEMU at nice 19: the
+    // guest gets about 1.5% of it and cannot boot, but that is the host's
+    // doing, so the 2 s deadline moves by the time QEMU waited (up to 4x).
+    let mut hog = Command::new("taskset")
+        .args(["-c", "0", "sh", "-c", "while :; do :; done"])
+        .spawn()
+        .unwrap();
+    let mut c = vexec(K);
+    // A failure made on purpose is not a hang for scripts/test.sh to show.
+    c.env_remove("VEXEC_HANG_REPORTS")
+        .args(["--boot-timeout", "2s", "--", "true"]);
+    let t0 = Instant::now();
+    let out = wrapped(&c, &["taskset", "-c", "0", "nice", "-n", "19"])
+        .output()
+        .unwrap();
+    let took = t0.elapsed();
+    let _ = hog.kill();
+    let _ = hog.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("waiting for a host CPU"), "{err}");
+    assert!(took > Duration::from_secs(4), "{took:?}: {err}");
+}

@@ -29,6 +29,9 @@ const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
 const REPORT_WAIT: Duration = Duration::from_secs(3);
 /// Console lines a hang report keeps.
 const HANG_CONSOLE_LINES: usize = 60;
+/// The boot deadline moves by the time QEMU waited for a host CPU, up to
+/// this many times the deadline itself.
+const STARVATION_CAP: u32 = 4;
 
 #[derive(PartialEq)]
 enum Phase {
@@ -299,6 +302,12 @@ impl Loop<'_, '_> {
         if self.qemu_status.is_some() || self.ctl_closed || self.panic_line.is_some() {
             return Some(self.failed());
         }
+        if self.phase == Phase::Booting
+            && let Some(later) = self.starved_deadline()
+        {
+            self.deadline = Some(later);
+            return None;
+        }
         let stopping = match (&self.phase, self.interrupted) {
             (Phase::Running, Some(sig)) => Outcome::Interrupted(sig),
             (Phase::Running, None) => Outcome::TimedOut(self.p.timeout.unwrap_or_default()),
@@ -320,8 +329,12 @@ impl Loop<'_, '_> {
                     booting: true,
                 });
                 return Some(Outcome::Failed(format!(
-                    "the guest did not report in within {}s of starting (raise --boot-timeout if this machine is very slow)\nlast console lines:\n{}",
-                    self.boot_limit.as_secs(),
+                    "the guest did not report in within {}s of starting{} (raise --boot-timeout if this machine is very slow)\nlast console lines:\n{}",
+                    self.t
+                        .spawned
+                        .map_or(self.boot_limit, |t| t.elapsed())
+                        .as_secs(),
+                    self.waited_words(),
                     self.cx.tail.last(25).join("\n")
                 )));
             }
@@ -334,6 +347,42 @@ impl Loop<'_, '_> {
         self.reporting = Some(stopping);
         self.deadline = Some(Instant::now() + REPORT_WAIT);
         None
+    }
+
+    /// A boot deadline that passed while the host was too busy to run the
+    /// guest moves by the time QEMU waited for a CPU: an overloaded host
+    /// slows a booting guest (under TCG, a vCPU spinning on a lock whose
+    /// holder's thread waits for a CPU slows it far more than its share),
+    /// it does not stop it. A guest halted or spinning on an idle host is
+    /// not moved. None when the deadline stands.
+    fn starved_deadline(&mut self) -> Option<Instant> {
+        let spawned = self.t.spawned?;
+        let waited = self.cx.vm.cpu_wait().min(self.boot_limit * STARVATION_CAP);
+        let later = spawned + self.boot_limit + waited;
+        if later <= Instant::now() + Duration::from_millis(100) {
+            return None;
+        }
+        if self.p.verbose && self.deadline == Some(spawned + self.boot_limit) {
+            crate::say!(
+                "vexec: the host is busy: QEMU waited {:.1}s for a CPU; the boot deadline moves by as much as it waits",
+                waited.as_secs_f64()
+            );
+        }
+        Some(later)
+    }
+
+    /// How long QEMU waited for a host CPU, for a boot-timeout message.
+    fn waited_words(&self) -> String {
+        let waited = self.cx.vm.cpu_wait();
+        if waited < Duration::from_secs(1) {
+            return String::new();
+        }
+        format!(
+            " ({:.0}s of it waiting for a host CPU, which moves the {}s boot deadline, up to {}x)",
+            waited.as_secs_f64(),
+            self.boot_limit.as_secs(),
+            STARVATION_CAP
+        )
     }
 
     /// QEMU exited and the channel is drained.

@@ -12,6 +12,7 @@ use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use crate::kernel::image::Arch;
 
@@ -158,6 +159,21 @@ impl Vm {
         self.daemons.iter().filter_map(|d| d.errors()).collect()
     }
 
+    /// How long QEMU's most starved thread has waited for a host CPU while
+    /// runnable (the scheduler's run delay): time the guest could not use.
+    pub fn cpu_wait(&self) -> Duration {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid));
+        let waited = tasks
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|s| run_delay_ns(&s))
+            .max()
+            .unwrap_or(0);
+        Duration::from_nanos(waited)
+    }
+
     /// QEMU's peak resident memory so far (VmHWM), in KiB.
     pub fn peak_rss_kib(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
@@ -170,6 +186,12 @@ impl Vm {
             .parse()
             .ok()
     }
+}
+
+/// The run delay (ns spent runnable but waiting for a CPU) from a task's
+/// `/proc/.../schedstat`: "on-CPU ns, waiting ns, timeslices".
+pub fn run_delay_ns(schedstat: &str) -> Option<u64> {
+    schedstat.split_whitespace().nth(1)?.parse().ok()
 }
 
 impl Drop for Vm {
@@ -188,6 +210,13 @@ impl Drop for Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_run_delay_from_schedstat() {
+        assert_eq!(run_delay_ns("120 2976435 1\n"), Some(2976435));
+        assert_eq!(run_delay_ns(""), None);
+        assert_eq!(run_delay_ns("1 x 2"), None);
+    }
 
     #[test]
     fn missing_qemu_is_a_clear_error() {
