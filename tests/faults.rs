@@ -540,3 +540,27 @@ fn a_boot_starved_of_cpu_gets_more_time_and_says_why_it_failed() {
     assert!(err.contains("waiting for a host CPU"), "{err}");
     assert!(took > Duration::from_secs(4), "{took:?}: {err}");
 }
+
+#[test]
+fn a_kernel_that_stalls_while_booting_is_booted_again_once_single_threaded() {
+    // At loglevel 8 the kernel echoes its command line: a lockup report in
+    // it makes every boot of this machine look stalled.
+    let mut c = vexec(K);
+    c.env_remove("VEXEC_HANG_REPORTS").args([
+        "--kernel-arg",
+        "loglevel=8",
+        "--kernel-arg",
+        "vexec.test=\"BUG: soft lockup\"",
+        "--",
+        "true",
+    ]);
+    let out = run(c);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    let again = "booting again with single-threaded TCG";
+    assert_eq!(err.matches(again).count(), 1, "{err}");
+    assert!(
+        err.contains("the guest kernel stalled while booting"),
+        "{err}"
+    );
+}

@@ -38,7 +38,9 @@ pub struct MachineOptions {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, env = "VEXEC_TIMEOUT")]
     pub timeout: Option<Duration>,
 
-    /// How long the guest may take to boot and report in before the run fails.
+    /// How long the guest may take to boot and report in before the run fails
+    /// [default: 60s under TCG, 20s under KVM]. Time QEMU waits for a busy
+    /// host's CPUs does not count (up to 2x).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub boot_timeout: Option<Duration>,
 

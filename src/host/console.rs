@@ -19,6 +19,9 @@ pub enum ConsoleEvent {
     Panic(String),
     /// The agent's answer to a report request, its lines without prefix.
     Report(String),
+    /// The kernel says a CPU has stopped making progress (a soft lockup or
+    /// an RCU stall).
+    Stall(String),
 }
 
 /// Asks the agent, on its console, for a report of where it stands.
@@ -61,8 +64,17 @@ impl ConsoleTail {
 
 /// Classifies one console line.
 pub fn classify(line: &str) -> Option<ConsoleEvent> {
-    line.contains("Kernel panic - not syncing")
-        .then(|| ConsoleEvent::Panic(line.trim().to_string()))
+    let text = || line.trim().to_string();
+    if line.contains("Kernel panic - not syncing") {
+        Some(ConsoleEvent::Panic(text()))
+    } else if line.contains("BUG: soft lockup")
+        || line.contains("self-detected stall on CPU")
+        || line.contains("detected stalls on CPUs")
+    {
+        Some(ConsoleEvent::Stall(text()))
+    } else {
+        None
+    }
 }
 
 /// Reads the console until QEMU closes it.
@@ -116,6 +128,23 @@ pub fn spawn_reader(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lockups_and_rcu_stalls_are_stalls() {
+        let stall = |l: &str| matches!(classify(l), Some(ConsoleEvent::Stall(_)));
+        assert!(stall(
+            "[   28.570226] watchdog: BUG: soft lockup - CPU#0 stuck for 26s! [cryptomgr_test:52]"
+        ));
+        assert!(stall(
+            "[   21.0] rcu: INFO: rcu_preempt self-detected stall on CPU"
+        ));
+        assert!(stall(
+            "[   21.0] rcu: INFO: rcu_sched detected stalls on CPUs/tasks:"
+        ));
+        assert!(!stall(
+            "[    0.1] rcu: Preemptible hierarchical RCU implementation."
+        ));
+    }
 
     #[test]
     fn keeps_tail_and_flags_panics() {

@@ -31,7 +31,7 @@ const REPORT_WAIT: Duration = Duration::from_secs(3);
 const HANG_CONSOLE_LINES: usize = 60;
 /// The boot deadline moves by the time QEMU waited for a host CPU, up to
 /// this many times the deadline itself.
-const STARVATION_CAP: u32 = 4;
+const STARVATION_CAP: u32 = 2;
 
 #[derive(PartialEq)]
 enum Phase {
@@ -162,6 +162,22 @@ impl Loop<'_, '_> {
                 self.deadline = Some(Instant::now() + SETTLE * 2);
                 None
             }
+            // Before the agent reports in nothing has run: a stuck CPU
+            // ends this boot so that it can be tried again. Later, the
+            // kernel's report is the command's business (a splat).
+            Event::Console(ConsoleEvent::Stall(line)) if self.phase == Phase::Booting => {
+                self.t.hang = Some(HangReport {
+                    host: format!("the kernel stalled while booting: {line}"),
+                    guest: None,
+                    console: self.cx.tail.last(HANG_CONSOLE_LINES),
+                    booting: true,
+                });
+                Some(Outcome::BootStalled(format!(
+                    "the guest kernel stalled while booting ({line})\nlast console lines:\n{}",
+                    self.cx.tail.last(25).join("\n")
+                )))
+            }
+            Event::Console(ConsoleEvent::Stall(_)) => None,
             Event::Console(ConsoleEvent::Report(text)) => {
                 let o = self.reporting.take()?;
                 self.t.hang = Some(HangReport {

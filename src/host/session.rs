@@ -122,6 +122,9 @@ pub enum Outcome {
     Failed(String),
     /// KVM did not boot the kernel; rerun with TCG.
     KvmBroken(String),
+    /// The kernel stalled (a CPU stuck) before the agent reported in:
+    /// nothing ran yet, so the machine may be started again.
+    BootStalled(String),
     /// QEMU crashed under KVM after the command had started: KVM is broken
     /// here, but the command is not rerun (it may have done half its work).
     KvmCrashed(String),

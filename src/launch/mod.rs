@@ -115,6 +115,7 @@ pub fn launch(
         daemons,
         ..
     } = plan;
+    let mut stalled_before = false;
     loop {
         let console_log = match &watch.console_log {
             Some(path) => Some(
@@ -145,6 +146,11 @@ pub fn launch(
                 continue;
             }
             Outcome::KvmCrashed(_) => accel::mark_broken(cache_root),
+            Outcome::BootStalled(why) if !stalled_before => {
+                stalled_before = true;
+                again_after_stall(&mut config, why);
+                continue;
+            }
             _ => {}
         }
         return Ok(Launched {
@@ -153,6 +159,25 @@ pub fn launch(
             config,
         });
     }
+}
+
+/// Prepares a second boot after the kernel stalled in the first: nothing
+/// had run, so it is safe. Under TCG the second boot runs every vCPU in
+/// one thread: QEMU 7.2's one-thread-per-vCPU TCG can leave a halted vCPU
+/// unwoken on a loaded host, and a CPU waiting for it stalls (soft
+/// lockups, RCU stalls); one thread cannot.
+/// Said even with `-q`: a slower second boot needs its reason shown.
+fn again_after_stall(config: &mut QemuConfig, why: &str) {
+    let first = why.lines().next().unwrap_or(why);
+    config.tcg_single = config.accel == Accel::Tcg;
+    crate::say!(
+        "vexec: warning: {first}; booting again{}",
+        if config.tcg_single {
+            " with single-threaded TCG"
+        } else {
+            ""
+        }
+    );
 }
 
 /// Tells the user how to attach gdb to a guest halted for it: with the

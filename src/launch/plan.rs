@@ -112,6 +112,7 @@ pub fn plan(req: &BootRequest, found: &Found) -> BootPlan {
             .clone()
             .or_else(|| found.default_firmware.clone()),
         accel: found.accel,
+        tcg_single: false,
         cpus: req.cpus,
         memory: req.memory.clone(),
         kernel: if direct {

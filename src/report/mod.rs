@@ -22,7 +22,7 @@ pub(crate) fn outcome_words(outcome: &Outcome) -> String {
         Outcome::Exited(Exit::NotStarted { message, .. }) => format!("not started: {message}"),
         Outcome::TimedOut(d) => format!("timed out after {}", humantime::format_duration(*d)),
         Outcome::Interrupted(n) => format!("interrupted by signal {n}"),
-        Outcome::Failed(m) => format!("failed: {m}"),
+        Outcome::Failed(m) | Outcome::BootStalled(m) => format!("failed: {m}"),
         Outcome::KvmBroken(m) | Outcome::KvmCrashed(m) => format!("KVM failed: {m}"),
     }
 }
@@ -143,7 +143,7 @@ pub(crate) fn status_of(outcome: &Outcome) -> i32 {
             STATUS_TIMEOUT
         }
         Outcome::Interrupted(sig) => 128 + *sig,
-        Outcome::Failed(msg) => {
+        Outcome::Failed(msg) | Outcome::BootStalled(msg) => {
             crate::say!("vexec: error: {msg}");
             STATUS_FAILED
         }

@@ -37,6 +37,10 @@ pub struct QemuConfig {
     /// directly.
     pub firmware: Option<PathBuf>,
     pub accel: Accel,
+    /// Under TCG, run every vCPU in one thread (QEMU's `thread=single`)
+    /// instead of one thread each: slower, but a vCPU is never left
+    /// waiting for another that was not woken.
+    pub tcg_single: bool,
     pub cpus: u32,
     /// Memory as QEMU's `-m` takes it, e.g. `1G`.
     pub memory: String,
@@ -79,14 +83,27 @@ pub fn argv(c: &QemuConfig) -> Vec<OsString> {
     ];
     match (c.accel, c.arch) {
         (Accel::Kvm, _) => a.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()]),
-        (Accel::Tcg, Arch::X86_64) => {
-            a.extend(["-accel".into(), "tcg".into(), "-cpu".into(), "max".into()])
-        }
+        (Accel::Tcg, Arch::X86_64) => a.extend([
+            "-accel".into(),
+            if c.tcg_single {
+                "tcg,thread=single"
+            } else {
+                "tcg"
+            }
+            .into(),
+            "-cpu".into(),
+            "max".into(),
+        ]),
         // Emulated pointer authentication with QEMU's cheap hash instead of
         // the architected one: the same guest behaviour, much faster TCG.
         (Accel::Tcg, Arch::Aarch64) => a.extend([
             "-accel".into(),
-            "tcg".into(),
+            if c.tcg_single {
+                "tcg,thread=single"
+            } else {
+                "tcg"
+            }
+            .into(),
             "-cpu".into(),
             "max,pauth-impdef=on".into(),
         ]),
@@ -291,6 +308,7 @@ mod tests {
             arch: Arch::X86_64,
             firmware: None,
             accel: Accel::Tcg,
+            tcg_single: false,
             cpus: 2,
             memory: "1G".into(),
             kernel: "/c/vmlinux".into(),
@@ -332,6 +350,19 @@ mod tests {
         assert!(joined.contains("path=/home/a,,b c,security_model=none,multidevs=remap -device"));
         assert_eq!(a.last().unwrap(), "-s");
         assert!(!joined.contains("kvm"));
+    }
+
+    #[test]
+    fn single_threaded_tcg_is_an_accel_property() {
+        let c = QemuConfig {
+            tcg_single: true,
+            ..config()
+        };
+        let joined = shell_line(Path::new("q"), &argv(&c));
+        assert!(
+            joined.contains("-accel tcg,thread=single -cpu max"),
+            "{joined}"
+        );
     }
 
     #[test]
