@@ -81,33 +81,19 @@ pub fn argv(c: &QemuConfig) -> Vec<OsString> {
         }
         .into(),
     ];
-    match (c.accel, c.arch) {
-        (Accel::Kvm, _) => a.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()]),
-        (Accel::Tcg, Arch::X86_64) => a.extend([
-            "-accel".into(),
-            if c.tcg_single {
-                "tcg,thread=single"
-            } else {
-                "tcg"
-            }
-            .into(),
-            "-cpu".into(),
-            "max".into(),
-        ]),
+    let tcg = if c.tcg_single {
+        "tcg,thread=single"
+    } else {
+        "tcg"
+    };
+    let (accel, cpu) = match (c.accel, c.arch) {
+        (Accel::Kvm, _) => ("kvm", "host"),
+        (Accel::Tcg, Arch::X86_64) => (tcg, "max"),
         // Emulated pointer authentication with QEMU's cheap hash instead of
         // the architected one: the same guest behaviour, much faster TCG.
-        (Accel::Tcg, Arch::Aarch64) => a.extend([
-            "-accel".into(),
-            if c.tcg_single {
-                "tcg,thread=single"
-            } else {
-                "tcg"
-            }
-            .into(),
-            "-cpu".into(),
-            "max,pauth-impdef=on".into(),
-        ]),
-    }
+        (Accel::Tcg, Arch::Aarch64) => (tcg, "max,pauth-impdef=on"),
+    };
+    a.extend(["-accel".into(), accel.into(), "-cpu".into(), cpu.into()]);
     if let Some(fw) = &c.firmware {
         a.extend(["-bios".into(), fw.to_string_lossy().into_owned()]);
     }
