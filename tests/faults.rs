@@ -477,21 +477,23 @@ fn readdir_and_stat_agree_on_inode_numbers() {
     }
 }
 
+/// A vexec run made to hang or fail on purpose (not a hang for
+/// scripts/test.sh to show): its exit status and stderr.
+fn stopped_on_purpose(args: &[&str]) -> (Option<i32>, String) {
+    let mut c = vexec(K);
+    c.env_remove("VEXEC_HANG_REPORTS").args(args);
+    let out = run(c);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn a_hung_run_says_where_it_stood() {
-    let mut c = vexec(K);
-    // Stopped on purpose: not a hang for scripts/test.sh to show.
-    c.env_remove("VEXEC_HANG_REPORTS").args([
-        "--timeout",
-        "5s",
-        "--",
-        "sh",
-        "-c",
-        "echo hi; sleep 100",
-    ]);
-    let out = run(c);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(124), "{err}");
+    let (code, err) =
+        stopped_on_purpose(&["--timeout", "5s", "--", "sh", "-c", "echo hi; sleep 100"]);
+    assert_eq!(code, Some(124), "{err}");
     assert!(err.contains("where the run stood"), "{err}");
     assert!(err.contains("host: last message from the guest"), "{err}");
     assert!(err.contains("stdout: 3 bytes written"), "{err}");
@@ -545,8 +547,7 @@ fn a_boot_starved_of_cpu_gets_more_time_and_says_why_it_failed() {
 fn a_kernel_that_stalls_while_booting_is_booted_again_once_single_threaded() {
     // At loglevel 8 the kernel echoes its command line: a lockup report in
     // it makes every boot of this machine look stalled.
-    let mut c = vexec(K);
-    c.env_remove("VEXEC_HANG_REPORTS").args([
+    let (code, err) = stopped_on_purpose(&[
         "--kernel-arg",
         "loglevel=8",
         "--kernel-arg",
@@ -554,9 +555,7 @@ fn a_kernel_that_stalls_while_booting_is_booted_again_once_single_threaded() {
         "--",
         "true",
     ]);
-    let out = run(c);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert_eq!(code, Some(125), "{err}");
     let again = "booting again with single-threaded TCG";
     assert_eq!(err.matches(again).count(), 1, "{err}");
     assert!(

@@ -252,8 +252,8 @@ pub fn strip_debug(exe: &[u8]) -> Vec<u8> {
 /// The executable the guest runs as its init: `vexec-agent` beside the
 /// running vexec (a few MB less for every boot to unpack than vexec itself),
 /// else vexec itself, which is the agent too when it runs as PID 1.
-pub fn agent_executable() -> std::io::Result<PathBuf> {
-    let me = std::env::current_exe()?;
+pub fn agent_executable() -> Result<PathBuf, crate::artifacts::PrepareError> {
+    let me = std::env::current_exe().map_err(crate::artifacts::PrepareError::SelfExe)?;
     let agent = me.with_file_name("vexec-agent");
     Ok(if agent.is_file() { agent } else { me })
 }

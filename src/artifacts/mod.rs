@@ -53,6 +53,8 @@ pub enum PrepareError {
     Modules(#[from] ModuleError),
     #[error(transparent)]
     Initramfs(#[from] InitramfsError),
+    #[error("cannot find vexec's own executable to use as the guest's init: {0}; reinstall vexec")]
+    SelfExe(std::io::Error),
     #[error(
         "kernel {release} needs modules ({modules}) but no module tree for it was found in {searched}; pass --modules DIR"
     )]

@@ -1,10 +1,25 @@
 //! The directories a run shares beyond the read-only root: checked, made
 //! absolute and canonical, de-duplicated, and ordered parents first so
-//! nested shares mount on top of their parents.
+//! nested shares mount on top of their parents. Also the check of a
+//! `--root` directory, the guest's root instead of the host's.
 
 use std::path::{Path, PathBuf};
 
 use crate::protocol::ShareMode;
+
+/// A `--root` that holds no system.
+#[derive(Debug, thiserror::Error)]
+#[error("--root {0}: not a root filesystem (no bin/ or usr/bin/ in it)")]
+pub struct NotARoot(pub String);
+
+/// `dir` as a guest root (canonical when it can be made so), if it looks
+/// like one: a `bin` or a `usr/bin` in it.
+pub fn root_dir(dir: &Path) -> Result<PathBuf, NotARoot> {
+    if !(dir.join("bin").exists() || dir.join("usr/bin").is_dir()) {
+        return Err(NotARoot(dir.display().to_string()));
+    }
+    Ok(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()))
+}
 
 /// One share as the user asked for it (`--rw`, `--ro`, `--overlay`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use crate::host::terminal;
 use crate::kernel::image::Arch;
 use crate::kernel::{self, Kernel, ResolveError, resolve::Defaults};
 use crate::launch::plan::{self, BootPlan, BootRequest, Found, ROOT_TAG};
-use crate::launch::shares::{self, ResolvedShare, ShareError, ShareRequest};
+use crate::launch::shares::{self, NotARoot, ResolvedShare, ShareError, ShareRequest};
 use crate::launch::transport::{self, Chosen, TransportError};
 use crate::launch::{self, LaunchError, Launched, Watch};
 use crate::modes::rundir::RunDirError;
@@ -57,14 +57,12 @@ pub enum RunError {
     ForeignRoot(#[from] RunDirError),
     #[error("no command given; usage: vexec [OPTIONS] [--] COMMAND [ARGS...]")]
     NoCommand,
-    #[error("cannot find vexec's own executable to use as the guest's init: {0}")]
-    SelfExe(std::io::Error),
     #[error(
         "{image} is a kernel for {arch}: commands run with the host's x86_64 userspace need an x86_64 kernel; to boot it, use `vexec run-dir --arch {arch} -k KERNEL DIR` (initramfs only) or add `--root DIR` with a root filesystem of that architecture"
     )]
     ForeignKernel { image: String, arch: &'static str },
-    #[error("--root {0}: not a root filesystem (no bin/ or usr/bin/ in it)")]
-    NotARoot(String),
+    #[error(transparent)]
+    NotARoot(#[from] NotARoot),
     #[error("--net is not possible: {0}")]
     NoNet(String),
 }
@@ -191,10 +189,7 @@ fn foreign(spec: &RunSpec, kernel: &Kernel, relay: &SignalRelay) -> Result<i32, 
 /// The directory the guest's root is made of: the host's, or `--root`.
 fn root_of(spec: &RunSpec) -> Result<PathBuf, RunError> {
     match &spec.root {
-        Some(r) if r.join("bin").exists() || r.join("usr/bin").is_dir() => {
-            Ok(std::fs::canonicalize(r).unwrap_or_else(|_| r.clone()))
-        }
-        Some(r) => Err(RunError::NotARoot(r.display().to_string())),
+        Some(r) => Ok(shares::root_dir(r)?),
         None => Ok(PathBuf::from("/")),
     }
 }
@@ -221,7 +216,7 @@ fn prepare(
     if let (true, Some(why)) = (spec.net, &inspected.support.net) {
         return Err(RunError::NoNet(why.clone()));
     }
-    let agent = crate::artifacts::initramfs::agent_executable().map_err(RunError::SelfExe)?;
+    let agent = crate::artifacts::initramfs::agent_executable()?;
     let interactive = !spec.quiet && terminal::is_tty(2);
     let art = artifacts::prepare(
         cache,

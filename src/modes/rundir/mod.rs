@@ -79,19 +79,24 @@ pub enum RunDirError {
     },
     #[error("--accel kvm: an {0} guest on this x86_64 host can only be emulated (TCG)")]
     KvmForeign(&'static str),
-    #[error("--root {0}: not a root filesystem (no bin/ or usr/bin/ in it)")]
-    NotARoot(String),
+    #[error(transparent)]
+    NotARoot(#[from] crate::launch::shares::NotARoot),
     #[error(
         "--root with a foreign-architecture kernel runs a command, not an interactive shell; give the command after --"
     )]
     ShellInRoot,
-    #[error("cannot find vexec's own executable for the guest's init: {0}")]
-    SelfExe(std::io::Error),
     #[error("{what}: {source}")]
     Io {
         what: String,
         source: std::io::Error,
     },
+}
+
+impl RunDirError {
+    /// Wraps an I/O error with what was being done.
+    fn io(what: String) -> impl FnOnce(std::io::Error) -> RunDirError {
+        move |source| RunDirError::Io { what, source }
+    }
 }
 
 /// Firmware files tried by `--uefi`, per architecture (Debian/Ubuntu paths).
@@ -285,7 +290,7 @@ fn initramfs(
     path_var: Option<&std::ffi::OsStr>,
 ) -> Result<(Payload, tempfile::NamedTempFile), RunDirError> {
     let modules = artifacts::batch_modules(cache, kernel, inspected, cli.root.is_some())?;
-    let agent = crate::artifacts::initramfs::agent_executable().map_err(RunDirError::SelfExe)?;
+    let agent = crate::artifacts::initramfs::agent_executable()?;
     let payload = payload::build(&payload::Inputs {
         arch: kernel.info.arch,
         dir: &cli.dir,
@@ -304,7 +309,7 @@ fn initramfs(
 /// dropped).
 fn write_initrd(cache: &Cache, payload: &Payload) -> Result<tempfile::NamedTempFile, RunDirError> {
     let scratch = cache.root().join("tmp");
-    let io = |what: String| move |source| RunDirError::Io { what, source };
+    let io = RunDirError::io;
     std::fs::create_dir_all(&scratch).map_err(io(format!("creating {}", scratch.display())))?;
     let initrd = tempfile::Builder::new()
         .prefix("run-dir-")

@@ -22,18 +22,14 @@ pub fn run_in_root(
     root: &Path,
     relay: &SignalRelay,
 ) -> Result<i32, RunDirError> {
-    if !(root.join("bin").exists() || root.join("usr/bin").is_dir()) {
-        return Err(RunDirError::NotARoot(root.display().to_string()));
-    }
+    let root = crate::launch::shares::root_dir(root)?;
     if spec.argv.is_empty() || spec.shell {
         return Err(RunDirError::ShellInRoot);
     }
     if spec.accel == AccelChoice::Kvm {
         return Err(RunDirError::KvmForeign(kernel.info.arch.name()));
     }
-    let io = |what: String| move |source| RunDirError::Io { what, source };
-    let root =
-        std::fs::canonicalize(root).map_err(io(format!("reading --root {}", root.display())))?;
+    let io = RunDirError::io;
     let dir = tempfile::Builder::new()
         .prefix("vexec-root-cmd-")
         .tempdir()
