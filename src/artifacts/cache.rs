@@ -34,6 +34,17 @@ pub struct CacheError {
     pub source: std::io::Error,
 }
 
+/// One entry, as `vexec cache list` shows it.
+#[derive(Debug, Clone)]
+pub struct EntryInfo {
+    pub kind: String,
+    pub key: String,
+    pub bytes: u64,
+    /// When it was last used (its directory's modification time).
+    pub used: SystemTime,
+    pub path: PathBuf,
+}
+
 /// What a seal records of one file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct FileSeal {
@@ -93,6 +104,50 @@ impl Cache {
         }
     }
 
+    /// Removes entry `kind/key`, if present.
+    pub fn remove(&self, kind: &str, key: &str) {
+        remove_entry(&self.root.join(kind).join(key));
+    }
+
+    /// Records that entry `kind/key` was used now (for [`Cache::entries`]'s
+    /// last use, which eviction goes by).
+    pub fn touch(&self, kind: &str, key: &str) {
+        if let Ok(dir) = std::fs::File::open(self.root.join(kind).join(key)) {
+            let _ = dir.set_modified(SystemTime::now());
+        }
+    }
+
+    /// Every sealed entry of every kind (the kernel store is not one).
+    pub fn entries(&self) -> Vec<EntryInfo> {
+        let mut out = Vec::new();
+        let Ok(kinds) = std::fs::read_dir(&self.root) else {
+            return out;
+        };
+        for kind in kinds.flatten() {
+            let Ok(keys) = std::fs::read_dir(kind.path()) else {
+                continue;
+            };
+            for e in keys.flatten() {
+                let path = e.path();
+                if !path.join(SEAL).is_file() {
+                    continue;
+                }
+                out.push(EntryInfo {
+                    kind: kind.file_name().to_string_lossy().into_owned(),
+                    key: e.file_name().to_string_lossy().into_owned(),
+                    bytes: size_of(&path.join(DATA)),
+                    used: e
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .unwrap_or(SystemTime::UNIX_EPOCH),
+                    path,
+                });
+            }
+        }
+        out.sort_by(|a, b| (&a.kind, &a.key).cmp(&(&b.kind, &b.key)));
+        out
+    }
+
     /// Stores `bytes` as entry `kind/key`; returns the path of its data.
     pub fn put(&self, kind: &str, key: &str, bytes: &[u8]) -> Result<PathBuf, CacheError> {
         self.put_with(kind, key, |data| {
@@ -117,8 +172,10 @@ impl Cache {
         };
         std::fs::create_dir_all(&parent).map_err(err)?;
         sweep_stale(&parent);
+        // The writer's pid in the name: a sweep knows a dead writer's
+        // leftovers at once.
         let tmp = tempfile::Builder::new()
-            .prefix(TMP_PREFIX)
+            .prefix(&format!("{TMP_PREFIX}{}-", std::process::id()))
             .tempdir_in(&parent)
             .map_err(err)?;
         let data = tmp.path().join(DATA);
@@ -206,6 +263,17 @@ fn seal_of(data: &Path) -> std::io::Result<Vec<FileSeal>> {
     Ok(files)
 }
 
+/// The bytes a file or directory tree takes (its files' lengths).
+fn size_of(path: &Path) -> u64 {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(path)
+            .map(|es| es.flatten().map(|e| size_of(&e.path())).sum())
+            .unwrap_or(0),
+        Ok(m) => m.len(),
+        Err(_) => 0,
+    }
+}
+
 fn ctime_ns(m: &std::fs::Metadata) -> i64 {
     m.ctime() * 1_000_000_000 + m.ctime_nsec()
 }
@@ -232,21 +300,38 @@ fn remove_entry(dir: &Path) {
     }
 }
 
-/// Removes temporary directories that a killed run left behind.
-fn sweep_stale(parent: &Path) {
+/// Removes temporary directories that a killed run left behind: its
+/// writer is gone, or it is older than any write takes.
+pub(crate) fn sweep_stale(parent: &Path) {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };
     let now = SystemTime::now();
     for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(TMP_PREFIX) else {
+            continue;
+        };
         let old = e
             .metadata()
             .and_then(|m| m.modified())
             .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > STALE);
-        if old && e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+        let writer_gone = rest
+            .split('-')
+            .next()
+            .and_then(|p| p.parse::<i32>().ok())
+            .is_some_and(|pid| !alive(pid));
+        if old || writer_gone {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
+}
+
+/// Whether process `pid` exists (possibly another user's).
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    let found = unsafe { libc::kill(pid, 0) } == 0;
+    found || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 fn uid() -> u32 {

@@ -52,6 +52,10 @@ pub struct Config {
     pub fail_on_oops: Option<bool>,
     /// QEMU user-mode networking.
     pub net: Option<bool>,
+    /// Always boot (no warm start).
+    pub cold: Option<bool>,
+    /// Size cap of saved booted guests (`--snapshot-cap`).
+    pub snapshot_cap: Option<String>,
     /// TCP forwards, "HOST:GUEST".
     #[serde(default)]
     pub forward: Vec<String>,

@@ -67,6 +67,18 @@ pub struct MachineOptions {
     )]
     pub gdb: Option<u16>,
 
+    /// Boot the kernel even when a saved booted guest of this machine
+    /// could be restored instead (warm start, the default: the first run
+    /// of a machine saves it when its agent is ready, later runs restore
+    /// it).
+    #[arg(long, env = "VEXEC_COLD", value_parser = clap::builder::FalseyValueParser::new())]
+    pub cold: bool,
+
+    /// Size cap of all saved booted guests together; the least recently
+    /// used are removed beyond it (default 2G).
+    #[arg(long, value_name = "SIZE", value_parser = crate::cli::parse_bytes, env = "VEXEC_SNAPSHOT_CAP")]
+    pub snapshot_cap: Option<u64>,
+
     /// Show the kernel console, the steps and their timings on stderr.
     #[arg(short, long)]
     pub verbose: bool,

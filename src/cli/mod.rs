@@ -218,6 +218,23 @@ pub struct Cli {
 
 /// Accepts QEMU-style sizes: a number of MiB, or with a K/M/G/T suffix.
 pub fn parse_memory(s: &str) -> Result<String, String> {
+    let mib = parse_mib(s)?;
+    if mib < 64 {
+        return Err(format!(
+            "`{s}` is too little memory for a Linux guest; use at least 64M"
+        ));
+    }
+    Ok(format!("{mib}M"))
+}
+
+/// Accepts a size in bytes (`--snapshot-cap`): `500M`, `2G` (MiB when no
+/// unit is given).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    Ok(parse_mib(s)? << 20)
+}
+
+/// A size with an optional K/M/G/T unit (binary), in MiB.
+fn parse_mib(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let t = t
         .strip_suffix("iB")
@@ -230,19 +247,13 @@ pub fn parse_memory(s: &str) -> Result<String, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("`{s}` is not a size; use e.g. 512M or 2G"))?;
-    let mib = match unit {
-        'K' => n / 1024,
-        'M' => n,
-        'G' => n * 1024,
-        'T' => n * 1024 * 1024,
-        _ => return Err(format!("`{s}`: unknown unit {unit}; use K, M, G or T")),
-    };
-    if mib < 64 {
-        return Err(format!(
-            "`{s}` is too little memory for a Linux guest; use at least 64M"
-        ));
+    match unit {
+        'K' => Ok(n / 1024),
+        'M' => Ok(n),
+        'G' => Ok(n * 1024),
+        'T' => Ok(n * 1024 * 1024),
+        _ => Err(format!("`{s}`: unknown unit {unit}; use K, M, G or T")),
     }
-    Ok(format!("{mib}M"))
 }
 
 /// Accepts `HOST:GUEST` TCP port pairs.

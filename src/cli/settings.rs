@@ -173,6 +173,8 @@ pub fn build(
         root: cli.root,
         busybox: cli.busybox,
         dump_on_panic: cli.dump_on_panic,
+        cold: cli.machine.cold || file.and_then(|f| f.cold).unwrap_or(false),
+        snapshot_cap: snapshot_cap(cli.machine.snapshot_cap, config)?,
         net,
         forwards,
         verbose: cli.machine.verbose,
@@ -252,6 +254,15 @@ fn timeouts(cli: &Cli, config: Option<&Loaded>) -> Result<Timeouts, ConfigError>
         ),
         None => (m.timeout, m.boot_timeout, cli.output_grace),
     })
+}
+
+/// `--snapshot-cap`, else the file's, else the default.
+fn snapshot_cap(flag: Option<u64>, config: Option<&Loaded>) -> Result<u64, ConfigError> {
+    let file = match config.and_then(|c| c.config.snapshot_cap.as_deref().map(|v| (c, v))) {
+        Some((c, v)) => Some(cli::parse_bytes(v).map_err(|e| invalid(c, "snapshot-cap", e))?),
+        None => None,
+    };
+    Ok(flag.or(file).unwrap_or(crate::launch::warm::DEFAULT_CAP))
 }
 
 /// The file's shares, then the command line's, in the order given.

@@ -11,10 +11,12 @@ use std::time::{Duration, Instant};
 
 use crate::protocol::{GuestMsg, HostMsg, VERSION};
 use crate::vm::Vm;
+use crate::vm::qmp::LazyQmp;
 
 use super::console::{self, ConsoleEvent, ConsoleTail};
 use super::output::{self, Progress, send};
-use super::session::{Event, HangReport, Job, Outcome, Params, Timings};
+use super::session::{Event, HangReport, Job, Outcome, Params, Timings, Warm};
+use super::warm;
 use super::terminal;
 
 /// How long vexec waits after QEMU exits for the rest of the guest's
@@ -36,6 +38,8 @@ const STARVATION_CAP: u32 = 2;
 #[derive(PartialEq)]
 enum Phase {
     Booting,
+    /// Restored from a snapshot and sent the command; no answer yet.
+    Restoring,
     Running,
 }
 
@@ -48,6 +52,8 @@ pub struct Context<'a> {
     pub progress: &'a Progress,
     /// Where report requests are written (the console's host end).
     pub console: UnixStream,
+    /// The machine's monitor (saving, restoring, adding devices).
+    pub qmp: &'a mut LazyQmp,
 }
 
 /// The loop's state.
@@ -92,7 +98,10 @@ pub fn run(p: &mut Params, t: &mut Timings, cx: Context<'_>, rx: &Receiver<Event
         reporting: None,
         raw: None,
     };
-    let outcome = l.run(rx);
+    let outcome = match l.restore() {
+        Some(o) => o,
+        None => l.run(rx),
+    };
     drop(l.raw.take());
     outcome
 }
@@ -198,10 +207,25 @@ impl Loop<'_, '_> {
     }
 
     fn on_guest(&mut self, m: GuestMsg) -> Option<Outcome> {
+        if self.phase == Phase::Restoring {
+            // The restored guest answers: the command is under way.
+            self.phase = Phase::Running;
+            self.deadline = self.p.timeout.map(|d| Instant::now() + d);
+            self.start_input();
+        }
         match m {
             GuestMsg::Ready {
-                version, uptime_ms, ..
-            } => return self.on_ready(version, uptime_ms),
+                version,
+                release,
+                uptime_ms,
+            } => {
+                let ready = super::session::Ready {
+                    version,
+                    release,
+                    uptime_ms,
+                };
+                return self.on_ready(&ready);
+            }
             GuestMsg::Started { uptime_ms } => self.t.guest_started_ms = Some(uptime_ms),
             GuestMsg::KernelLog(d) => self.t.kernel_log = Some(d),
             GuestMsg::InputClosed => output::close_own_stdin(),
@@ -249,30 +273,80 @@ impl Loop<'_, '_> {
         }
     }
 
-    fn on_ready(&mut self, version: u32, uptime_ms: u64) -> Option<Outcome> {
+    fn on_ready(&mut self, ready: &super::session::Ready) -> Option<Outcome> {
         self.t.ready = Some(Instant::now());
-        self.t.guest_ready_ms = uptime_ms;
-        if version != VERSION {
+        self.t.guest_ready_ms = ready.uptime_ms;
+        if ready.version != VERSION {
             return Some(Outcome::Failed(format!(
-                "the guest agent speaks protocol {version}, this vexec {VERSION}: vexec-agent beside vexec comes from another build; reinstall vexec (both executables)"
+                "the guest agent speaks protocol {}, this vexec {VERSION}: vexec-agent beside vexec comes from another build; reinstall vexec (both executables)",
+                ready.version
             )));
         }
-        if let Job::Command { setup, exec } = &self.p.job {
-            let ctl = self.cx.ctl;
-            let sent = send(ctl, &HostMsg::Setup((**setup).clone()))
-                .and_then(|_| send(ctl, &HostMsg::Exec((**exec).clone())));
-            if sent.is_err() {
-                return None; // QEMU exiting; its event explains.
+        if let Warm::Save(saver) = &mut self.p.warm {
+            let qmp = self.cx.qmp.get(warm::QMP_WAIT);
+            if let Ok(q) = qmp {
+                saver.save(q, ready);
             }
-            // Keys go to the guest's terminal as they are typed.
-            if exec.tty.as_ref().is_some_and(|t| t.stdin) && terminal::is_tty(0) {
-                self.raw = terminal::RawMode::enter();
-            }
-            super::session::pump_stdin(Arc::clone(ctl));
+        }
+        if !self.send_job() {
+            return None; // QEMU exiting; its event explains.
         }
         self.phase = Phase::Running;
         self.deadline = self.p.timeout.map(|d| Instant::now() + d);
+        self.start_input();
         None
+    }
+
+    /// A restored guest: brought back, given its devices and the command.
+    /// Some when it cannot be (the outcome says why).
+    fn restore(&mut self) -> Option<Outcome> {
+        let Warm::Restore(r) = &self.p.warm else {
+            return None;
+        };
+        let ready = r.ready.clone();
+        let limit = self.boot_limit;
+        if let Err(e) = warm::bring_back(self.cx.qmp, limit) {
+            // QEMU's own words on why it could not load the state.
+            std::thread::sleep(Duration::from_millis(200));
+            return Some(Outcome::RestoreFailed(format!("{e}{}", self.details())));
+        }
+        self.t.ready = Some(Instant::now());
+        self.t.restored = true;
+        self.t.guest_ready_ms = ready.uptime_ms;
+        if !self.send_job() {
+            return Some(Outcome::RestoreFailed(
+                "the restored machine closed its control port".into(),
+            ));
+        }
+        self.phase = Phase::Restoring;
+        self.deadline = Some(Instant::now() + limit);
+        None
+    }
+
+    /// Sends the command's setup (fresh for this run) and the command;
+    /// false when the control port is gone.
+    fn send_job(&mut self) -> bool {
+        let Job::Command { setup, exec } = &self.p.job else {
+            return true;
+        };
+        let mut setup = (**setup).clone();
+        setup.fresh = warm::fresh();
+        let ctl = self.cx.ctl;
+        send(ctl, &HostMsg::Setup(setup))
+            .and_then(|_| send(ctl, &HostMsg::Exec((**exec).clone())))
+            .is_ok()
+    }
+
+    /// Starts forwarding stdin (and keys, raw, to an interactive command)
+    /// once the command is known to run.
+    fn start_input(&mut self) {
+        let Job::Command { exec, .. } = &self.p.job else {
+            return;
+        };
+        if exec.tty.as_ref().is_some_and(|t| t.stdin) && terminal::is_tty(0) {
+            self.raw = terminal::RawMode::enter();
+        }
+        super::session::pump_stdin(Arc::clone(self.cx.ctl));
     }
 
     fn on_signal(&mut self, sig: i32) -> Option<Outcome> {
@@ -325,6 +399,13 @@ impl Loop<'_, '_> {
             return None;
         }
         let stopping = match (&self.phase, self.interrupted) {
+            (Phase::Restoring, _) => {
+                return Some(Outcome::RestoreFailed(format!(
+                    "the restored guest did not answer within {}s{}",
+                    self.boot_limit.as_secs(),
+                    self.details()
+                )));
+            }
             (Phase::Running, Some(sig)) => Outcome::Interrupted(sig),
             (Phase::Running, None) => Outcome::TimedOut(self.p.timeout.unwrap_or_default()),
             (Phase::Booting, _) if self.p.kvm_probe.is_some() => {
@@ -403,6 +484,9 @@ impl Loop<'_, '_> {
 
     /// QEMU exited and the channel is drained.
     fn qemu_gone(&self) -> Outcome {
+        if self.phase == Phase::Restoring {
+            return Outcome::RestoreFailed(self.failure());
+        }
         if self.p.kvm_probe.is_none() || self.panic_line.is_some() {
             return self.failed();
         }

@@ -6,3 +6,4 @@ pub mod output;
 pub mod programs;
 pub mod session;
 pub mod terminal;
+pub mod warm;

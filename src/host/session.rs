@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::protocol::{self, Aftermath, Exec, Exit, GuestMsg, HostMsg, Setup, Stream};
 use crate::vm::qemu::{self, Backend, QemuConfig};
+use crate::vm::qmp::LazyQmp;
 use crate::vm::virtiofsd::{Daemon, DaemonSpec};
 use crate::vm::{Vm, VmError};
 
@@ -87,6 +88,43 @@ pub struct Params {
     pub print_qemu: bool,
     /// Dump guest memory here when the kernel panics.
     pub dump_on_panic: Option<std::path::PathBuf>,
+    /// Boot, boot and save, or restore.
+    pub warm: Warm,
+}
+
+/// What a session does about snapshots of the booted guest (warm start).
+pub enum Warm {
+    /// Boot; save nothing.
+    Cold,
+    /// Boot, and save the guest when its agent reports ready, before
+    /// anything host-backed is mounted.
+    Save(Box<dyn Saver>),
+    /// Restore the guest from a saved state instead of booting it.
+    Restore(Restore),
+}
+
+/// Saves a booted guest (the policy of where and whether is the caller's).
+pub trait Saver: Send {
+    /// Saves the running machine behind `qmp`, whose agent reported `ready`;
+    /// the machine must be running again on return. Failures are the
+    /// saver's to report: the run goes on either way.
+    fn save(&mut self, qmp: &mut crate::vm::qmp::Qmp, ready: &Ready);
+}
+
+/// A saved guest to restore.
+pub struct Restore {
+    /// The saved state, read by QEMU.
+    pub state: File,
+    /// What the agent reported before the guest was saved.
+    pub ready: Ready,
+}
+
+/// What the agent reports when it is ready.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Ready {
+    pub version: u32,
+    pub release: String,
+    pub uptime_ms: u64,
 }
 
 /// What a session has the guest do.
@@ -122,6 +160,10 @@ pub enum Outcome {
     Failed(String),
     /// KVM did not boot the kernel; rerun with TCG.
     KvmBroken(String),
+    /// A saved guest could not be restored (a damaged or unloadable
+    /// state, a guest that does not answer): nothing ran, so the machine
+    /// may be booted instead.
+    RestoreFailed(String),
     /// The kernel stalled (a CPU stuck) before the agent reported in:
     /// nothing ran yet, so the machine may be started again.
     BootStalled(String),
@@ -135,6 +177,8 @@ pub enum Outcome {
 pub struct Timings {
     pub spawned: Option<Instant>,
     pub ready: Option<Instant>,
+    /// The guest was restored from a snapshot, not booted.
+    pub restored: bool,
     pub guest_ready_ms: u64,
     pub guest_started_ms: Option<u64>,
     pub guest_exited_ms: Option<u64>,
@@ -174,10 +218,16 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
     p.qemu.console_fd = guest_con.as_raw_fd();
     p.qemu.control_fd = guest_ctl.as_raw_fd();
     let mut inherit = vec![guest_con.as_raw_fd(), guest_ctl.as_raw_fd()];
-    // A QMP monitor, only to dump memory on a panic.
-    let qmp_pair = match &p.dump_on_panic {
-        Some(_) => Some(UnixStream::pair().map_err(spawn_err(&p))?),
-        None => None,
+    if let Warm::Restore(r) = &p.warm {
+        p.qemu.incoming_fd = Some(r.state.as_raw_fd());
+        inherit.push(r.state.as_raw_fd());
+    }
+    // A QMP monitor, to save or restore the guest, or dump its memory on
+    // a panic.
+    let wants_qmp = p.dump_on_panic.is_some() || !matches!(p.warm, Warm::Cold);
+    let qmp_pair = match wants_qmp {
+        true => Some(UnixStream::pair().map_err(spawn_err(&p))?),
+        false => None,
     };
     if let Some((_, guest_qmp)) = &qmp_pair {
         p.qemu.qmp_fd = Some(guest_qmp.as_raw_fd());
@@ -208,10 +258,10 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
     drop(guest_con);
     drop(guest_ctl);
     drop(daemon_fds);
-    let host_qmp = qmp_pair.map(|(host, guest)| {
+    let mut qmp = LazyQmp::new(qmp_pair.map(|(host, guest)| {
         drop(guest);
         host
-    });
+    }));
     relay.attach(Some(tx.clone()));
 
     let qemu_errors = read_qemu_errors(vm.stderr.take(), tx.clone());
@@ -237,10 +287,11 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
         vm: &vm,
         progress: &progress,
         console: console_writer,
+        qmp: &mut qmp,
     };
     let mut outcome = event_loop::run(&mut p, &mut t, cx, &rx);
-    if let (Some(path), Some(qmp)) = (&p.dump_on_panic, host_qmp) {
-        dump_on_panic(&mut outcome, qmp, path);
+    if let Some(path) = &p.dump_on_panic {
+        dump_on_panic(&mut outcome, &mut qmp, path);
     }
     relay.attach(None);
     t.qemu_peak_rss_kib = vm.peak_rss_kib();
@@ -274,15 +325,16 @@ fn read_qemu_errors(
 
 /// `--dump-on-panic`: a guest whose kernel panicked has its memory dumped
 /// through QMP, and the outcome says where (or why not).
-fn dump_on_panic(outcome: &mut Outcome, qmp: UnixStream, path: &std::path::Path) {
+fn dump_on_panic(outcome: &mut Outcome, qmp: &mut LazyQmp, path: &std::path::Path) {
     let Outcome::Failed(msg) = outcome else {
         return;
     };
     if !msg.starts_with("the guest kernel panicked") {
         return;
     }
-    let result = crate::vm::qmp::Qmp::connect(qmp, Duration::from_secs(120))
-        .and_then(|mut q| crate::vm::qmp::dump_guest_memory(&mut q, path));
+    let result = qmp
+        .get(Duration::from_secs(120))
+        .and_then(|q| crate::vm::qmp::dump_guest_memory(q, path));
     msg.push_str(&match result {
         Ok(()) => format!(
             "\nguest memory dumped to {} (ELF core; open with drgn or crash)",

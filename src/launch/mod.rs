@@ -8,6 +8,7 @@
 pub mod plan;
 pub mod shares;
 pub mod transport;
+pub mod warm;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use crate::vm::VmError;
 use crate::vm::accel::{self, Accel, AccelChoice};
 use crate::vm::qemu::QemuConfig;
 use plan::BootPlan;
+use warm::WarmStart;
 
 /// Why a planned machine could not be run.
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +108,7 @@ pub fn launch(
     start: &Start,
     plan: BootPlan,
     watch: &Watch,
-    cache_root: &Path,
+    warm: &WarmStart,
     relay: &SignalRelay,
     mut job: impl FnMut() -> Job,
 ) -> Result<Launched, LaunchError> {
@@ -115,8 +117,10 @@ pub fn launch(
         daemons,
         ..
     } = plan;
-    let mut stalled_before = false;
+    let cache_root = warm.cache_root();
+    let (mut stalled_before, mut restore_failed_before) = (false, false);
     loop {
+        let mode = warm.mode(&config);
         let console_log = match &watch.console_log {
             Some(path) => Some(
                 File::create(path).map_err(|source| LaunchError::ConsoleLog {
@@ -137,6 +141,7 @@ pub fn launch(
             console_log,
             print_qemu: watch.verbose,
             dump_on_panic: watch.dump_on_panic.clone(),
+            warm: mode,
         };
         let (outcome, timings) = session::run(params, relay)?;
         match &outcome {
@@ -146,6 +151,11 @@ pub fn launch(
                 continue;
             }
             Outcome::KvmCrashed(_) => accel::mark_broken(cache_root),
+            Outcome::RestoreFailed(why) if !restore_failed_before => {
+                restore_failed_before = true;
+                warm.discard(&config, why);
+                continue;
+            }
             Outcome::BootStalled(why) if !stalled_before => {
                 stalled_before = true;
                 again_after_stall(&mut config, why);

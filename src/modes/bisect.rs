@@ -255,8 +255,10 @@ pub fn step(args: &BisectArgs) -> i32 {
     if kernel_tree && !has_kernel {
         run.args(["-k", "."]);
     }
-    // A splat in the kernel log fails the step, as in a matrix.
-    run.arg("--fail-on-oops")
+    // A splat in the kernel log fails the step, as in a matrix. Each step
+    // boots a kernel used once: saving it for warm starts would only
+    // leave a snapshot per step behind.
+    run.args(["--fail-on-oops", "--cold"])
         .args(&args.run_options)
         .arg("--")
         .args(&args.command)

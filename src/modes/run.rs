@@ -15,6 +15,7 @@ use crate::kernel::{self, Kernel, ResolveError, resolve::Defaults};
 use crate::launch::plan::{self, BootPlan, BootRequest, Found, ROOT_TAG};
 use crate::launch::shares::{self, NotARoot, ResolvedShare, ShareError, ShareRequest};
 use crate::launch::transport::{self, Chosen, TransportError};
+use crate::launch::warm::WarmStart;
 use crate::launch::{self, LaunchError, Launched, Watch};
 use crate::modes::rundir::RunDirError;
 use crate::modes::spec::{RunSpec, TtyMode};
@@ -134,7 +135,14 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         dump_on_panic: spec.dump_on_panic.clone(),
     };
     let prep = t0.elapsed();
-    let launched = launch::launch(&start, plan, &watch, cache.root(), relay, || Job::Command {
+    let warm = WarmStart::new(
+        cold_reason(spec),
+        cache.clone(),
+        spec.snapshot_cap,
+        spec.verbose,
+        spec.quiet,
+    );
+    let launched = launch::launch(&start, plan, &watch, &warm, relay, || Job::Command {
         setup: Box::new(setup.clone()),
         exec: Box::new(exec.clone()),
     })?;
@@ -146,6 +154,17 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         keep_record(o, spec, &kernel, &chosen, &ended, prep, t0);
     }
     Ok(ended.status)
+}
+
+/// Why this run boots rather than restoring a saved guest, if it must.
+fn cold_reason(spec: &RunSpec) -> Option<String> {
+    if spec.cold {
+        Some("--cold".into())
+    } else if spec.gdb.is_some() {
+        Some("--gdb debugs the kernel from its first instruction".into())
+    } else {
+        None
+    }
 }
 
 /// The shares the user asked for, and `--output`'s directory.
@@ -201,7 +220,8 @@ fn prepare(
     kernel: &Kernel,
 ) -> Result<(Chosen, BootArtifacts), RunError> {
     let inspected = artifacts::inspect(cache, kernel)?;
-    let chosen = transport::choose(spec.transport, &inspected.support, || {
+    let warm = cold_reason(spec).is_none();
+    let chosen = transport::choose(spec.transport, warm, &inspected.support, || {
         let dirs: Vec<PathBuf> = virtiofsd::DESCRIPTOR_DIRS
             .iter()
             .map(PathBuf::from)
@@ -308,6 +328,8 @@ fn setup_for(spec: &RunSpec, chosen: &Chosen, plan: &BootPlan, art: &BootArtifac
         msize: MSIZE,
         verbose: spec.verbose,
         net: spec.net,
+        // Filled in as it is sent.
+        fresh: Default::default(),
     }
 }
 

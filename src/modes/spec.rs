@@ -70,6 +70,10 @@ pub struct RunSpec {
     pub forwards: Vec<(u16, u16)>,
     /// Where to write a guest memory dump if the kernel panics.
     pub dump_on_panic: Option<PathBuf>,
+    /// Boot even when a saved booted guest could be restored (`--cold`).
+    pub cold: bool,
+    /// Size cap of all saved booted guests, bytes.
+    pub snapshot_cap: u64,
     /// Port of QEMU's gdb stub (`--gdb`).
     pub gdb: Option<u16>,
     /// The guest's root filesystem, when not the host's.

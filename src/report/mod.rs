@@ -22,7 +22,9 @@ pub(crate) fn outcome_words(outcome: &Outcome) -> String {
         Outcome::Exited(Exit::NotStarted { message, .. }) => format!("not started: {message}"),
         Outcome::TimedOut(d) => format!("timed out after {}", humantime::format_duration(*d)),
         Outcome::Interrupted(n) => format!("interrupted by signal {n}"),
-        Outcome::Failed(m) | Outcome::BootStalled(m) => format!("failed: {m}"),
+        Outcome::Failed(m) | Outcome::BootStalled(m) | Outcome::RestoreFailed(m) => {
+            format!("failed: {m}")
+        }
         Outcome::KvmBroken(m) | Outcome::KvmCrashed(m) => format!("KVM failed: {m}"),
     }
 }
@@ -143,7 +145,7 @@ pub(crate) fn status_of(outcome: &Outcome) -> i32 {
             STATUS_TIMEOUT
         }
         Outcome::Interrupted(sig) => 128 + *sig,
-        Outcome::Failed(msg) | Outcome::BootStalled(msg) => {
+        Outcome::Failed(msg) | Outcome::BootStalled(msg) | Outcome::RestoreFailed(msg) => {
             crate::say!("vexec: error: {msg}");
             STATUS_FAILED
         }
@@ -168,6 +170,16 @@ pub(crate) fn print_timings(prep: Duration, t: &Timings, t0: Instant) {
     let host_to_ready = ready - spawned;
     let guest_ready = Duration::from_millis(t.guest_ready_ms);
     let qemu_start = host_to_ready.saturating_sub(guest_ready);
+    // A restored guest's boot happened when it was saved.
+    let start_words = if t.restored {
+        format!("restore {}ms", ms(host_to_ready))
+    } else {
+        format!(
+            "qemu start {}ms, kernel boot to agent {}ms",
+            ms(qemu_start),
+            t.guest_ready_ms
+        )
+    };
     let started = t.guest_started_ms.unwrap_or(t.guest_ready_ms);
     let exited = t.guest_exited_ms.unwrap_or(started);
     let teardown = t
@@ -178,10 +190,8 @@ pub(crate) fn print_timings(prep: Duration, t: &Timings, t0: Instant) {
             exited.saturating_sub(t.guest_ready_ms),
         ));
     crate::say!(
-        "vexec: timings: host prep {}ms, qemu start {}ms, kernel boot to agent {}ms, agent to command {}ms, command {}ms, teardown {}ms, total {}ms",
+        "vexec: timings: host prep {}ms, {start_words}, agent to command {}ms, command {}ms, teardown {}ms, total {}ms",
         ms(prep),
-        ms(qemu_start),
-        t.guest_ready_ms,
         started.saturating_sub(t.guest_ready_ms),
         exited.saturating_sub(started),
         ms(teardown),

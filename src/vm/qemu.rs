@@ -57,6 +57,9 @@ pub struct QemuConfig {
     pub control_fd: i32,
     /// Inherited socket for a QMP monitor, when one is wanted.
     pub qmp_fd: Option<i32>,
+    /// Restore the machine from the saved state on this inherited
+    /// descriptor instead of booting it (`-incoming fd:N`).
+    pub incoming_fd: Option<i32>,
     pub extra: Vec<OsString>,
 }
 
@@ -178,6 +181,9 @@ pub fn argv(c: &QemuConfig) -> Vec<OsString> {
             // the ROM under TCG costs time (and once stalled a boot here).
             "virtio-net-pci,netdev=net0,romfile=".into(),
         ]);
+    }
+    if let Some(fd) = c.incoming_fd {
+        a.extend(["-incoming".into(), format!("fd:{fd}")]);
     }
     let mut out: Vec<OsString> = a.into_iter().map(OsString::from).collect();
     out.extend(c.extra.iter().cloned());
@@ -318,6 +324,7 @@ mod tests {
             console_fd: 5,
             control_fd: 6,
             qmp_fd: None,
+            incoming_fd: None,
             extra: vec!["-s".into()],
         }
     }

@@ -74,3 +74,37 @@ pub fn dump_guest_memory(q: &mut Qmp, path: &std::path::Path) -> Result<(), Stri
     )?;
     Ok(())
 }
+
+/// A QMP monitor connected on first use: the greeting waits in the socket
+/// until then, so a run that never needs QMP never waits for it.
+pub struct LazyQmp {
+    stream: Option<UnixStream>,
+    session: Option<Qmp>,
+}
+
+impl LazyQmp {
+    /// A monitor on `stream`, or none.
+    pub fn new(stream: Option<UnixStream>) -> Self {
+        LazyQmp {
+            stream,
+            session: None,
+        }
+    }
+
+    /// The session, connecting it the first time; each command then waits
+    /// at most `timeout` for its answer.
+    pub fn get(&mut self, timeout: Duration) -> Result<&mut Qmp, String> {
+        if self.session.is_none() {
+            let stream = self
+                .stream
+                .take()
+                .ok_or("QMP: no monitor was set up for this machine")?;
+            self.session = Some(Qmp::connect(stream, timeout)?);
+        }
+        let q = self.session.as_mut().ok_or("QMP: not connected")?;
+        q.writer
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| format!("QMP: {e}"))?;
+        Ok(q)
+    }
+}

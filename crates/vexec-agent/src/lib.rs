@@ -4,6 +4,7 @@
 
 mod batch;
 mod exec;
+mod fresh;
 mod modules;
 mod mounts;
 mod pump;
@@ -228,6 +229,10 @@ fn serve(writer: &exec::PortWriter, mut reader: File, pseudo: PseudoFs) -> Resul
             HostMsg::Setup(setup) => {
                 report::STATE.phase(report::Phase::SettingUp);
                 step("setup received");
+                // Before anything the command could see.
+                if let Err(e) = fresh::apply(&setup.fresh) {
+                    eprintln!("vexec-init: warning: {e}");
+                }
                 mounts::build_root(&setup, || pseudo.take().map_or(Ok(()), joined))?;
                 step("root switched");
                 if setup.net {

@@ -20,7 +20,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change; both ends refuse a mismatch.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 
 /// Name of the virtio-serial port carrying the protocol.
 pub const PORT_NAME: &str = "vexec.ctl";
@@ -104,6 +104,20 @@ pub struct Setup {
     pub verbose: bool,
     /// Configure the network interface (QEMU user networking).
     pub net: bool,
+    /// What makes this run's guest a new machine, even one restored from a
+    /// snapshot that every warm run shares.
+    pub fresh: Fresh,
+}
+
+/// Per-run state the guest takes before anything runs: a restored
+/// snapshot would otherwise repeat its random pool and its clock.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fresh {
+    /// Bytes from the host's entropy source, mixed into the kernel's pool
+    /// (then the pool is reseeded).
+    pub entropy: Vec<u8>,
+    /// The host's wall clock, nanoseconds since the Unix epoch.
+    pub wall_clock_ns: u64,
 }
 
 /// Which of the command's standard descriptors are a pseudo-terminal.

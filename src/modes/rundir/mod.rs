@@ -21,6 +21,7 @@ use crate::artifacts::{self, PrepareError};
 use crate::host::session::{Job, Outcome, SignalRelay};
 use crate::kernel::image::Arch;
 use crate::kernel::{self, Kernel, ResolveError, resolve::Defaults};
+use crate::launch::warm::WarmStart;
 use crate::launch::plan::{self, BootRequest, Found, ROOT_TAG};
 use crate::launch::{self, LaunchError, Launched, Watch};
 use crate::modes::run::STATUS_FAILED;
@@ -221,7 +222,16 @@ fn run(
         out.as_ref().map(|o| o.join("results")),
         cli.machine.quiet,
     )));
-    let launched = launch::launch(&start, plan, &watch, cache.root(), relay, || {
+    // A batch guest runs its programs on its own once booted: there is no
+    // moment to save it at.
+    let warm = WarmStart::new(
+        Some("run-dir guests run their programs as soon as they boot".into()),
+        cache.clone(),
+        0,
+        cli.machine.verbose,
+        cli.machine.quiet,
+    );
+    let launched = launch::launch(&start, plan, &watch, &warm, relay, || {
         Job::Batch(Box::new(report::Sink(Arc::clone(&report))))
     })?;
     drop(initrd);

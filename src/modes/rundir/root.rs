@@ -62,6 +62,8 @@ pub fn run_in_root(
             kernel_args: spec.kernel_args.clone(),
             qemu: spec.qemu.clone(),
             gdb: spec.gdb,
+            cold: true,
+            snapshot_cap: Some(spec.snapshot_cap),
             verbose: spec.verbose,
             quiet: true,
         },

@@ -1,0 +1,42 @@
+//! The session's part in warm start: bringing a restored machine back,
+//! and what makes each run's guest new.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::protocol::Fresh;
+use crate::vm::qmp::LazyQmp;
+use crate::vm::snapshot;
+
+/// How long one QMP command may take to be answered.
+pub const QMP_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits for a machine started from saved state to load it and run.
+pub fn bring_back(qmp: &mut LazyQmp, limit: Duration) -> Result<(), String> {
+    let t = std::time::Instant::now();
+    let q = qmp
+        .get(limit)
+        .map_err(|e| format!("cannot restore the saved guest: {e}"))?;
+    let greeted = t.elapsed();
+    snapshot::wait_restored(q, limit).map_err(|e| format!("cannot restore the saved guest: {e}"))?;
+    let loaded = t.elapsed();
+    if std::env::var_os("VEXEC_DEBUG_MIGRATE").is_some() {
+        eprintln!("vexec: restore: QMP greeted after {greeted:?}, loaded after {loaded:?}");
+    }
+    Ok(())
+}
+
+/// Fresh entropy and the wall clock, for the guest to take before the
+/// command runs.
+pub fn fresh() -> Fresh {
+    let mut entropy = vec![0u8; 64];
+    // SAFETY: the buffer is valid for its length.
+    let n = unsafe { libc::getrandom(entropy.as_mut_ptr().cast(), entropy.len(), 0) };
+    entropy.truncate(n.max(0) as usize);
+    let wall_clock_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    Fresh {
+        entropy,
+        wall_clock_ns,
+    }
+}

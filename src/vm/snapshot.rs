@@ -1,0 +1,129 @@
+//! Saving a running machine to a file and bringing it back, through QMP
+//! on QEMU 7.2: a migration stream written by `exec:` (7.2 has no `file:`
+//! URI) and read back from an inherited descriptor (`-incoming fd:N`).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::qmp::Qmp;
+
+/// Why a machine was not saved.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    /// QEMU will not migrate this machine (a device that cannot be saved,
+    /// a mounted 9p export): it never will, with this shape.
+    #[error("QEMU refuses to save this machine: {0}")]
+    Refused(String),
+    /// This attempt failed (I/O, time); a later one may work.
+    #[error("saving the machine failed: {0}")]
+    Failed(String),
+}
+
+/// How often QEMU is asked how a migration or a restore goes.
+const POLL: Duration = Duration::from_millis(3);
+
+/// Saves the running machine to `path` and lets it run on. The machine is
+/// stopped while its memory is written (a running guest would compete
+/// with the copy for the host's CPUs and dirty what was copied), so a
+/// restored one starts paused ([`wait_restored`] starts it).
+pub fn save(q: &mut Qmp, path: &Path, limit: Duration) -> Result<(), SaveError> {
+    // QEMU 7.2 throttles migration to 32 MiB/s by default.
+    q.execute(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": 10_000 }),
+    )
+    .map_err(SaveError::Failed)?;
+    q.execute("stop", json!({})).map_err(SaveError::Failed)?;
+    let uri = format!("exec:cat > {}", shell_quote(&path.to_string_lossy()));
+    if let Err(e) = q.execute("migrate", json!({ "uri": uri })) {
+        let _ = resume(q);
+        return Err(SaveError::Refused(e));
+    }
+    let result = wait_migrated(q, limit);
+    // A failed or completed migration leaves the machine stopped.
+    let resumed = resume(q).map_err(SaveError::Failed);
+    result.and(resumed)
+}
+
+fn wait_migrated(q: &mut Qmp, limit: Duration) -> Result<(), SaveError> {
+    let start = Instant::now();
+    loop {
+        let info = q.execute("query-migrate", json!({})).map_err(SaveError::Failed)?;
+        match info.get("status").and_then(Value::as_str) {
+            Some("completed") => {
+                if std::env::var_os("VEXEC_DEBUG_MIGRATE").is_some() {
+                    eprintln!("vexec: migration: {info}");
+                }
+                return Ok(());
+            }
+            Some("failed") | Some("cancelled") => {
+                let why = info.get("error-desc").and_then(Value::as_str);
+                return Err(SaveError::Failed(why.unwrap_or("no reason given").into()));
+            }
+            _ if start.elapsed() > limit => {
+                let _ = q.execute("migrate_cancel", json!({}));
+                return Err(SaveError::Failed(format!(
+                    "not done within {}s",
+                    limit.as_secs()
+                )));
+            }
+            _ => std::thread::sleep(POLL),
+        }
+    }
+}
+
+/// Starts the machine again unless it runs.
+fn resume(q: &mut Qmp) -> Result<(), String> {
+    if status(q)? != "running" {
+        q.execute("cont", json!({}))?;
+    }
+    Ok(())
+}
+
+fn status(q: &mut Qmp) -> Result<String, String> {
+    let s = q.execute("query-status", json!({}))?;
+    Ok(s.get("status")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// Waits until a machine started with `-incoming` has loaded its state,
+/// and starts it (QEMU exits when the state cannot be loaded).
+pub fn wait_restored(q: &mut Qmp, limit: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        match status(q)?.as_str() {
+            "running" => return Ok(()),
+            "paused" => {
+                q.execute("cont", json!({}))?;
+            }
+            "inmigrate" if start.elapsed() < limit => std::thread::sleep(POLL),
+            "inmigrate" => {
+                return Err(format!(
+                    "the saved state was not loaded within {}s",
+                    limit.as_secs()
+                ));
+            }
+            other => return Err(format!("the restored machine is {other}, not running")),
+        }
+    }
+}
+
+/// Quotes `s` for the `sh -c` QEMU runs an `exec:` URI with.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_quoted_for_the_shell() {
+        assert_eq!(shell_quote("/a b/c"), "'/a b/c'");
+        assert_eq!(shell_quote("/it's"), r"'/it'\''s'");
+    }
+}
