@@ -175,6 +175,83 @@ def timed(cmd, timeout=300, ok_marker=None):
     return None, None, f"exit {rc}: {last}"
 
 
+GO_TEST = """package p{n}
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+)
+
+func TestFiles{n}(t *testing.T) {{
+	dir := t.TempDir()
+	for i := 0; i < 50; i++ {{
+		if err := os.WriteFile(filepath.Join(dir, "f"), []byte("data"), 0o644); err != nil {{
+			t.Fatal(err)
+		}}
+	}}
+	entries, err := os.ReadDir("/usr/share/doc")
+	if err != nil || len(entries) == 0 {{
+		t.Fatal(err)
+	}}
+}}
+
+func TestExec{n}(t *testing.T) {{
+	out, err := exec.Command("uname", "-r").Output()
+	if err != nil || len(out) == 0 {{
+		t.Fatal(err)
+	}}
+}}
+"""
+
+
+def go_module(packages):
+    """A Go module of `packages` test packages (files, a directory listing
+    of the host, a child process each), in the bench's work directory."""
+    mod = os.path.join(WORK, f"gomod-{packages}")
+    shutil.rmtree(mod, ignore_errors=True)
+    os.makedirs(mod)
+    with open(os.path.join(mod, "go.mod"), "w") as f:
+        f.write("module vexecbench\n\ngo 1.19\n")
+    for n in range(packages):
+        os.makedirs(os.path.join(mod, f"p{n}"))
+        with open(os.path.join(mod, f"p{n}", f"p{n}_test.go"), "w") as f:
+            f.write(GO_TEST.format(n=n))
+    return mod
+
+
+def go_workload(vexec, image, packages, runs):
+    """`go test -count=1 -exec 'vexec ...' ./...`, warm and cold, against
+    the same on the host; test binaries are built first (not timed)."""
+    if not shutil.which("go") or not image:
+        print("note: Go workload skipped (no go, or no kernel)")
+        return
+    mod = go_module(packages)
+    env = dict(os.environ, GOFLAGS="-mod=mod", GO111MODULE="on", GOPROXY="off")
+    subprocess.run(["go", "test", "-count=1", "-run", "^$", "./..."], cwd=mod, env=env,
+                   check=True, capture_output=True)
+    base = f"{vexec} --accel tcg -q -k {image}"
+    subprocess.run(["go", "test", "-count=1", "-exec", base, "./..."], cwd=mod, env=env,
+                   check=True, capture_output=True)
+    variants = {"host": [], "vexec warm": ["-exec", base], "vexec cold": ["-exec", base + " --cold"]}
+    took = {v: [] for v in variants}
+    for r in range(runs):
+        for v, extra in variants.items():
+            t = time.monotonic()
+            res = subprocess.run(["go", "test", "-count=1", *extra, "./..."], cwd=mod, env=env,
+                                 capture_output=True, text=True)
+            if res.returncode != 0:
+                print(f"note: Go workload {v} failed: {res.stdout[-500:]}{res.stderr[-500:]}")
+                return
+            took[v].append(time.monotonic() - t)
+        log(f"go: round {r + 1}: " + ", ".join(f"{v} {t[-1]:.1f}s" for v, t in took.items()))
+    med = {v: statistics.median(t) for v, t in took.items()}
+    print(f"\ngo test -exec vexec ./... ({packages} packages): host {med['host']:.1f}s, "
+          f"warm {med['vexec warm']:.1f}s, cold {med['vexec cold']:.1f}s, "
+          f"cold/warm {med['vexec cold'] / med['vexec warm']:.2f}x")
+
+
 def link_modules(name, release):
     """vng finds modules only at /lib/modules/REL; link the package's there."""
     target = f"/lib/modules/{release}"
@@ -196,6 +273,8 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--kernels", default="6.1,6.12,builtin")
     ap.add_argument("--skip", default="", help="comma-separated: vng, vmtest")
+    ap.add_argument("--go-packages", type=int, default=12,
+                    help="packages of the `go test -exec vexec ./...` workload (0: skip it)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
@@ -215,8 +294,16 @@ def main():
         base = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
                 "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1G", "-serial", "null",
                 "-kernel", boot, "-initrd", initrd, "-append", append]
+        run = [vexec, "--accel", "tcg", "-q", "-k", image]
+        # Warm: the snapshot this machine's first run saved. First: a run
+        # whose machine has none yet (a kernel argument makes each round's
+        # machine new), against a cold boot of that same machine.
+        subprocess.run(run + ["--", "true"], check=True)
+        rounds = iter(range(1_000_000))
         tools = {
-            "vexec": [vexec, "--accel", "tcg", "-q", "-k", image, "--", "true"],
+            "vexec": run + ["--", "true"],
+            "vexec cold": run + ["--cold", "--", "true"],
+            "vexec first": lambda: run + ["--kernel-arg", f"vexec.bench={os.getpid()}.{next(rounds)}", "--", "true"],
             "floor q35": base + ["-M", "q35"],
             "floor q35+qboot": base + ["-M", "q35", "-bios", QBOOT],
         }
@@ -244,6 +331,7 @@ def main():
         try:
             for r in range(args.runs):
                 for tool, cmd in tools.items():
+                    cmd = cmd() if callable(cmd) else cmd
                     took, peak, err = timed(cmd, ok_marker=VNG_OK if tool == "vng" else None)
                     if took is None:
                         fails[tool] = err
@@ -271,9 +359,16 @@ def main():
         if "vexec" not in med:
             continue
         floors = [v for t, v in med.items() if t.startswith("floor")]
-        line = f"{name}: vexec {med['vexec']:.2f}s"
+        line = f"{name}: vexec (warm) {med['vexec']:.2f}s"
         if floors:
             line += f", vexec/floor {med['vexec'] / min(floors):.2f}x (floor {min(floors):.2f}s)"
+        if "vexec cold" in med:
+            line += f", warm/cold {med['vexec'] / med['vexec cold']:.2f}x (cold {med['vexec cold']:.2f}s"
+            if floors:
+                line += f", cold/floor {med['vexec cold'] / min(floors):.2f}x"
+            line += ")"
+        if "vexec first" in med and "vexec cold" in med:
+            line += f", first run {med['vexec first'] - med['vexec cold']:+.2f}s over cold"
         if "vng" in med:
             line += f", vexec/vng {med['vexec'] / med['vng']:.3f}x (vng {med['vng']:.2f}s)"
         if "vmtest" in med:
@@ -281,6 +376,8 @@ def main():
         print(line)
     for n in notes:
         print("note:", n)
+    if args.go_packages:
+        go_workload(vexec, kernel_image(args.kernels.split(",")[0]), args.go_packages, args.runs)
 
 
 if __name__ == "__main__":

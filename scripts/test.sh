@@ -34,9 +34,16 @@ reports="${CARGO_TARGET_DIR:-target}/tmp/hang-reports"
 rm -rf "$reports"
 rc=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --no-fail-fast "$@" || rc=$?
+  runner=(cargo nextest run --no-fail-fast)
 else
-  cargo test --no-fail-fast "$@" || rc=$?
+  runner=(cargo test --no-fail-fast)
+fi
+"${runner[@]}" "$@" || rc=$?
+# The core tests run warm (restored guests) once their machine is saved;
+# run them again booted cold, so both paths keep every core behaviour.
+if [ $# -eq 0 ]; then
+  echo "scripts/test.sh: the core tests again, every run booted cold (VEXEC_COLD=1)" >&2
+  VEXEC_COLD=1 "${runner[@]}" --test core || rc=$?
 fi
 if [ -n "$(ls -A "$reports" 2>/dev/null)" ]; then
   echo "scripts/test.sh: runs that hung during the tests (stopped by vexec's timeout), retried or not:" >&2

@@ -103,14 +103,15 @@ fn asks_help(args: &[OsString]) -> bool {
 /// Runs `vexec VERB ...`; returns the exit status.
 fn verb(args: &[OsString]) -> i32 {
     use cli::verbs::{Verb, VerbCli};
+    let cache_root = || {
+        cache::Cache::default_root(
+            std::env::var_os("XDG_CACHE_HOME").map(Into::into),
+            std::env::var_os("HOME").map(Into::into),
+        )
+    };
     match parsed(VerbCli::try_parse_from(args)).verb {
-        Verb::Kernel(action) => {
-            let root = cache::Cache::default_root(
-                std::env::var_os("XDG_CACHE_HOME").map(Into::into),
-                std::env::var_os("HOME").map(Into::into),
-            );
-            failed_is_125(store::main(&action, root))
-        }
+        Verb::Kernel(action) => failed_is_125(store::main(&action, cache_root())),
+        Verb::Cache(action) => failed_is_125(vexec::modes::cache::main(&action, cache_root())),
         Verb::RunDir(c) => rundir::main(&c),
         Verb::Kconfig(a) => failed_is_125(kbuild::kconfig(&a).map(|_| 0)),
         Verb::Build(a) => failed_is_125(kbuild::build(&a).map(|_| 0)),

@@ -229,7 +229,8 @@ fn killing_qemu_is_125_at_once() {
 #[test]
 fn killing_vexec_takes_its_children_with_it() {
     let mut c = vexec(K);
-    c.args(["--virtiofsd"]).arg(rust_virtiofsd());
+    c.args(["--transport", "virtiofs", "--virtiofsd"])
+        .arg(rust_virtiofsd());
     let (mut child, _out) = started(c, "echo started; sleep 100");
     let mut ours = children(child.id(), "qemu-system");
     ours.extend(children(child.id(), "virtiofsd"));

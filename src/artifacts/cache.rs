@@ -95,7 +95,10 @@ impl Cache {
             return None;
         }
         match check(&dir) {
-            Ok(()) => Some(dir.join(DATA)),
+            Ok(()) => {
+                self.touch(kind, key);
+                Some(dir.join(DATA))
+            }
             Err(why) => {
                 crate::say!("vexec: cache entry {kind}/{key} is damaged ({why}); rebuilding it");
                 remove_entry(&dir);

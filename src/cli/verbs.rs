@@ -31,6 +31,15 @@ pub enum Verb {
     )]
     Kernel(KernelAction),
 
+    /// List or remove what vexec keeps in its cache (~/.cache/vexec): boot
+    /// artifacts built per kernel, and saved booted guests (warm start).
+    /// The kernel store is `vexec kernel`'s.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  vexec cache list\n  vexec cache clean --kind snapshot\n  vexec cache clean"
+    )]
+    Cache(CacheAction),
+
     /// Run every executable of DIR in an initramfs-only guest (x86_64 or
     /// arm64), one after the other, and report each.
     RunDir(Box<RunDirCli>),
@@ -69,6 +78,21 @@ pub enum Verb {
     /// Print vexec's man page (roff).
     #[command(after_help = "Example:\n  vexec manpage | man -l -")]
     Manpage,
+}
+
+/// `vexec cache ...`.
+#[derive(Debug, Subcommand)]
+pub enum CacheAction {
+    /// Each entry: kind, size, last use, key.
+    List,
+    /// Remove entries (all of them, or those of one kind); the next run
+    /// builds what it needs again.
+    Clean {
+        /// Only entries of this kind (as `list` names them: snapshot,
+        /// vmlinux, initramfs...).
+        #[arg(long, value_name = "KIND")]
+        kind: Option<String>,
+    },
 }
 
 /// `vexec kernel ...`.

@@ -88,7 +88,12 @@ pub fn choose(
                 why: why.to_string(),
             }),
         },
-        TransportChoice::Auto if warm && support.missing(Transport::NineP).is_none() => {
+        // Only a kernel known to have 9p (its config says so): one without
+        // a config is assumed to have everything, and a wrong guess here
+        // would fail a run that virtio-fs serves.
+        TransportChoice::Auto
+            if warm && support.missing(Transport::NineP).is_none() && support.unknown.is_empty() =>
+        {
             Ok(ninep(Some(
                 "using 9p for a warm start (QEMU cannot save a machine with virtio-fs; --transport virtiofs boots cold)".into(),
             )))
@@ -154,6 +159,9 @@ mod tests {
         };
         assert_eq!(t(support(true, true)), Transport::NineP);
         assert_eq!(t(support(false, true)), Transport::Virtiofs);
+        let mut guessed = support(true, true);
+        guessed.unknown.push("9p".into());
+        assert_eq!(t(guessed), Transport::Virtiofs);
         let forced = choose(TransportChoice::Virtiofs, true, &support(true, true), daemon);
         assert_eq!(forced.unwrap().transport, Transport::Virtiofs);
     }

@@ -117,7 +117,6 @@ impl WarmStart {
         let data = self.cache.get(KIND, key)?;
         let ready: Ready = serde_json::from_slice(&std::fs::read(data.join(READY)).ok()?).ok()?;
         let state = File::open(data.join(STATE)).ok()?;
-        self.cache.touch(KIND, key);
         (ready.version == VERSION).then_some(Restore { state, ready })
     }
 }

@@ -2,6 +2,7 @@
 //! [`crate::launch`] and reports the outcome. None boots a VM on its own.
 
 pub mod bisect;
+pub mod cache;
 pub mod matrix;
 pub mod run;
 pub mod rundir;

@@ -402,6 +402,7 @@ fn keep_record(
         ended.status,
         ended.words.clone(),
         record::Timings {
+            start: if timings.restored { "warm" } else { "cold" },
             host_prep: ms(prep),
             boot_to_agent: Some(timings.guest_ready_ms),
             boot_to_init: None,

@@ -84,8 +84,11 @@ pub enum ModeRecord<'a> {
 /// out.
 #[derive(Debug, Default, Serialize)]
 pub struct Timings {
+    /// "warm" (a saved guest restored) or "cold" (booted).
+    pub start: &'static str,
     pub host_prep: u64,
-    /// Until the agent reported in (command runs).
+    /// Until the agent reported in (command runs; for a warm start, when
+    /// the saved guest's agent did).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub boot_to_agent: Option<u64>,
     /// Until the guest's init reported in (run-dir).

@@ -63,6 +63,13 @@ const RUN_LIMIT: &str = "150s";
 
 /// `vexec --accel tcg -q -k KERNEL` with the test cache; add the command.
 pub fn vexec(kernel_name: &str) -> Command {
+    let mut c = vexec_saying(kernel_name);
+    c.arg("-q");
+    c
+}
+
+/// [`vexec`] without `-q`: its notices (and `-v`, if added) are kept.
+pub fn vexec_saying(kernel_name: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_vexec"));
     c.env("XDG_CACHE_HOME", cache_dir())
         .env("VEXEC_TIMEOUT", RUN_LIMIT)
@@ -70,7 +77,6 @@ pub fn vexec(kernel_name: &str) -> Command {
         .env_remove("VEXEC_KERNEL")
         .arg("--accel")
         .arg("tcg")
-        .arg("-q")
         .arg("-k")
         .arg(kernel(kernel_name))
         .stdin(Stdio::null());

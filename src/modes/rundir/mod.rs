@@ -464,6 +464,7 @@ fn keep_record(
 ) -> Result<(), RunDirError> {
     let launched = &batch.launched;
     let timings = record::Timings {
+        start: "cold",
         host_prep: kept.prep.as_millis() as u64,
         boot_to_agent: None,
         boot_to_init: (launched.timings.ready)
