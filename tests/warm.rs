@@ -73,7 +73,10 @@ fn restored_guests_differ_in_randomness_and_keep_the_host_clock() {
             .unwrap()
             .as_secs() as i64;
         // Within 2 s, plus the time the run took after `date`.
-        assert!((host - guest).abs() <= 4, "guest clock {guest}, host {host}");
+        assert!(
+            (host - guest).abs() <= 4,
+            "guest clock {guest}, host {host}"
+        );
         seen.push((lines[0].to_string(), lines[1].to_string()));
     }
     assert_ne!(seen[0].0, seen[1].0, "the same random bytes twice");
@@ -93,12 +96,20 @@ fn stdin_cwd_writes_and_the_overlay_behave_as_cold() {
         .stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"\x00bytes\xff\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"\x00bytes\xff\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("warm start (snapshot"), "{err}");
     assert_eq!(out.stdout, b"\x00bytes\xff\n");
-    assert_eq!(std::fs::read(dir.path().join("kept")).unwrap(), b"\x00bytes\xff\n");
+    assert_eq!(
+        std::fs::read(dir.path().join("kept")).unwrap(),
+        b"\x00bytes\xff\n"
+    );
     // The overlay of the saved guest is new for each run.
     let (out, err, _) = warm_run("1102M", &[], "cat /etc/vexec-warm 2>&1 || echo absent");
     assert!(out.ends_with("absent\n"), "{out}{err}");
@@ -116,8 +127,11 @@ fn another_machine_shape_never_restores_a_snapshot_made_for_one() {
     // The kernel-arg machine has a snapshot of its own (made now, or by an
     // earlier try of this test), never the plain one.
     for _ in 0..2 {
-        let (out, err, code) =
-            warm_run("1103M", &["--kernel-arg", "vexec.test=1"], "cat /proc/cmdline");
+        let (out, err, code) = warm_run(
+            "1103M",
+            &["--kernel-arg", "vexec.test=1"],
+            "cat /proc/cmdline",
+        );
         assert_eq!(code, Some(0), "{err}");
         assert!(!err.contains(&plain), "{err}");
         assert!(out.contains("vexec.test=1"), "{out}");
@@ -185,7 +199,12 @@ fn cache_clean_then_a_run_works() {
     let k = kernel.to_str().unwrap();
     let run = ["--accel", "tcg", "-v", "-k", k, "--", "echo", "hi"];
     let out = with_cache(&run);
-    assert_eq!(stdout(&out), "hi\n", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        stdout(&out),
+        "hi\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let list = stdout(&with_cache(&["cache", "list"]));
     assert!(list.contains("snapshot"), "{list}");
     assert!(list.contains("initramfs"), "{list}");

@@ -16,8 +16,8 @@ use crate::vm::qmp::LazyQmp;
 use super::console::{self, ConsoleEvent, ConsoleTail};
 use super::output::{self, Progress, send};
 use super::session::{Event, HangReport, Job, Outcome, Params, Timings, Warm};
-use super::warm;
 use super::terminal;
+use super::warm;
 
 /// How long vexec waits after QEMU exits for the rest of the guest's
 /// messages (and vice versa).
@@ -38,8 +38,6 @@ const STARVATION_CAP: u32 = 2;
 #[derive(PartialEq)]
 enum Phase {
     Booting,
-    /// Restored from a snapshot and sent the command; no answer yet.
-    Restoring,
     Running,
 }
 
@@ -207,12 +205,6 @@ impl Loop<'_, '_> {
     }
 
     fn on_guest(&mut self, m: GuestMsg) -> Option<Outcome> {
-        if self.phase == Phase::Restoring {
-            // The restored guest answers: the command is under way.
-            self.phase = Phase::Running;
-            self.deadline = self.p.timeout.map(|d| Instant::now() + d);
-            self.start_input();
-        }
         match m {
             GuestMsg::Ready {
                 version,
@@ -297,8 +289,9 @@ impl Loop<'_, '_> {
         None
     }
 
-    /// A restored guest: brought back, given its devices and the command.
-    /// Some when it cannot be (the outcome says why).
+    /// A restored guest: brought back and given the command, as a booted
+    /// one is when it reports ready. Some when the saved state could not be
+    /// loaded (nothing ran: the machine may be booted instead).
     fn restore(&mut self) -> Option<Outcome> {
         let Warm::Restore(r) = &self.p.warm else {
             return None;
@@ -310,17 +303,8 @@ impl Loop<'_, '_> {
             std::thread::sleep(Duration::from_millis(200));
             return Some(Outcome::RestoreFailed(format!("{e}{}", self.details())));
         }
-        self.t.ready = Some(Instant::now());
         self.t.restored = true;
-        self.t.guest_ready_ms = ready.uptime_ms;
-        if !self.send_job() {
-            return Some(Outcome::RestoreFailed(
-                "the restored machine closed its control port".into(),
-            ));
-        }
-        self.phase = Phase::Restoring;
-        self.deadline = Some(Instant::now() + limit);
-        None
+        self.on_ready(&ready)
     }
 
     /// Sends the command's setup (fresh for this run) and the command;
@@ -399,13 +383,6 @@ impl Loop<'_, '_> {
             return None;
         }
         let stopping = match (&self.phase, self.interrupted) {
-            (Phase::Restoring, _) => {
-                return Some(Outcome::RestoreFailed(format!(
-                    "the restored guest did not answer within {}s{}",
-                    self.boot_limit.as_secs(),
-                    self.details()
-                )));
-            }
             (Phase::Running, Some(sig)) => Outcome::Interrupted(sig),
             (Phase::Running, None) => Outcome::TimedOut(self.p.timeout.unwrap_or_default()),
             (Phase::Booting, _) if self.p.kvm_probe.is_some() => {
@@ -484,9 +461,6 @@ impl Loop<'_, '_> {
 
     /// QEMU exited and the channel is drained.
     fn qemu_gone(&self) -> Outcome {
-        if self.phase == Phase::Restoring {
-            return Outcome::RestoreFailed(self.failure());
-        }
         if self.p.kvm_probe.is_none() || self.panic_line.is_some() {
             return self.failed();
         }

@@ -17,7 +17,8 @@ pub fn bring_back(qmp: &mut LazyQmp, limit: Duration) -> Result<(), String> {
         .get(limit)
         .map_err(|e| format!("cannot restore the saved guest: {e}"))?;
     let greeted = t.elapsed();
-    snapshot::wait_restored(q, limit).map_err(|e| format!("cannot restore the saved guest: {e}"))?;
+    snapshot::wait_restored(q, limit)
+        .map_err(|e| format!("cannot restore the saved guest: {e}"))?;
     let loaded = t.elapsed();
     if std::env::var_os("VEXEC_DEBUG_MIGRATE").is_some() {
         eprintln!("vexec: restore: QMP greeted after {greeted:?}, loaded after {loaded:?}");

@@ -127,7 +127,7 @@ pub fn plan(req: &BootRequest, found: &Found) -> BootPlan {
         console_fd: 3,
         control_fd: 4,
         qmp_fd: None,
-            incoming_fd: None,
+        incoming_fd: None,
         extra: qemu_args,
     };
     BootPlan {

@@ -162,7 +162,12 @@ mod tests {
         let mut guessed = support(true, true);
         guessed.unknown.push("9p".into());
         assert_eq!(t(guessed), Transport::Virtiofs);
-        let forced = choose(TransportChoice::Virtiofs, true, &support(true, true), daemon);
+        let forced = choose(
+            TransportChoice::Virtiofs,
+            true,
+            &support(true, true),
+            daemon,
+        );
         assert_eq!(forced.unwrap().transport, Transport::Virtiofs);
     }
 

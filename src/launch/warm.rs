@@ -74,14 +74,18 @@ impl WarmStart {
         }
         if let Some(path) = self.cache.get(REFUSED, &key) {
             let why = std::fs::read_to_string(path).unwrap_or_default();
-            self.note(&format!("cold boot (QEMU refused to save this machine: {why})"));
+            self.note(&format!(
+                "cold boot (QEMU refused to save this machine: {why})"
+            ));
             return Warm::Cold;
         }
         let Some(lock) = lock(self.cache.root(), &key) else {
             self.note("cold boot (another vexec is saving this machine now)");
             return Warm::Cold;
         };
-        self.note("cold boot (no snapshot of this machine yet; saving one when the guest is ready)");
+        self.note(
+            "cold boot (no snapshot of this machine yet; saving one when the guest is ready)",
+        );
         Warm::Save(Box::new(SaveJob {
             warm: self.clone(),
             key,
@@ -131,7 +135,9 @@ fn unsaveable(config: &QemuConfig) -> Option<&'static str> {
         .shares
         .iter()
         .any(|s| matches!(s.backend, Backend::Virtiofs { .. }))
-        .then_some("virtio-fs: QEMU cannot save a machine with its device; --transport 9p starts warm")
+        .then_some(
+            "virtio-fs: QEMU cannot save a machine with its device; --transport 9p starts warm",
+        )
 }
 
 /// Saves one booted guest as the snapshot of its shape.
@@ -198,9 +204,14 @@ pub fn shape_key(config: &QemuConfig) -> String {
     }
     let mut parts: Vec<Vec<u8>> = vec![FORMAT.to_vec(), VERSION.to_le_bytes().to_vec()];
     parts.extend(qemu::argv(&c).iter().map(|a| a.as_bytes().to_vec()));
-    for file in [Some(&c.binary), Some(&c.kernel), Some(&c.initrd), c.firmware.as_ref()]
-        .into_iter()
-        .flatten()
+    for file in [
+        Some(&c.binary),
+        Some(&c.kernel),
+        Some(&c.initrd),
+        c.firmware.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
     {
         parts.push(identity(file));
     }
@@ -234,7 +245,11 @@ fn lock(root: &Path, key: &str) -> Option<File> {
 /// Removes the least recently used saved guests until they fit in `cap`
 /// bytes, never `keep` (the one just saved).
 pub fn evict(cache: &Cache, cap: u64, keep: &str) {
-    let mut entries: Vec<_> = cache.entries().into_iter().filter(|e| e.kind == KIND).collect();
+    let mut entries: Vec<_> = cache
+        .entries()
+        .into_iter()
+        .filter(|e| e.kind == KIND)
+        .collect();
     entries.sort_by_key(|e| e.used);
     let mut total: u64 = entries.iter().map(|e| e.bytes).sum();
     for e in entries {

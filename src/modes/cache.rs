@@ -20,7 +20,10 @@ pub fn main(action: &CacheAction, root: PathBuf) -> Result<i32, CacheError> {
 fn list(cache: &Cache) {
     let entries = cache.entries();
     if entries.is_empty() {
-        crate::say!("vexec: the cache ({}) holds nothing", cache.root().display());
+        crate::say!(
+            "vexec: the cache ({}) holds nothing",
+            cache.root().display()
+        );
         return;
     }
     println!("{:<18} {:>10}  {:<12} KEY", "KIND", "SIZE", "LAST USE");
@@ -35,7 +38,12 @@ fn list(cache: &Cache) {
             e.key
         );
     }
-    println!("{:<18} {:>10}  in {}", "total", size(total), cache.root().display());
+    println!(
+        "{:<18} {:>10}  in {}",
+        "total",
+        size(total),
+        cache.root().display()
+    );
 }
 
 fn clean(cache: &Cache, kind: Option<&str>) {

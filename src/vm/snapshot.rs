@@ -50,7 +50,9 @@ pub fn save(q: &mut Qmp, path: &Path, limit: Duration) -> Result<(), SaveError> 
 fn wait_migrated(q: &mut Qmp, limit: Duration) -> Result<(), SaveError> {
     let start = Instant::now();
     loop {
-        let info = q.execute("query-migrate", json!({})).map_err(SaveError::Failed)?;
+        let info = q
+            .execute("query-migrate", json!({}))
+            .map_err(SaveError::Failed)?;
         match info.get("status").and_then(Value::as_str) {
             Some("completed") => {
                 if std::env::var_os("VEXEC_DEBUG_MIGRATE").is_some() {
