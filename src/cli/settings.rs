@@ -92,16 +92,12 @@ pub fn build(
 ) -> Result<RunSpec, ConfigError> {
     let file = config.map(|c| &c.config);
     let (memory, cpus) = machine_size(&cli, config)?;
-    let accel = match cli.machine.accel {
-        Some(a) => a,
-        None => file_choice(config, "accel", |f| &f.accel)?.unwrap_or(AccelChoice::Auto),
-    };
-    let transport = match cli.transport {
-        Some(t) => t,
-        None => {
-            file_choice(config, "transport", |f| &f.transport)?.unwrap_or(TransportChoice::Auto)
-        }
-    };
+    let accel = (cli.machine.accel.map(Some))
+        .map_or_else(|| file_choice(config, "accel", |f| &f.accel), Ok)?
+        .unwrap_or(AccelChoice::Auto);
+    let transport = (cli.transport.map(Some))
+        .map_or_else(|| file_choice(config, "transport", |f| &f.transport), Ok)?
+        .unwrap_or(TransportChoice::Auto);
     let (timeout, boot_timeout, output_grace) = timeouts(&cli, config)?;
     let env = environment_for(host.env.clone(), file, &cli);
     let shares = share_requests(&cli, config);
@@ -173,7 +169,7 @@ pub fn build(
         root: cli.root,
         busybox: cli.busybox,
         dump_on_panic: cli.dump_on_panic,
-        cold: cli.machine.cold || file.and_then(|f| f.cold).unwrap_or(false),
+        cold: cli.machine.cold || file.and_then(|f| f.cold) == Some(true),
         snapshot_cap: snapshot_cap(cli.machine.snapshot_cap, config)?,
         net,
         forwards,

@@ -222,16 +222,7 @@ fn run(
         out.as_ref().map(|o| o.join("results")),
         cli.machine.quiet,
     )));
-    // A batch guest runs its programs on its own once booted: there is no
-    // moment to save it at.
-    let warm = WarmStart::new(
-        Some("run-dir guests run their programs as soon as they boot".into()),
-        cache.clone(),
-        0,
-        cli.machine.verbose,
-        cli.machine.quiet,
-    );
-    let launched = launch::launch(&start, plan, &watch, &warm, relay, || {
+    let launched = launch::launch(&start, plan, &watch, &cold(cli, &cache), relay, || {
         Job::Batch(Box::new(report::Sink(Arc::clone(&report))))
     })?;
     drop(initrd);
@@ -533,4 +524,16 @@ fn keep_coverage(
         );
     }
     Ok(Some(saved))
+}
+
+/// Batch guests boot cold: their agent runs the programs as soon as it
+/// boots, so there is no moment to save the guest at.
+fn cold(cli: &cli::RunDirCli, cache: &Cache) -> WarmStart {
+    WarmStart::new(
+        Some("run-dir guests run their programs as soon as they boot".into()),
+        cache.clone(),
+        0,
+        cli.machine.verbose,
+        cli.machine.quiet,
+    )
 }
