@@ -53,11 +53,9 @@ pub struct Chosen {
 }
 
 /// Picks the transport; `find_daemon` is called only when virtio-fs is
-/// possible and wanted. `warm`: the run may start from a saved guest, which
-/// `auto` serves with 9p (QEMU cannot save a machine holding virtio-fs).
+/// possible and wanted.
 pub fn choose(
     choice: TransportChoice,
-    warm: bool,
     support: &Support,
     find_daemon: impl FnOnce() -> Result<Virtiofsd, VirtiofsdError>,
 ) -> Result<Chosen, TransportError> {
@@ -88,16 +86,6 @@ pub fn choose(
                 why: why.to_string(),
             }),
         },
-        // Only a kernel known to have 9p (its config says so): one without
-        // a config is assumed to have everything, and a wrong guess here
-        // would fail a run that virtio-fs serves.
-        TransportChoice::Auto
-            if warm && support.missing(Transport::NineP).is_none() && support.unknown.is_empty() =>
-        {
-            Ok(ninep(Some(
-                "using 9p for a warm start (QEMU cannot save a machine with virtio-fs; --transport virtiofs boots cold)".into(),
-            )))
-        }
         TransportChoice::Auto => {
             match (
                 support.missing(Transport::Virtiofs),
@@ -151,29 +139,8 @@ mod tests {
     }
 
     #[test]
-    fn auto_picks_9p_for_a_warm_start_when_the_kernel_has_it() {
-        let t = |s| {
-            choose(TransportChoice::Auto, true, &s, daemon)
-                .unwrap()
-                .transport
-        };
-        assert_eq!(t(support(true, true)), Transport::NineP);
-        assert_eq!(t(support(false, true)), Transport::Virtiofs);
-        let mut guessed = support(true, true);
-        guessed.unknown.push("9p".into());
-        assert_eq!(t(guessed), Transport::Virtiofs);
-        let forced = choose(
-            TransportChoice::Virtiofs,
-            true,
-            &support(true, true),
-            daemon,
-        );
-        assert_eq!(forced.unwrap().transport, Transport::Virtiofs);
-    }
-
-    #[test]
     fn auto_prefers_virtiofs_then_9p() {
-        let t = |s, f: fn() -> _| choose(TransportChoice::Auto, false, &s, f).map(|c| c.transport);
+        let t = |s, f: fn() -> _| choose(TransportChoice::Auto, &s, f).map(|c| c.transport);
         assert_eq!(t(support(true, true), daemon).unwrap(), Transport::Virtiofs);
         assert_eq!(t(support(true, true), none).unwrap(), Transport::NineP);
         assert_eq!(t(support(true, false), daemon).unwrap(), Transport::NineP);
@@ -192,15 +159,15 @@ mod tests {
 
     #[test]
     fn explicit_requests_are_checked() {
-        let e = choose(TransportChoice::NineP, false, &support(false, true), daemon)
+        let e = choose(TransportChoice::NineP, &support(false, true), daemon)
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("--transport 9p is not possible") && e.contains("CONFIG_9P_FS"),
             "{e}"
         );
-        assert!(choose(TransportChoice::Virtiofs, false, &support(true, true), none).is_err());
-        let c = choose(TransportChoice::NineP, false, &support(true, true), daemon).unwrap();
+        assert!(choose(TransportChoice::Virtiofs, &support(true, true), none).is_err());
+        let c = choose(TransportChoice::NineP, &support(true, true), daemon).unwrap();
         assert_eq!(c.transport, Transport::NineP);
     }
 }

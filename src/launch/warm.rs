@@ -130,13 +130,15 @@ fn unsaveable(config: &QemuConfig) -> Option<&'static str> {
     // QEMU 7.2 cannot migrate vhost-user-fs; adding the device after a
     // restore works, but its shared memory must then be fd-backed, and
     // loading a saved state into that touches every page (measured: the
-    // whole guest RAM resident, a restore slower than with 9p).
+    // whole guest RAM resident, a restore slower than with 9p). `auto`
+    // still prefers virtio-fs: 9p has a rare hang under heavy load that is
+    // not understood yet (docs/warm-start.md).
     config
         .shares
         .iter()
         .any(|s| matches!(s.backend, Backend::Virtiofs { .. }))
         .then_some(
-            "virtio-fs: QEMU cannot save a machine with its device; --transport 9p starts warm",
+            "virtio-fs: QEMU 7.2 cannot save a machine with its device; --transport 9p starts warm",
         )
 }
 

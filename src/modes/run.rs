@@ -220,8 +220,7 @@ fn prepare(
     kernel: &Kernel,
 ) -> Result<(Chosen, BootArtifacts), RunError> {
     let inspected = artifacts::inspect(cache, kernel)?;
-    let warm = cold_reason(spec).is_none();
-    let chosen = transport::choose(spec.transport, warm, &inspected.support, || {
+    let chosen = transport::choose(spec.transport, &inspected.support, || {
         let dirs: Vec<PathBuf> = virtiofsd::DESCRIPTOR_DIRS
             .iter()
             .map(PathBuf::from)
