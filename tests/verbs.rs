@@ -25,6 +25,8 @@ fn vexec(args: &[&str]) -> Output {
 fn every_verb_has_its_own_help() {
     let verbs: &[(&[&str], &str)] = &[
         (&["kernel", "--help"], "Usage: vexec kernel <COMMAND>"),
+        (&["cache", "--help"], "Usage: vexec cache <COMMAND>"),
+        (&["cache", "clean", "--help"], "Usage: vexec cache clean"),
         (
             &["kernel", "add", "--help"],
             "Usage: vexec kernel add <PATH>",
