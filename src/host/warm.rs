@@ -12,17 +12,11 @@ pub const QMP_WAIT: Duration = Duration::from_secs(30);
 
 /// Waits for a machine started from saved state to load it and run.
 pub fn bring_back(qmp: &mut LazyQmp, limit: Duration) -> Result<(), String> {
-    let t = std::time::Instant::now();
     let q = qmp
         .get(limit)
         .map_err(|e| format!("cannot restore the saved guest: {e}"))?;
-    let greeted = t.elapsed();
     snapshot::wait_restored(q, limit)
         .map_err(|e| format!("cannot restore the saved guest: {e}"))?;
-    let loaded = t.elapsed();
-    if std::env::var_os("VEXEC_DEBUG_MIGRATE").is_some() {
-        eprintln!("vexec: restore: QMP greeted after {greeted:?}, loaded after {loaded:?}");
-    }
     Ok(())
 }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::qmp::Qmp;
+use crate::host::programs::quote;
 
 /// Why a machine was not saved.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +37,8 @@ pub fn save(q: &mut Qmp, path: &Path, limit: Duration) -> Result<(), SaveError> 
     )
     .map_err(SaveError::Failed)?;
     q.execute("stop", json!({})).map_err(SaveError::Failed)?;
-    let uri = format!("exec:cat > {}", shell_quote(&path.to_string_lossy()));
+    // QEMU runs an `exec:` URI with `sh -c`.
+    let uri = format!("exec:cat > {}", quote(&path.to_string_lossy()));
     if let Err(e) = q.execute("migrate", json!({ "uri": uri })) {
         let _ = resume(q);
         return Err(SaveError::Refused(e));
@@ -55,9 +57,6 @@ fn wait_migrated(q: &mut Qmp, limit: Duration) -> Result<(), SaveError> {
             .map_err(SaveError::Failed)?;
         match info.get("status").and_then(Value::as_str) {
             Some("completed") => {
-                if std::env::var_os("VEXEC_DEBUG_MIGRATE").is_some() {
-                    eprintln!("vexec: migration: {info}");
-                }
                 return Ok(());
             }
             Some("failed") | Some("cancelled") => {
@@ -114,18 +113,13 @@ pub fn wait_restored(q: &mut Qmp, limit: Duration) -> Result<(), String> {
     }
 }
 
-/// Quotes `s` for the `sh -c` QEMU runs an `exec:` URI with.
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn paths_are_quoted_for_the_shell() {
-        assert_eq!(shell_quote("/a b/c"), "'/a b/c'");
-        assert_eq!(shell_quote("/it's"), r"'/it'\''s'");
+        assert_eq!(quote("/a b/c"), "'/a b/c'");
+        assert_eq!(quote("/it's"), r"'/it'\''s'");
     }
 }
