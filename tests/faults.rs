@@ -511,20 +511,6 @@ fn a_hung_run_says_where_it_stood() {
     assert!(err.contains("nanosleep"), "{err}");
 }
 
-/// `c`'s program and arguments under `prefix` (e.g. taskset, nice), with
-/// its environment.
-fn wrapped(c: &Command, prefix: &[&str]) -> Command {
-    let mut w = Command::new(prefix[0]);
-    w.args(&prefix[1..]).arg(c.get_program()).args(c.get_args());
-    for (k, v) in c.get_envs() {
-        match v {
-            Some(v) => w.env(k, v),
-            None => w.env_remove(k),
-        };
-    }
-    w
-}
-
 #[test]
 fn a_boot_starved_of_cpu_gets_more_time_and_says_why_it_failed() {
     // One host CPU shared with a busy loop, vexec and QEMU at nice 19: the

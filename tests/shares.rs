@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 use common::*;
 
@@ -252,18 +252,8 @@ fn unprivileged_user_gets_virtiofs_with_the_rust_daemon() {
         return;
     }
     let home = workdir("nobody-vfs");
-    std::os::unix::fs::chown(home.path(), Some(65534), Some(65534)).unwrap();
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(env!("CARGO_BIN_EXE_vexec"))
-        .args([
-            "--accel",
-            "tcg",
-            "-q",
-            "--transport",
-            "virtiofs",
-            "--virtiofsd",
-        ])
+    let mut c = as_nobody(home.path());
+    c.args(["--transport", "virtiofs", "--virtiofsd"])
         .arg(&daemon)
         .arg("-k")
         .arg(&image)
@@ -272,14 +262,8 @@ fn unprivileged_user_gets_virtiofs_with_the_rust_daemon() {
             "sh",
             "-c",
             "grep -c virtiofs /proc/mounts; echo hi > by-guest; stat -c %u /usr/bin",
-        ])
-        .current_dir(home.path())
-        .env("HOME", home.path())
-        .env("XDG_CACHE_HOME", home.path().join("cache"))
-        .env_remove("VEXEC_KERNEL")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
+        ]);
+    let out = c.output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     // Host root's files show as the overflow uid in the daemon's user
@@ -287,4 +271,77 @@ fn unprivileged_user_gets_virtiofs_with_the_rust_daemon() {
     assert_eq!(stdout(&out), "1\n65534\n");
     let meta = std::fs::metadata(home.path().join("by-guest")).unwrap();
     assert_eq!(meta.uid(), 65534);
+}
+
+/// `vexec --accel tcg -q` run as uid and gid 65534, in `home` (given to
+/// that user) with its own cache there.
+fn as_nobody(home: &std::path::Path) -> std::process::Command {
+    std::os::unix::fs::chown(home, Some(65534), Some(65534)).unwrap();
+    let mut c = std::process::Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_vexec"))
+        .args(["--accel", "tcg", "-q"])
+        .current_dir(home)
+        .env("HOME", home)
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .env_remove("VEXEC_KERNEL")
+        .stdin(std::process::Stdio::null());
+    c
+}
+
+/// virtiofsd holds a descriptor for every inode the guest has cached
+/// (unless it can use file handles, which takes root): a walk over more
+/// files than its descriptor limit must still see them all (the guest lets
+/// go of unused inodes), not fail with EMFILE halfway. The files are seen
+/// through the root's overlay, whose lower layer the guest caches longest.
+fn a_tree_larger_than_the_daemons_descriptor_limit(transport: &str, unprivileged: bool) {
+    let Some(targs) = transport_args(transport) else {
+        return;
+    };
+    let image = kernel(K);
+    if unprivileged && !(is_root() && world_reachable(&image)) {
+        eprintln!(
+            "skipped: needs root to switch to an unprivileged user, and a kernel it can read"
+        );
+        return;
+    }
+    let base = workdir("many-files");
+    let tree = base.path().join("tree");
+    for d in 0..30 {
+        let dir = tree.join(format!("d{d}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..100 {
+            std::fs::write(dir.join(format!("f{f}")), "x").unwrap();
+        }
+    }
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // find stats every file; cat opens each.
+    let script = "cd \"$1\" && find . -type f -size 1c | wc -l && cat d*/* | wc -c";
+    let mut c = if unprivileged {
+        let home = base.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        let mut c = as_nobody(&home);
+        c.arg("-k").arg(&image);
+        c
+    } else {
+        vexec(K)
+    };
+    c.args(&targs)
+        .args(["--no-cwd", "--", "sh", "-c", script, "sh"])
+        .arg(&tree);
+    // The daemons inherit this limit (fewer descriptors than files, and
+    // the Rust one keeps 610 for itself); the guest is told what is left.
+    let out = run(wrapped(&c, &["prlimit", "--nofile=2048:2048"]));
+    assert_ok(&out);
+    assert_eq!(stdout(&out), "3000\n3000\n");
+}
+
+#[test]
+fn a_tree_larger_than_the_daemons_descriptor_limit_over_virtiofs_c_daemon() {
+    a_tree_larger_than_the_daemons_descriptor_limit("virtiofs-c", false);
+}
+
+#[test]
+fn a_tree_larger_than_the_daemons_descriptor_limit_unprivileged_over_virtiofs_rust_daemon() {
+    a_tree_larger_than_the_daemons_descriptor_limit("virtiofs-rust", true);
 }

@@ -19,7 +19,7 @@ use crate::launch::warm::WarmStart;
 use crate::launch::{self, LaunchError, Launched, Watch};
 use crate::modes::rundir::RunDirError;
 use crate::modes::spec::{RunSpec, TtyMode};
-use crate::protocol::{Exec, Setup, ShareMode, Tty};
+use crate::protocol::{Exec, Setup, ShareMode, Transport, Tty};
 use crate::report::oops::{self, Splat};
 use crate::report::record::{self, OutputDir, RecordError, RunRecord};
 use crate::report::{
@@ -329,6 +329,8 @@ fn setup_for(spec: &RunSpec, chosen: &Chosen, plan: &BootPlan, art: &BootArtifac
         net: spec.net,
         // Filled in as it is sent.
         fresh: Default::default(),
+        virtiofs_fd_budget: (chosen.transport == Transport::Virtiofs)
+            .then(virtiofsd::guest_fd_budget),
     }
 }
 

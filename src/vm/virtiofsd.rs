@@ -243,6 +243,37 @@ impl DaemonSpec {
     }
 }
 
+/// How many descriptors a virtiofsd is given: the user's hard limit.
+fn nofile_limit() -> libc::rlim_t {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    lim.rlim_max
+}
+
+/// What a daemon keeps for itself: the Rust virtiofsd 1.14 reserves 546
+/// plus one per worker thread (64) and answers ENFILE past the rest; the
+/// C one needs fewer.
+const DAEMON_FD_RESERVE: u64 = 640;
+
+/// How many descriptors a virtiofsd can spend on the guest's inodes and
+/// open files.
+///
+/// It keeps one open for every inode the guest knows (unless it can use
+/// file handles, which takes root), and the guest lets go of cached inodes
+/// only when told to: the guest is given this number
+/// (`Setup::virtiofs_fd_budget`). Each daemon gets the user's hard limit;
+/// inheriting the soft one (often 1024) made a `find` over a big tree fail
+/// with EMFILE halfway.
+pub fn guest_fd_budget() -> u64 {
+    (nofile_limit() as u64).saturating_sub(DAEMON_FD_RESERVE)
+}
+
 /// A running virtiofsd. Dropping it kills and reaps the process.
 pub struct Daemon {
     pid: libc::pid_t,
@@ -279,10 +310,18 @@ impl Daemon {
             .then(|| CString::new(spec.source.as_os_str().as_bytes()))
             .transpose()
             .map_err(|e| spawn_err(std::io::Error::other(e)))?;
+        let nofile = nofile_limit();
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 libc::setpgid(0, 0);
+                // One descriptor per inode the guest knows: give the daemon
+                // all the user may have (see guest_fd_budget).
+                let lim = libc::rlimit {
+                    rlim_cur: nofile,
+                    rlim_max: nofile,
+                };
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 if libc::fcntl(lfd, libc::F_SETFD, 0) < 0 {
                     return Err(std::io::Error::last_os_error());

@@ -274,3 +274,20 @@ pub fn read_gdb_notice(err: &mut impl std::io::BufRead) -> String {
     }
     said
 }
+
+/// `c`'s program and arguments under `prefix` (e.g. taskset, nice), with
+/// its environment.
+pub fn wrapped(c: &Command, prefix: &[&str]) -> Command {
+    let mut w = Command::new(prefix[0]);
+    w.args(&prefix[1..]).arg(c.get_program()).args(c.get_args());
+    if let Some(d) = c.get_current_dir() {
+        w.current_dir(d);
+    }
+    for (k, v) in c.get_envs() {
+        match v {
+            Some(v) => w.env(k, v),
+            None => w.env_remove(k),
+        };
+    }
+    w
+}

@@ -5,6 +5,7 @@
 mod batch;
 mod exec;
 mod fresh;
+mod inodes;
 mod modules;
 mod mounts;
 mod pump;
@@ -235,6 +236,9 @@ fn serve(writer: &exec::PortWriter, mut reader: File, pseudo: PseudoFs) -> Resul
                 }
                 mounts::build_root(&setup, || pseudo.take().map_or(Ok(()), joined))?;
                 step("root switched");
+                if let Some(budget) = setup.virtiofs_fd_budget {
+                    inodes::watch(budget);
+                }
                 if setup.net {
                     mounts::network()?;
                 }

@@ -20,7 +20,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change; both ends refuse a mismatch.
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 
 /// Name of the virtio-serial port carrying the protocol.
 pub const PORT_NAME: &str = "vexec.ctl";
@@ -107,6 +107,10 @@ pub struct Setup {
     /// What makes this run's guest a new machine, even one restored from a
     /// snapshot that every warm run shares.
     pub fresh: Fresh,
+    /// With virtio-fs: how many descriptors each virtiofsd can spend on the
+    /// guest. A daemon holds one for every inode the guest has cached, so
+    /// the guest lets go of unused ones well before that many.
+    pub virtiofs_fd_budget: Option<u64>,
 }
 
 /// Per-run state the guest takes before anything runs: a restored
