@@ -240,6 +240,7 @@ fn run_matrix(
         mode: cli.matrix_output,
         junit: cli.junit.clone(),
         json: cli.json.clone(),
+        results: cli.results,
         dry_run: cli.dry_run,
     };
     match matrix::run(&m) {

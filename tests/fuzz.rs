@@ -328,4 +328,65 @@ proptest! {
             }
         }
     }
+
+    /// Lines made of TAP's own pieces in any order and indentation (the
+    /// malformed cases a random byte string would rarely hit), then the
+    /// same input split at random: the parse never panics and gives the
+    /// same cases however the stream was cut.
+    #[test]
+    fn tap_parser_survives_any_line_soup(
+        lines in prop::collection::vec(tap_line(), 0..40),
+        cut in 1usize..50,
+        garbage in prop::collection::vec(any::<u8>(), 0..200),
+    ) {
+        use vexec::report::tap::{Format, Parser};
+        let mut text = lines.join("\n").into_bytes();
+        text.extend(&garbage);
+        let mut whole = Parser::new(Format::Ktap);
+        whole.feed(&text);
+        let whole = whole.finish(None);
+        let mut pieces = Parser::new(Format::Ktap);
+        for chunk in text.chunks(cut) {
+            pieces.feed(chunk);
+        }
+        prop_assert_eq!(pieces.finish(None), whole.clone());
+        let n = whole.counts();
+        prop_assert!(n.passed + n.failed + n.skipped <= whole.cases.len());
+        let mut auto = Parser::new(Format::Auto);
+        auto.feed_kernel_log(&text);
+        let _ = auto.finish(Some("stopped"));
+    }
+}
+
+/// A TAP-looking line: a header, plan, result, diagnostic or bail-out,
+/// indented 0-8 spaces, with numbers and directives that may not fit.
+fn tap_line() -> impl Strategy<Value = String> {
+    let body = prop_oneof![
+        Just("KTAP version 1".to_string()),
+        Just("TAP version 14".to_string()),
+        (0u32..6).prop_map(|n| format!("1..{n}")),
+        (
+            any::<bool>(),
+            0u32..8,
+            "[a-z.]{0,6}",
+            prop_oneof![
+                Just(""),
+                Just(" # SKIP r"),
+                Just(" # TODO"),
+                Just(" # XFAIL"),
+                Just(" # TIMEOUT"),
+                Just(" # ERROR x"),
+                Just(" #"),
+            ]
+        )
+            .prop_map(|(ok, n, name, d)| {
+                format!("{}ok {n} {name}{d}", if ok { "" } else { "not " })
+            }),
+        "# [ -~]{0,10}",
+        Just("# Subtest: s".to_string()),
+        Just("Bail out!".to_string()),
+        Just("ok".to_string()),
+        "[ -~]{0,12}",
+    ];
+    (0usize..9, body).prop_map(|(indent, b)| format!("{}{b}", " ".repeat(indent)))
 }

@@ -64,11 +64,12 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = crate::modes::matrix::OutputMode::Prefix)]
     pub matrix_output: crate::modes::matrix::OutputMode,
 
-    /// Matrix: write a JUnit XML report (one test case per kernel).
+    /// Matrix: write a JUnit XML report (one test case per kernel; with
+    /// --results, one per test case and kernel).
     #[arg(long, value_name = "FILE")]
     pub junit: Option<PathBuf>,
 
-    /// Matrix: write a JSON report.
+    /// Matrix: write a JSON report (with --results, each kernel's cases).
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
 
@@ -177,6 +178,15 @@ pub struct Cli {
     /// passed; the report is printed after the command's output.
     #[arg(long)]
     pub fail_on_oops: bool,
+
+    /// Read the command's stdout as KTAP (kselftest, KUnit) or TAP 13/14
+    /// test results, passing it through unchanged: a summary per case on
+    /// stderr, and exit 1 when a case failed even if the command exited 0.
+    /// `auto` starts at a `KTAP version` or `TAP version` line. KTAP in the
+    /// kernel log (KUnit) counts too. In a matrix, --junit and --json list
+    /// every case.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub results: Option<crate::report::tap::Format>,
 
     /// Keep a record of the run in DIR: console.log, dmesg.txt, run.json,
     /// and output/, which the command sees as $VEXEC_OUTPUT.

@@ -164,6 +164,7 @@ pub fn build(
         qemu_args,
         console_log: cli.console_log,
         fail_on_oops: cli.fail_on_oops || file.and_then(|f| f.fail_on_oops).unwrap_or(false),
+        results: cli.results,
         output: cli.output,
         gdb: cli.machine.gdb,
         root: cli.root,

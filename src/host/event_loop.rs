@@ -310,7 +310,7 @@ impl Loop<'_, '_> {
     /// Sends the command's setup (fresh for this run) and the command;
     /// false when the control port is gone.
     fn send_job(&mut self) -> bool {
-        let Job::Command { setup, exec } = &self.p.job else {
+        let Job::Command { setup, exec, .. } = &self.p.job else {
             return true;
         };
         let mut setup = (**setup).clone();

@@ -99,16 +99,30 @@ impl Progress {
     }
 }
 
+/// Sees every piece of the command's stdout before it is written (a
+/// results parser). It must not block: the guest waits on it.
+pub trait Tap: Send {
+    fn seen(&mut self, data: &[u8]);
+}
+
+/// A [`Tap`] shared with whoever reads it after the run.
+pub type StdoutTap = Arc<Mutex<dyn Tap>>;
+
 /// Writes the command's output streams and notices when their readers go.
 pub struct Outputs {
     progress: Arc<Progress>,
     ctl: Arc<Mutex<UnixStream>>,
+    tap: Option<StdoutTap>,
 }
 
 impl Outputs {
     /// Output going to vexec's stdout and stderr; `ctl` tells the guest.
-    pub fn new(progress: Arc<Progress>, ctl: Arc<Mutex<UnixStream>>) -> Self {
-        Outputs { progress, ctl }
+    pub fn new(
+        progress: Arc<Progress>,
+        ctl: Arc<Mutex<UnixStream>>,
+        tap: Option<StdoutTap>,
+    ) -> Self {
+        Outputs { progress, ctl, tap }
     }
 
     /// Writes `data` of `stream`. The first time its reader is found gone,
@@ -118,6 +132,9 @@ impl Outputs {
             Stream::Stdout => (0, 1),
             Stream::Stderr => (1, 2),
         };
+        if let (Stream::Stdout, Some(tap)) = (stream, &self.tap) {
+            tap.lock().unwrap_or_else(|p| p.into_inner()).seen(data);
+        }
         let p = &self.progress;
         if p.closed[i].load(Ordering::Relaxed) {
             return;

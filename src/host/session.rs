@@ -18,7 +18,7 @@ use crate::vm::{Vm, VmError};
 
 use super::console::{self, ConsoleEvent};
 use super::event_loop;
-use super::output::{Outputs, Progress, send};
+use super::output::{Outputs, Progress, StdoutTap, send};
 
 /// Something that happened during the run.
 #[derive(Debug)]
@@ -130,7 +130,12 @@ pub struct Ready {
 /// What a session has the guest do.
 pub enum Job {
     /// Set up the root described by `Setup`, run one command.
-    Command { setup: Box<Setup>, exec: Box<Exec> },
+    Command {
+        setup: Box<Setup>,
+        exec: Box<Exec>,
+        /// Sees the command's stdout as it passes (`--results`).
+        tap: Option<StdoutTap>,
+    },
     /// A batch run (`vexec run-dir`): the guest runs what its initramfs
     /// holds and reports each program to the sink.
     Batch(Box<dyn BatchSink>),
@@ -275,8 +280,14 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
     let progress = Progress::new();
     // A command's output is written by the reader itself; a batch's goes
     // to its sink through the event loop.
-    let outputs = matches!(p.job, Job::Command { .. })
-        .then(|| Outputs::new(Arc::clone(&progress), Arc::clone(&ctl_writer)));
+    let outputs = match &p.job {
+        Job::Command { tap, .. } => Some(Outputs::new(
+            Arc::clone(&progress),
+            Arc::clone(&ctl_writer),
+            tap.clone(),
+        )),
+        Job::Batch(_) => None,
+    };
     read_control(host_ctl, tx.clone(), outputs, Arc::clone(&progress));
     drop(tx);
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::artifacts::cache::{Cache, CacheError};
 use crate::artifacts::{self, BootArtifacts, PrepareError};
-use crate::host::session::{Job, SignalRelay};
+use crate::host::session::{Job, Outcome, SignalRelay};
 use crate::host::terminal;
 use crate::kernel::image::Arch;
 use crate::kernel::{self, Kernel, ResolveError, resolve::Defaults};
@@ -19,9 +19,10 @@ use crate::launch::warm::WarmStart;
 use crate::launch::{self, LaunchError, Launched, Watch};
 use crate::modes::rundir::RunDirError;
 use crate::modes::spec::{RunSpec, TtyMode};
-use crate::protocol::{Exec, Setup, ShareMode, Transport, Tty};
+use crate::protocol::{Exec, Exit, Setup, ShareMode, Transport, Tty};
 use crate::report::oops::{self, Splat};
 use crate::report::record::{self, OutputDir, RecordError, RunRecord};
+use crate::report::results::{self, Collector};
 use crate::report::{
     keep_hang_report, outcome_words, print_timings, report_aftermath, report_hang, report_splats,
     status_of,
@@ -119,6 +120,7 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
     }
     let setup = setup_for(spec, &chosen, &plan, &art);
     let exec = exec_with_output(spec, output.as_ref());
+    let collector = spec.results.map(Collector::new);
     if let Some(port) = spec.gdb {
         launch::announce_gdb(
             port,
@@ -145,11 +147,12 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
     let launched = launch::launch(&start, plan, &watch, &warm, relay, || Job::Command {
         setup: Box::new(setup.clone()),
         exec: Box::new(exec.clone()),
+        tap: collector.as_ref().map(Collector::tap),
     })?;
     if spec.verbose {
         print_timings(prep, &launched.timings, t0);
     }
-    let ended = Ended::report(spec, &kernel, launched);
+    let ended = Ended::report(spec, &kernel, launched, collector.as_ref());
     if let Some(o) = &output {
         keep_record(o, spec, &kernel, &chosen, &ended, prep, t0);
     }
@@ -337,7 +340,7 @@ fn setup_for(spec: &RunSpec, chosen: &Chosen, plan: &BootPlan, art: &BootArtifac
 /// The command, told where `--output`'s directory is.
 fn exec_with_output(spec: &RunSpec, output: Option<&OutputDir>) -> Exec {
     let mut exec = exec_for(spec);
-    exec.kernel_log = spec.fail_on_oops || output.is_some();
+    exec.kernel_log = spec.fail_on_oops || output.is_some() || spec.results.is_some();
     if let Some(o) = output {
         exec.env.retain(|(k, _)| k != b"VEXEC_OUTPUT");
         exec.env
@@ -356,7 +359,12 @@ struct Ended {
 
 impl Ended {
     /// Reports the end (aftermath, hang, splats) and settles the status.
-    fn report(spec: &RunSpec, kernel: &Kernel, launched: Launched) -> Ended {
+    fn report(
+        spec: &RunSpec,
+        kernel: &Kernel,
+        launched: Launched,
+        collector: Option<&Collector>,
+    ) -> Ended {
         let timings = &launched.timings;
         let splats = (timings.kernel_log.as_deref())
             .map(|l| oops::find(&String::from_utf8_lossy(l)))
@@ -375,6 +383,12 @@ impl Ended {
             if spec.fail_on_oops && status == 0 {
                 status = 1;
             }
+        }
+        if let Some(c) = collector {
+            let early = (!matches!(launched.outcome, Outcome::Exited(Exit::Code(_))))
+                .then(|| format!("the run ended early ({words})"));
+            let results = c.finish(timings.kernel_log.as_deref(), early.as_deref());
+            status = results::settle(&results, status);
         }
         Ended {
             launched,

@@ -82,6 +82,8 @@ pub struct RunSpec {
     pub busybox: Option<PathBuf>,
     /// Fail when the kernel logs a splat (`--fail-on-oops`).
     pub fail_on_oops: bool,
+    /// Parse test results from stdout and the kernel log (`--results`).
+    pub results: Option<crate::report::tap::Format>,
     /// Where to keep the run's record (`--output`).
     pub output: Option<PathBuf>,
     pub verbose: bool,

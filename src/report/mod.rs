@@ -4,6 +4,8 @@
 
 pub mod oops;
 pub mod record;
+pub mod results;
+pub mod tap;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::report::tap::{Counts, Format, Parser, Results};
 use reports::{print_summary, write_json, write_junit};
 
 /// How each kernel's output is shown.
@@ -190,6 +191,12 @@ pub struct KernelResult {
     /// "pass", "fail" or "error" (vexec or the VM failed: 125).
     pub result: &'static str,
     pub duration_s: f64,
+    /// Its test cases (`--results`), read from its stdout.
+    #[serde(flatten)]
+    pub results: Option<Results>,
+    /// Those cases by outcome.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub case_counts: Option<Counts>,
     #[serde(skip)]
     pub stdout: Vec<u8>,
     #[serde(skip)]
@@ -208,6 +215,8 @@ pub struct Matrix {
     pub mode: OutputMode,
     pub junit: Option<PathBuf>,
     pub json: Option<PathBuf>,
+    /// Read each kernel's stdout as test results (`--results`).
+    pub results: Option<Format>,
     pub dry_run: bool,
 }
 
@@ -251,6 +260,8 @@ fn run_one(m: &Matrix, r: &str, out_lock: &Mutex<()>) -> KernelResult {
                 status: 125,
                 result: "error",
                 duration_s: 0.0,
+                results: None,
+                case_counts: None,
                 stdout: Vec::new(),
                 stderr: format!("vexec: error: starting the run: {e}\n").into_bytes(),
             };
@@ -306,12 +317,20 @@ fn run_one(m: &Matrix, r: &str, out_lock: &Mutex<()>) -> KernelResult {
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().write_all(&stderr);
     }
+    let results = m.results.map(|format| {
+        let mut p = Parser::new(format);
+        p.feed(&stdout);
+        let early = (status == 125).then_some("the run failed (exit status 125)");
+        p.finish(early)
+    });
     KernelResult {
         kernel: name,
         reference: r.to_string(),
         status,
         result,
         duration_s: duration.as_secs_f64(),
+        case_counts: results.as_ref().map(Results::counts),
+        results,
         stdout,
         stderr,
     }

@@ -1,0 +1,748 @@
+//! Test results per case from KTAP (kselftest, KUnit) and TAP 13/14 output,
+//! parsed as it streams past: bytes go in, cases come out at the end.
+//!
+//! What is understood: the `KTAP version N` / `TAP version N` header, plans
+//! (`1..N`), result lines (`ok N - name # DIRECTIVE reason`), diagnostics
+//! (`# ...`, kept with the case that follows them), `Bail out!`, and
+//! subtests, told by their deeper indentation whatever its width. A plan
+//! that promised more cases than arrived gives the missing ones as failed
+//! (kcidb's MISS); so does a run that ends mid-suite. Lines that are not
+//! TAP pass through unparsed; malformed ones become parse-error cases naming
+//! their line. The parser never blocks and holds at most [`MAX_LINE`] bytes
+//! of an unfinished line.
+
+use serde::Serialize;
+
+/// Longer lines are cut (their rest is ignored, not buffered).
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// Which format to expect (`--results`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// KTAP (kselftest, KUnit), from the first line.
+    Ktap,
+    /// TAP 13/14, from the first line.
+    Tap,
+    /// Whichever a `KTAP version` or `TAP version` header announces;
+    /// nothing before it is parsed.
+    Auto,
+}
+
+/// How one case ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Pass,
+    Fail,
+    Skip,
+    /// Failed as expected.
+    Xfail,
+    /// Not expected to pass yet (TAP's TODO): not a failure either way.
+    Todo,
+    Timeout,
+    Error,
+    /// Promised by a plan, never reported.
+    Missing,
+    /// A line that claimed to be a result but could not be read as one.
+    ParseError,
+}
+
+impl Status {
+    /// The word for it in messages and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Pass => "pass",
+            Status::Fail => "fail",
+            Status::Skip => "skip",
+            Status::Xfail => "xfail",
+            Status::Todo => "todo",
+            Status::Timeout => "timeout",
+            Status::Error => "error",
+            Status::Missing => "missing",
+            Status::ParseError => "parse error",
+        }
+    }
+
+    /// Whether this case makes the run fail.
+    pub fn failed(self) -> bool {
+        matches!(
+            self,
+            Status::Fail | Status::Timeout | Status::Error | Status::Missing | Status::ParseError
+        )
+    }
+}
+
+/// One test case.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Case {
+    /// The names of its enclosing suites and its own, joined by dots.
+    pub path: String,
+    pub status: Status,
+    /// The directive's reason, the parse error, or why it is missing.
+    pub reason: String,
+    /// Diagnostic lines that came before its result line.
+    pub diagnostics: Vec<String>,
+    /// Whether it had subtests (a suite's own result).
+    pub suite: bool,
+}
+
+/// Cases by outcome.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub passed: usize,
+    pub failed: usize,
+    pub skipped: usize,
+}
+
+impl crate::host::output::Tap for Parser {
+    fn seen(&mut self, data: &[u8]) {
+        self.feed(data);
+    }
+}
+
+/// The cases of a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Results {
+    pub cases: Vec<Case>,
+}
+
+impl Results {
+    /// The cases a report lists: leaves, plus suites whose own failure no
+    /// failed subtest explains (a suite that crashed after passing ones).
+    pub fn reported(&self) -> impl Iterator<Item = &Case> {
+        self.cases.iter().filter(|c| {
+            !c.suite
+                || (c.status.failed()
+                    && !self
+                        .cases
+                        .iter()
+                        .any(|d| d.status.failed() && d.path.starts_with(&format!("{}.", c.path))))
+        })
+    }
+
+    /// Passed, failed and skipped among the reported cases (TODO counts
+    /// as skipped, an expected failure as passed).
+    pub fn counts(&self) -> Counts {
+        let mut n = Counts::default();
+        for c in self.reported() {
+            match c.status {
+                s if s.failed() => n.failed += 1,
+                Status::Skip | Status::Todo => n.skipped += 1,
+                _ => n.passed += 1,
+            }
+        }
+        n
+    }
+}
+
+/// One nesting level: a test plan and the results seen at one indentation.
+#[derive(Debug, Default)]
+struct Level {
+    indent: usize,
+    plan: Option<u32>,
+    last_number: u32,
+    /// Diagnostics waiting for the next result line at this level.
+    pending: Vec<String>,
+    /// Finished cases, paths relative to this level.
+    cases: Vec<Case>,
+}
+
+/// The streaming parser.
+#[derive(Debug)]
+pub struct Parser {
+    started: bool,
+    partial: Vec<u8>,
+    cut: bool,
+    line_no: usize,
+    levels: Vec<Level>,
+    /// Whether the outermost level's indentation is known (its first
+    /// header, plan or result line sets it).
+    anchored: bool,
+    /// KTAP puts a case's diagnostics before its result line; TAP
+    /// producers (Test::More) after it.
+    ktap: bool,
+    bailed: bool,
+}
+
+impl Parser {
+    /// A parser for `format`.
+    pub fn new(format: Format) -> Parser {
+        Parser {
+            started: format != Format::Auto,
+            partial: Vec::new(),
+            cut: false,
+            line_no: 0,
+            levels: vec![Level::default()],
+            anchored: false,
+            ktap: format == Format::Ktap,
+            bailed: false,
+        }
+    }
+
+    /// Takes the next bytes of output.
+    pub fn feed(&mut self, mut data: &[u8]) {
+        while let Some(nl) = data.iter().position(|&b| b == b'\n') {
+            self.take(&data[..nl]);
+            let line = std::mem::take(&mut self.partial);
+            self.cut = false;
+            self.line(&String::from_utf8_lossy(&line));
+            data = &data[nl + 1..];
+        }
+        self.take(data);
+    }
+
+    /// Takes a kernel log (KUnit prints there): each line without its
+    /// `[    1.234567] ` timestamp.
+    pub fn feed_kernel_log(&mut self, log: &[u8]) {
+        for line in log.split(|&b| b == b'\n') {
+            let line = strip_printk_time(line);
+            self.feed(line);
+            self.feed(b"\n");
+        }
+    }
+
+    fn take(&mut self, bytes: &[u8]) {
+        let room = MAX_LINE.saturating_sub(self.partial.len());
+        self.cut |= bytes.len() > room;
+        self.partial
+            .extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    /// The results, once the output has ended. `ended_early` (a crash, a
+    /// timeout) names why cases still open are missing.
+    pub fn finish(mut self, ended_early: Option<&str>) -> Results {
+        if !self.partial.is_empty() {
+            let line = std::mem::take(&mut self.partial);
+            self.line(&String::from_utf8_lossy(&line));
+        }
+        let why = if self.bailed {
+            "the producer bailed out"
+        } else {
+            ended_early.unwrap_or("the output ended before it")
+        };
+        while self.levels.len() > 1 {
+            let open = self.levels.pop().unwrap_or_default();
+            let parent = self.levels.last_mut().expect("the top level stays");
+            for mut c in close(open, why) {
+                c.path = format!("?.{}", c.path);
+                parent.cases.push(c);
+            }
+        }
+        let top = self.levels.pop().unwrap_or_default();
+        Results {
+            cases: close(top, why),
+        }
+    }
+
+    fn line(&mut self, raw: &str) {
+        self.line_no += 1;
+        if self.bailed {
+            return;
+        }
+        let indent = raw.len() - raw.trim_start_matches([' ', '\t']).len();
+        let text = raw.trim();
+        if text.starts_with("KTAP version") || text.starts_with("TAP version") {
+            self.started = true;
+            self.ktap = text.starts_with("KTAP");
+            self.open(indent);
+            return;
+        }
+        if !self.started {
+            return;
+        }
+        if text.starts_with("Bail out!") {
+            self.bailed = true;
+        } else if let Some(plan) = parse_plan(text) {
+            self.open(indent);
+            self.top().plan = Some(plan);
+        } else if text.starts_with("# Subtest") {
+            // TAP 14 puts it at the subtest's indentation, TAP 13 at its
+            // parent's (the subtest's plan opens it then).
+            self.open(indent);
+        } else if let Some(d) = text.strip_prefix('#') {
+            let after = !self.ktap;
+            let level = self.level_at(indent);
+            let d = d.trim().to_string();
+            match level.cases.last_mut() {
+                Some(case) if after => case.diagnostics.push(d),
+                _ => level.pending.push(d),
+            }
+        } else if is_result_line(text) {
+            self.result(indent, text);
+        }
+    }
+
+    fn top(&mut self) -> &mut Level {
+        self.levels.last_mut().expect("the top level stays")
+    }
+
+    /// The deepest open level at or above `indent` (diagnostics belong to
+    /// the suite whose indentation they have).
+    fn level_at(&mut self, indent: usize) -> &mut Level {
+        let i = self
+            .levels
+            .iter()
+            .rposition(|l| l.indent <= indent)
+            .unwrap_or(0);
+        &mut self.levels[i]
+    }
+
+    /// Sets the outermost indentation from the first TAP line.
+    fn anchor(&mut self, indent: usize) -> bool {
+        if self.anchored {
+            return false;
+        }
+        self.anchored = true;
+        self.top().indent = indent;
+        true
+    }
+
+    /// A header or plan at `indent`: deeper than the current level starts a
+    /// subtest.
+    fn open(&mut self, indent: usize) {
+        if self.anchor(indent) {
+            return;
+        }
+        if indent > self.top().indent {
+            self.levels.push(Level {
+                indent,
+                ..Level::default()
+            });
+        }
+    }
+
+    fn result(&mut self, indent: usize, text: &str) {
+        self.anchor(indent);
+        // Close the subtests this result line ends (those indented deeper).
+        let mut children = Vec::new();
+        while self.levels.len() > 1 && self.top().indent > indent {
+            let open = self.levels.pop().unwrap_or_default();
+            let mut closed = close(open, "its suite ended before it");
+            closed.extend(children);
+            children = closed;
+        }
+        if self.top().indent != indent {
+            let line = self.line_no;
+            let case = parse_error(line, "indentation matches no open suite", text);
+            self.top().cases.push(case);
+            return;
+        }
+        let line_no = self.line_no;
+        let level = self.top();
+        let mut case = match parse_result(text) {
+            Ok((number, case)) => {
+                if let Some(n) = number {
+                    if n <= level.last_number {
+                        let why = format!("test number {n} after {}", level.last_number);
+                        level.cases.push(parse_error(line_no, &why, text));
+                    }
+                    level.last_number = level.last_number.max(n);
+                } else {
+                    level.last_number += 1;
+                }
+                case
+            }
+            Err(why) => parse_error(line_no, why, text),
+        };
+        case.diagnostics = std::mem::take(&mut level.pending);
+        case.suite = !children.is_empty();
+        for mut c in children {
+            c.path = format!("{}.{}", case.path, c.path);
+            level.cases.push(c);
+        }
+        level.cases.push(case);
+    }
+}
+
+/// A kernel log line without its leading `[ seconds.micros] `.
+fn strip_printk_time(line: &[u8]) -> &[u8] {
+    if line.first() != Some(&b'[') {
+        return line;
+    }
+    match line.iter().position(|&b| b == b']') {
+        Some(end)
+            if line[1..end]
+                .iter()
+                .all(|b| b.is_ascii_digit() || *b == b'.' || *b == b' ') =>
+        {
+            let rest = &line[end + 1..];
+            rest.strip_prefix(b" ").unwrap_or(rest)
+        }
+        _ => line,
+    }
+}
+
+/// A level's cases, with a missing case for each number its plan promised
+/// and no result line gave.
+fn close(level: Level, why: &str) -> Vec<Case> {
+    let mut cases = level.cases;
+    if let Some(plan) = level.plan {
+        for n in level.last_number + 1..=plan {
+            cases.push(Case {
+                path: format!("#{n}"),
+                status: Status::Missing,
+                reason: format!("planned, but {why}"),
+                diagnostics: Vec::new(),
+                suite: false,
+            });
+        }
+    }
+    cases
+}
+
+fn parse_error(line: usize, why: &str, text: &str) -> Case {
+    let shown: String = text.chars().take(200).collect();
+    Case {
+        path: format!("line {line}"),
+        status: Status::ParseError,
+        reason: format!("{why}: {shown}"),
+        diagnostics: Vec::new(),
+        suite: false,
+    }
+}
+
+/// `ok` or `not ok`, alone or followed by a blank (`okay` is just text).
+fn is_result_line(text: &str) -> bool {
+    ["ok", "not ok"].iter().any(|w| {
+        text.strip_prefix(w)
+            .is_some_and(|r| r.is_empty() || r.starts_with([' ', '\t']))
+    })
+}
+
+/// `1..N` (with an optional `# SKIP reason`).
+fn parse_plan(text: &str) -> Option<u32> {
+    let rest = text.strip_prefix("1..")?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    let after = rest[digits.len()..].trim_start();
+    if digits.is_empty() || !(after.is_empty() || after.starts_with('#')) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// `ok|not ok [N] [-] [name] [# DIRECTIVE [reason]]`: its number and case.
+fn parse_result(text: &str) -> Result<(Option<u32>, Case), &'static str> {
+    let (ok, rest) = if let Some(r) = text.strip_prefix("not ok") {
+        (false, r)
+    } else if let Some(r) = text.strip_prefix("ok") {
+        (true, r)
+    } else {
+        return Err("not a result line");
+    };
+    if !(rest.is_empty() || rest.starts_with([' ', '\t'])) {
+        return Err("no space after ok");
+    }
+    let rest = rest.trim_start();
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    let number = if digits.is_empty() {
+        None
+    } else {
+        Some(digits.parse().map_err(|_| "test number out of range")?)
+    };
+    let rest = rest[digits.len()..].trim_start();
+    let rest = rest.strip_prefix("- ").unwrap_or(rest);
+    let (name, directive) = match rest.split_once(" # ").or_else(|| {
+        rest.strip_prefix("# ")
+            .map(|d| ("", d))
+            .or_else(|| rest.strip_suffix(" #").map(|n| (n, "")))
+    }) {
+        Some((n, d)) => (n.trim(), d.trim()),
+        None => (rest.trim(), ""),
+    };
+    let (status, reason) = status_of(ok, directive);
+    let path = if name.is_empty() {
+        format!(
+            "#{}",
+            number.map_or("?".to_string(), |n: u32| n.to_string())
+        )
+    } else {
+        name.to_string()
+    };
+    Ok((
+        number,
+        Case {
+            path,
+            status,
+            reason,
+            diagnostics: Vec::new(),
+            suite: false,
+        },
+    ))
+}
+
+/// The status a result line and its directive give.
+fn status_of(ok: bool, directive: &str) -> (Status, String) {
+    let (word, reason) = match directive.split_once([' ', '\t']) {
+        Some((w, r)) => (w, r.trim()),
+        None => (directive, ""),
+    };
+    let status = match word.to_ascii_uppercase().as_str() {
+        "SKIP" => Status::Skip,
+        "TODO" => Status::Todo,
+        "XFAIL" => Status::Xfail,
+        "TIMEOUT" => Status::Timeout,
+        "ERROR" => Status::Error,
+        _ if ok => Status::Pass,
+        _ => Status::Fail,
+    };
+    let reason = if matches!(status, Status::Pass | Status::Fail) {
+        directive.to_string()
+    } else {
+        reason.to_string()
+    };
+    (status, reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(format: Format, text: &str) -> Results {
+        let mut p = Parser::new(format);
+        // Fed in awkward pieces: lines split anywhere.
+        for chunk in text.as_bytes().chunks(7) {
+            p.feed(chunk);
+        }
+        p.finish(None)
+    }
+
+    fn summary(r: &Results) -> Vec<(String, Status)> {
+        r.reported().map(|c| (c.path.clone(), c.status)).collect()
+    }
+
+    #[test]
+    fn kunit_nested_suites_with_skip_and_diagnostics() {
+        let text = "\
+KTAP version 1
+1..2
+    KTAP version 1
+    # Subtest: example
+    # module: example_test
+    1..3
+    # example_simple_test: initializing
+    ok 1 example_simple_test
+    ok 2 example_skip_test # SKIP this test should be skipped
+    # example_fail: EXPECTATION FAILED at lib/kunit/x.c:10
+    not ok 3 example_fail
+# example: pass:1 fail:1 skip:1 total:3
+not ok 1 example
+    KTAP version 1
+    # Subtest: other
+    1..1
+    ok 1 other_test
+ok 2 other
+";
+        let r = parse(Format::Auto, text);
+        assert_eq!(
+            summary(&r),
+            [
+                ("example.example_simple_test".into(), Status::Pass),
+                ("example.example_skip_test".into(), Status::Skip),
+                ("example.example_fail".into(), Status::Fail),
+                ("other.other_test".into(), Status::Pass),
+            ]
+        );
+        let fail = r.cases.iter().find(|c| c.path == "example.example_fail");
+        assert_eq!(
+            fail.unwrap().diagnostics,
+            ["example_fail: EXPECTATION FAILED at lib/kunit/x.c:10"]
+        );
+        let skip = r.cases.iter().find(|c| c.status == Status::Skip).unwrap();
+        assert_eq!(skip.reason, "this test should be skipped");
+        assert_eq!(
+            r.counts(),
+            Counts {
+                passed: 2,
+                failed: 1,
+                skipped: 1
+            }
+        );
+    }
+
+    #[test]
+    fn tap14_subtests_with_two_space_indent_and_directives() {
+        let text = "\
+TAP version 14
+1..3
+  # Subtest: inner
+  1..2
+  ok 1 - a
+  not ok 2 - b # TODO not yet
+ok 1 - inner
+ok 2 - xf # XFAIL known bug
+not ok 3 - slow # TIMEOUT 30s
+";
+        let r = parse(Format::Auto, text);
+        assert_eq!(
+            summary(&r),
+            [
+                ("inner.a".into(), Status::Pass),
+                ("inner.b".into(), Status::Todo),
+                ("xf".into(), Status::Xfail),
+                ("slow".into(), Status::Timeout),
+            ]
+        );
+        assert_eq!(r.counts().failed, 1);
+    }
+
+    #[test]
+    fn a_plan_promising_more_gives_missing_cases() {
+        let r = parse(Format::Ktap, "1..4\nok 1 a\nok 2 b\n");
+        assert_eq!(
+            summary(&r),
+            [
+                ("a".into(), Status::Pass),
+                ("b".into(), Status::Pass),
+                ("#3".into(), Status::Missing),
+                ("#4".into(), Status::Missing),
+            ]
+        );
+        let mut p = Parser::new(Format::Ktap);
+        p.feed(b"1..2\nok 1 a\n");
+        let r = p.finish(Some("the guest crashed"));
+        assert_eq!(r.cases[1].reason, "planned, but the guest crashed");
+    }
+
+    #[test]
+    fn a_suite_that_crashes_mid_way_misses_its_remaining_cases() {
+        let text = "KTAP version 1\n1..1\n    KTAP version 1\n    1..3\n    ok 1 x\n";
+        let r = parse(Format::Auto, text);
+        let statuses: Vec<_> = r.cases.iter().map(|c| c.status).collect();
+        assert_eq!(
+            statuses,
+            [
+                Status::Pass,
+                Status::Missing,
+                Status::Missing,
+                Status::Missing
+            ]
+        );
+    }
+
+    #[test]
+    fn auto_ignores_everything_before_a_header() {
+        let r = parse(
+            Format::Auto,
+            "ok 1 not tap yet\nnoise\nTAP version 13\nok 1 real\n",
+        );
+        assert_eq!(summary(&r), [("real".into(), Status::Pass)]);
+        assert!(parse(Format::Auto, "ok 1 a\nnot ok 2 b\n").cases.is_empty());
+    }
+
+    #[test]
+    fn malformed_lines_are_parse_errors_naming_their_line() {
+        let r = parse(Format::Tap, "ok 1 a\nok 1 again\nokay\nnot okish\n");
+        let errors: Vec<_> = r
+            .cases
+            .iter()
+            .filter(|c| c.status == Status::ParseError)
+            .collect();
+        // "okay" and "not okish" are text, not results.
+        assert_eq!(errors.len(), 1, "{r:?}");
+        assert_eq!(errors[0].path, "line 2");
+        assert!(errors[0].reason.contains("test number 1 after 1"));
+        assert_eq!(r.cases.len(), 3);
+    }
+
+    #[test]
+    fn bad_indentation_is_a_parse_error() {
+        let r = parse(Format::Ktap, "    1..2\n    ok 1 a\n  ok 2 b\n");
+        assert!(
+            r.cases
+                .iter()
+                .any(|c| c.status == Status::ParseError && c.reason.contains("indentation")),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn binary_garbage_and_huge_lines_do_not_break_it() {
+        let mut p = Parser::new(Format::Ktap);
+        p.feed(&[0xff, 0xfe, b'\n', 0, 1, 2, b'\n']);
+        p.feed(&vec![b'x'; 3 * MAX_LINE]);
+        p.feed(b"\nok 1 after\n");
+        assert!(p.partial.is_empty());
+        let r = p.finish(None);
+        assert_eq!(summary(&r), [("after".into(), Status::Pass)]);
+    }
+
+    #[test]
+    fn bail_out_misses_the_rest() {
+        let r = parse(Format::Tap, "1..3\nok 1 a\nBail out! no disk\nok 2 b\n");
+        assert_eq!(r.cases.len(), 3);
+        assert_eq!(r.cases[1].status, Status::Missing);
+        assert!(r.cases[1].reason.contains("bailed out"));
+    }
+
+    #[test]
+    fn ktap_in_a_kernel_log_is_read_without_timestamps() {
+        let log = b"[    0.100000] Linux version 6.1\n\
+[    1.000001] KTAP version 1\n\
+[    1.000002] 1..1\n\
+[    1.000003]     KTAP version 1\n\
+[    1.000004]     # Subtest: s\n\
+[    1.000005]     1..1\n\
+[    1.000006]     ok 1 t\n\
+[    1.000007] ok 1 s\n";
+        let mut p = Parser::new(Format::Auto);
+        p.feed_kernel_log(log);
+        let r = p.finish(None);
+        assert_eq!(summary(&r), [("s.t".into(), Status::Pass)]);
+    }
+
+    #[test]
+    fn test_more_output_keeps_diagnostics_after_their_case() {
+        // perl -MTest::More, as it prints: no header, a trailing plan.
+        let text = "\
+ok 1 - first
+# Subtest: grp
+    1..2
+    ok 1 - in1
+    not ok 2 - in2
+    #   Failed test 'in2'
+not ok 2 - grp
+#   Failed test 'grp'
+ok 3 # skip no hw
+not ok 4 - td # TODO later
+1..4
+";
+        let r = parse(Format::Tap, text);
+        assert_eq!(
+            summary(&r),
+            [
+                ("first".into(), Status::Pass),
+                ("grp.in1".into(), Status::Pass),
+                ("grp.in2".into(), Status::Fail),
+                ("#3".into(), Status::Skip),
+                ("td".into(), Status::Todo),
+            ]
+        );
+        let in2 = r.cases.iter().find(|c| c.path == "grp.in2").unwrap();
+        assert_eq!(in2.diagnostics, ["Failed test 'in2'"]);
+        let grp = r.cases.iter().find(|c| c.path == "grp").unwrap();
+        assert_eq!(grp.diagnostics, ["Failed test 'grp'"]);
+        assert_eq!(
+            r.counts(),
+            Counts {
+                passed: 2,
+                failed: 1,
+                skipped: 2
+            }
+        );
+    }
+
+    #[test]
+    fn plans_and_results_parse() {
+        assert_eq!(parse_plan("1..0 # SKIP no hw"), Some(0));
+        assert_eq!(parse_plan("1..12"), Some(12));
+        assert_eq!(parse_plan("1..x"), None);
+        assert_eq!(parse_plan("1..3x"), None);
+        let (n, c) = parse_result("ok 7 - name with # hash # SKIP why").unwrap();
+        assert_eq!((n, c.path.as_str()), (Some(7), "name with"));
+        assert_eq!(c.status, Status::Pass);
+        let (n, c) = parse_result("not ok").unwrap();
+        assert_eq!((n, c.status, c.path.as_str()), (None, Status::Fail, "#?"));
+        let (_, c) = parse_result("ok 3 # skip lower case").unwrap();
+        assert_eq!((c.status, c.reason.as_str()), (Status::Skip, "lower case"));
+    }
+}
