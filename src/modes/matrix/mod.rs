@@ -317,12 +317,7 @@ fn run_one(m: &Matrix, r: &str, out_lock: &Mutex<()>) -> KernelResult {
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().write_all(&stderr);
     }
-    let results = m.results.map(|format| {
-        let mut p = Parser::new(format);
-        p.feed(&stdout);
-        let early = (status == 125).then_some("the run failed (exit status 125)");
-        p.finish(early)
-    });
+    let results = m.results.map(|format| cases_in(format, &stdout, status));
     KernelResult {
         kernel: name,
         reference: r.to_string(),
@@ -334,6 +329,14 @@ fn run_one(m: &Matrix, r: &str, out_lock: &Mutex<()>) -> KernelResult {
         stdout,
         stderr,
     }
+}
+
+/// The test cases in one kernel's stdout.
+fn cases_in(format: Format, stdout: &[u8], status: i32) -> Results {
+    let mut p = Parser::new(format);
+    p.feed(stdout);
+    let early = (status == 125).then_some("the run failed (exit status 125)");
+    p.finish(early)
 }
 
 /// Runs the matrix; returns the exit status: 0 when every kernel passed, 1
