@@ -2,8 +2,9 @@
 # Sets vexec up on a Debian or Ubuntu machine and runs a first command in a VM:
 #   1. installs QEMU (and kmod, for modprobe in the guest) if missing,
 #   2. installs vexec with cargo,
-#   3. if /boot has no kernel readable by you, fetches Debian's current 6.1
-#      kernel package into vexec's kernel directory (~/.cache/vexec/kernels),
+#   3. if /boot has no kernel readable by you, fetches the distribution's
+#      current kernel package into vexec's kernel store
+#      (`vexec kernel fetch`, ~/.cache/vexec/kernels),
 #   4. runs `vexec -- uname -a` on the default kernel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,9 +24,13 @@ for img in /boot/vmlinuz-*; do
   [ -r "$img" ] && readable_kernel="$img"
 done
 if [ -z "$readable_kernel" ]; then
-  store="${XDG_CACHE_HOME:-$HOME/.cache}/vexec/kernels"
-  echo "quickstart: no readable kernel in /boot; fetching Debian's 6.1 kernel into $store" >&2
-  scripts/fetch-test-kernels.sh --only 6.1 "$store" >&2
+  # The kernel metapackage of this distribution, fetched by vexec through
+  # its own apt configuration (no root, the host's package state untouched).
+  package=linux-image-amd64
+  . /etc/os-release
+  case " ${ID:-} ${ID_LIKE:-} " in *" ubuntu "*) package=linux-image-generic ;; esac
+  echo "quickstart: no readable kernel in /boot; fetching $package with vexec kernel fetch" >&2
+  "$bin" kernel fetch --arch amd64 "$package"
 fi
 
 echo "quickstart: running: vexec -- uname -a" >&2

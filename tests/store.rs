@@ -178,3 +178,67 @@ fn fetch_a_debian_kernel_package_with_apt() {
         "{list}"
     );
 }
+
+#[test]
+fn fetch_an_arm64_kernel_and_run_a_directory_on_it_with_nothing_else_given() {
+    if Command::new("apt-get").arg("--version").output().is_err()
+        || Command::new("qemu-system-aarch64")
+            .arg("--version")
+            .output()
+            .is_err()
+    {
+        eprintln!("skipped: needs apt-get and qemu-system-aarch64");
+        return;
+    }
+    let home = workdir("store-arm64");
+    let cache = home.path().join("cache");
+    // Through vexec's own apt configuration: the host's dpkg state and
+    // lists are not touched.
+    let dpkg_status = std::fs::metadata("/var/lib/dpkg/status").and_then(|m| m.modified());
+    let out = kernel_cmd(&cache, &["fetch", "--arch", "arm64", "linux-image-arm64"]);
+    assert_ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let rel = err
+        .lines()
+        .find_map(|l| l.strip_prefix("vexec: added "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{err}"))
+        .to_string();
+    assert!(rel.ends_with("-arm64"), "{err}");
+    assert!(err.contains("vexec run-dir --arch aarch64 -k"), "{err}");
+    assert_eq!(
+        std::fs::metadata("/var/lib/dpkg/status")
+            .and_then(|m| m.modified())
+            .ok(),
+        dpkg_status.ok()
+    );
+    let list = stdout(&kernel_cmd(&cache, &["list"]));
+    let line = list
+        .lines()
+        .find(|l| l.starts_with(&rel))
+        .unwrap_or_else(|| panic!("{list}"));
+    assert!(line.contains("aarch64"), "{list}");
+
+    // No --busybox: run-dir fetches Debian's busybox-static for arm64.
+    let dir = home.path().join("progs");
+    std::fs::create_dir(&dir).unwrap();
+    let script = dir.join("t");
+    std::fs::write(&script, "#!/bin/sh\nuname -m\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vexec"))
+        .env("XDG_CACHE_HOME", &cache)
+        .env_remove("VEXEC_KERNEL")
+        .args(["run-dir", "--arch", "aarch64", "-k", &rel])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("fetching Debian's busybox-static for arm64"),
+        "{err}"
+    );
+    assert_eq!(stdout(&out), "aarch64\n");
+}

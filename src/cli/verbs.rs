@@ -109,6 +109,12 @@ pub enum KernelAction {
     Fetch {
         #[arg(value_name = "PACKAGE|IMAGE")]
         source: String,
+        /// The package's architecture (amd64, arm64; aarch64 and x86_64
+        /// also work). Fetched from the archive the host's apt sources
+        /// name, through vexec's own apt configuration and package lists:
+        /// needs no root, and the host's package state is not touched.
+        #[arg(long, value_name = "ARCH")]
+        arch: Option<String>,
     },
     /// List the stored kernels: release, size, source, what they support.
     List,

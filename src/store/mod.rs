@@ -5,6 +5,7 @@
 //! Entries are assembled in a temporary directory beside the store and
 //! renamed into place, so an interrupted add never leaves half an entry.
 
+pub mod apt;
 pub mod oci;
 
 use std::path::{Path, PathBuf};
@@ -63,9 +64,19 @@ pub fn main(action: &KernelAction, cache_root: PathBuf) -> Result<i32, StoreErro
             let rel = add(&store, path, &path.to_string_lossy())?;
             crate::say!("vexec: added {rel}; run it with: vexec -k {rel} -- COMMAND");
         }
-        KernelAction::Fetch { source } => {
-            let rel = fetch(&store, source)?;
-            crate::say!("vexec: added {rel}; run it with: vexec -k {rel} -- COMMAND");
+        KernelAction::Fetch { source, arch } => {
+            let arch = arch.as_deref().map(debian_arch);
+            let rel = match arch {
+                Some(a) => fetch_with_own_apt(&store, source, a)?,
+                None => fetch(&store, source)?,
+            };
+            match arch {
+                Some(a) if a != debian_arch(std::env::consts::ARCH) => crate::say!(
+                    "vexec: added {rel} ({a}); run programs in it with: vexec run-dir --arch {} -k {rel} DIR",
+                    vexec_arch(a)
+                ),
+                _ => crate::say!("vexec: added {rel}; run it with: vexec -k {rel} -- COMMAND"),
+            }
         }
         KernelAction::List => list(&cache, &store)?,
         KernelAction::Path { release } => {
@@ -189,10 +200,7 @@ pub fn add(store: &Path, path: &Path, source: &str) -> Result<String, StoreError
         .unwrap_or_default();
     let unpacked = work.path().join("unpacked");
     let reference: PathBuf = if name.ends_with(".deb") {
-        run(
-            Command::new("dpkg-deb").arg("-x").arg(path).arg(&unpacked),
-            &format!("unpacking {} with dpkg-deb", path.display()),
-        )?;
+        unpack_deb(path, &unpacked)?;
         unpacked.clone()
     } else if [
         ".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.zst", ".tar.bz2",
@@ -271,12 +279,7 @@ pub fn fetch(store: &Path, package: &str) -> Result<String, StoreError> {
     if !status.success() {
         return Err(StoreError::Download(package.into()));
     }
-    let deb = std::fs::read_dir(work.path())
-        .map_err(io(format!("reading {}", work.path().display())))?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .ok_or_else(|| StoreError::NoDeb(package.into()))?;
+    let deb = find_deb(work.path(), package)?;
     // A metapackage (linux-image-amd64, linux-image-cloud-amd64) holds no
     // kernel: follow it to the versioned image package it depends on.
     if let Some(next) = image_dependency(&deb)? {
@@ -284,6 +287,65 @@ pub fn fetch(store: &Path, package: &str) -> Result<String, StoreError> {
         return fetch(store, &next);
     }
     add(store, &deb, &format!("apt:{package}"))
+}
+
+/// Unpacks a .deb's files into `into`.
+pub fn unpack_deb(deb: &Path, into: &Path) -> Result<(), StoreError> {
+    run(
+        Command::new("dpkg-deb").arg("-x").arg(deb).arg(into),
+        &format!("unpacking {} with dpkg-deb", deb.display()),
+    )
+}
+
+/// The .deb apt-get downloaded into `dir`.
+fn find_deb(dir: &Path, package: &str) -> Result<PathBuf, StoreError> {
+    std::fs::read_dir(dir)
+        .map_err(io(format!("reading {}", dir.display())))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or_else(|| StoreError::NoDeb(package.into()))
+}
+
+/// Debian's name for an architecture (`aarch64` is `arm64`).
+pub fn debian_arch(arch: &str) -> &str {
+    match arch {
+        "aarch64" => "arm64",
+        "x86_64" => "amd64",
+        other => other,
+    }
+}
+
+/// vexec's (and QEMU's) name for a Debian architecture.
+fn vexec_arch(debian: &str) -> &str {
+    match debian {
+        "arm64" => "aarch64",
+        "amd64" => "x86_64",
+        other => other,
+    }
+}
+
+/// The private apt of Debian architecture `arch`, its lists read.
+pub fn own_apt(cache_root: &Path, arch: &str) -> Result<apt::PrivateApt, StoreError> {
+    let sources = apt::host_sources(Path::new("/etc/apt"));
+    let apt = apt::PrivateApt::new(&cache_root.join("apt").join(arch), arch, &sources)?;
+    apt.update()?;
+    Ok(apt)
+}
+
+/// `vexec kernel fetch --arch ARCH PACKAGE`: a kernel package of that
+/// architecture through vexec's own apt configuration (a metapackage is
+/// followed to its image), then added.
+pub fn fetch_with_own_apt(store: &Path, package: &str, arch: &str) -> Result<String, StoreError> {
+    let work = scratch(store)?;
+    let apt = own_apt(store.parent().unwrap_or(store), arch)?;
+    let mut deb = apt.download(package, work.path())?;
+    if let Some(next) = image_dependency(&deb)? {
+        crate::say!("vexec: {package} is a metapackage for {next}");
+        std::fs::remove_file(&deb).map_err(io(format!("removing {}", deb.display())))?;
+        deb = apt.download(&next, work.path())?;
+    }
+    add(store, &deb, &format!("apt:{package}:{arch}"))
 }
 
 /// For a package without a kernel image, the `linux-image-*` package it
@@ -349,8 +411,8 @@ fn list(cache: &Cache, store: &Path) -> Result<(), StoreError> {
     }
     let yes = |b: bool| if b { "yes" } else { "no" };
     println!(
-        "{:<28} {:>8}  {:<3} {:<8} {:<3} {:<3}  SOURCE",
-        "RELEASE", "SIZE", "9P", "VIRTIOFS", "PVH", "BTF"
+        "{:<28} {:>8}  {:<7}  {:<3} {:<8} {:<3} {:<3}  SOURCE",
+        "RELEASE", "SIZE", "ARCH", "9P", "VIRTIOFS", "PVH", "BTF"
     );
     for rel in rels {
         let dir = store.join(&rel);
@@ -368,9 +430,10 @@ fn list(cache: &Cache, store: &Path) -> Result<(), StoreError> {
                     .and_then(|c| std::fs::read_to_string(c).ok())
                     .is_some_and(|t| t.lines().any(|l| l == "CONFIG_DEBUG_INFO_BTF=y"));
                 println!(
-                    "{:<28} {:>8}  {:<3} {:<8} {:<3} {:<3}  {}",
+                    "{:<28} {:>8}  {:<7}  {:<3} {:<8} {:<3} {:<3}  {}",
                     rel,
                     size,
+                    k.info.arch.name(),
                     yes(i.support.ninep.is_none()),
                     yes(i.support.virtiofs.is_none()),
                     yes(i.pvh),

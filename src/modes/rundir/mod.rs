@@ -57,9 +57,12 @@ pub enum RunDirError {
     #[error("{0}")]
     Coverage(String),
     #[error(
-        "an {0} guest needs a kernel of its own: pass -k KERNEL (e.g. Debian's linux-image-arm64: after `dpkg --add-architecture arm64 && apt-get update`, `apt-get download linux-image-arm64:arm64` and `dpkg-deb -x` the package it depends on)"
+        "an {0} guest needs a kernel of its own: pass -k KERNEL (Debian's: `vexec kernel fetch --arch {0} linux-image-arm64`, then -k the release it names)"
     )]
     NoKernelFor(&'static str),
+    /// Fetching a foreign guest's busybox.
+    #[error("fetching a busybox for the guest (or pass --busybox PATH): {0}")]
+    Busybox(#[from] crate::store::StoreError),
     #[error("--arch {wanted} but {image} is a kernel for {arch}")]
     WrongArch {
         wanted: &'static str,
@@ -292,11 +295,15 @@ fn initramfs(
 ) -> Result<(Payload, tempfile::NamedTempFile), RunDirError> {
     let modules = artifacts::batch_modules(cache, kernel, inspected, cli.root.is_some())?;
     let agent = crate::artifacts::initramfs::agent_executable()?;
+    let fetched = match (&cli.busybox, kernel.info.arch == payload::host_arch()) {
+        (None, false) => Some(foreign_busybox(cache, kernel.info.arch)?),
+        _ => None,
+    };
     let payload = payload::build(&payload::Inputs {
         arch: kernel.info.arch,
         dir: &cli.dir,
         adds: &cli.add,
-        busybox: cli.busybox.as_deref(),
+        busybox: cli.busybox.as_deref().or(fetched.as_deref()),
         path_var,
         agent: &agent,
         modules: &modules,
@@ -304,6 +311,31 @@ fn initramfs(
     })?;
     let initrd = write_initrd(cache, &payload)?;
     Ok((payload, initrd))
+}
+
+/// A static busybox for a guest of another architecture: Debian's
+/// busybox-static for it, fetched once into the cache (kind `busybox`).
+fn foreign_busybox(cache: &Cache, arch: Arch) -> Result<PathBuf, RunDirError> {
+    let deb = crate::store::debian_arch(arch.name());
+    if let Some(p) = cache.get("busybox", deb) {
+        return Ok(p);
+    }
+    crate::say!("vexec: no --busybox given: fetching Debian's busybox-static for {deb} (once)");
+    let work = tempfile::Builder::new()
+        .prefix(".busybox-")
+        .tempdir_in(cache.root())
+        .map_err(RunDirError::io(format!(
+            "creating a directory in {}",
+            cache.root().display()
+        )))?;
+    let apt = crate::store::own_apt(cache.root(), deb)?;
+    let package = apt.download("busybox-static", work.path())?;
+    let root = work.path().join("root");
+    crate::store::unpack_deb(&package, &root)?;
+    let bin = root.join("bin/busybox");
+    let bytes =
+        std::fs::read(&bin).map_err(RunDirError::io(format!("reading {}", bin.display())))?;
+    Ok(cache.put("busybox", deb, &bytes)?)
 }
 
 /// The run's initramfs, in the cache's scratch directory (removed when

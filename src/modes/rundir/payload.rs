@@ -42,7 +42,7 @@ pub enum PayloadError {
     )]
     Dynamic(PathBuf),
     #[error(
-        "an {arch} guest runs its init with busybox, and none was given: pass --busybox PATH to a static {arch} busybox (Debian: after `dpkg --add-architecture {deb} && apt-get update`, `apt-get download busybox-static:{deb}` and `dpkg-deb -x` it; scripts/fetch-test-kernels.sh does it with a private apt configuration)"
+        "an {arch} guest runs its init with busybox, and none was given: pass --busybox PATH to a static {arch} busybox (vexec run-dir fetches Debian's busybox-static:{deb} itself when it can)"
     )]
     NoForeignBusybox {
         arch: &'static str,
@@ -148,7 +148,8 @@ fn kind(data: &[u8]) -> Kind {
     }
 }
 
-fn host_arch() -> Arch {
+/// The architecture vexec itself runs on.
+pub fn host_arch() -> Arch {
     if cfg!(target_arch = "aarch64") {
         Arch::Aarch64
     } else {
@@ -238,24 +239,26 @@ pub fn build(i: &Inputs) -> Result<Payload, PayloadError> {
     let foreign = i.arch != host_arch();
     let mut batch = Cpio::new();
     let mut libs: Vec<PathBuf> = Vec::new();
-    let mut scripts = false;
+    let mut script: Option<&Path> = None;
     for (name, path) in &programs {
         let data = std::fs::read(path).map_err(io(path))?;
-        scripts |= matches!(kind(&data), Kind::Script);
+        if matches!(kind(&data), Kind::Script) {
+            script.get_or_insert(path);
+        }
         libs.extend(elf_needs(path, &data, i.arch)?);
         batch.file(&format!("{BATCH_DIR}/{name}"), 0o755, &data);
     }
-    let busybox = match (i.busybox, foreign, scripts) {
+    let busybox = match (i.busybox, foreign, script) {
         (Some(b), _, _) => Some(b.to_path_buf()),
         (None, true, _) => {
             let (arch, deb) = (i.arch.name(), "arm64");
             return Err(PayloadError::NoForeignBusybox { arch, deb });
         }
-        (None, false, true) => Some(
+        (None, false, Some(s)) => Some(
             crate::host::programs::on_path("busybox", i.path_var)
-                .ok_or_else(|| PayloadError::NoBusybox(programs[0].1.display().to_string()))?,
+                .ok_or_else(|| PayloadError::NoBusybox(s.display().to_string()))?,
         ),
-        (None, false, false) => None,
+        (None, false, None) => None,
     };
     if let Some(b) = &busybox {
         let data = std::fs::read(b).map_err(io(b))?;
@@ -371,6 +374,31 @@ mod tests {
             programs(&d.path().join("a")),
             Err(PayloadError::NotADir(_))
         ));
+    }
+
+    #[test]
+    fn the_missing_busybox_error_names_the_script_that_needs_it() {
+        let d = tempfile::tempdir().unwrap();
+        let agent = std::env::current_exe().unwrap();
+        // A program that is no script comes first.
+        std::fs::copy(&agent, d.path().join("a-binary")).unwrap();
+        let script = d.path().join("b-script");
+        std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let i = Inputs {
+            arch: host_arch(),
+            dir: d.path(),
+            adds: &[],
+            busybox: None,
+            path_var: Some(std::ffi::OsStr::new("")),
+            agent: &agent,
+            modules: &[],
+            root_tag: None,
+        };
+        match build(&i) {
+            Err(PayloadError::NoBusybox(p)) => assert!(p.ends_with("b-script"), "{p}"),
+            other => panic!("{:?}", other.err()),
+        }
     }
 
     #[test]
