@@ -496,6 +496,27 @@ fn stopped_on_purpose(args: &[&str]) -> (Option<i32>, String) {
 }
 
 #[test]
+fn a_boot_that_prints_nothing_is_tried_again_single_threaded() {
+    // -S: QEMU starts with its CPUs stopped, so the kernel never prints,
+    // as a boot did once in the suite (QEMU 7.2, TCG, a loaded host).
+    let (code, err) = stopped_on_purpose(&[
+        "--cold",
+        "--boot-timeout",
+        "2s",
+        "--qemu-arg",
+        "-S",
+        "--",
+        "true",
+    ]);
+    assert_eq!(code, Some(125), "{err}");
+    assert!(err.contains("printed nothing on its console"), "{err}");
+    assert!(
+        err.contains("booting again with single-threaded TCG"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_hung_run_says_where_it_stood() {
     // Long enough for `sleep` to be exec'd and asleep on a loaded CI
     // machine: once, 5 s caught it still in exec.
