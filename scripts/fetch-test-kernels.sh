@@ -9,9 +9,13 @@
 #
 # Usage: scripts/fetch-test-kernels.sh [--only NAME] [DEST]
 #   DEST defaults to $VEXEC_TEST_KERNELS, else ~/.cache/vexec-test-kernels.
-#   NAME is one of 5.10, 6.1, 6.1-cloud, 6.12, arm64-6.1, arm64-busybox.
+#   NAME is one of 5.10, 6.1, 6.1-cloud, 6.12, arm64-6.1, arm64-busybox,
+#   kselftest.
 #   arm64-6.1 is Debian's arm64 kernel and arm64-busybox its busybox-static
 #   (busybox at DEST/arm64-busybox/bin/busybox), for the arm64 guest tests.
+#   kselftest is two of the kernel's own selftests (timens, timerfd), built
+#   from Debian's linux-source-6.1 into DEST/kselftest: real KTAP producers
+#   for the --results tests.
 # Prints one line per kernel: NAME RELEASE DIR
 set -euo pipefail
 
@@ -123,3 +127,25 @@ for entry in "${kernels[@]}"; do
   rel=$(find "$out/boot" -maxdepth 1 -name 'vmlinuz-*' -printf '%f\n' 2>/dev/null | sed -n 's/^vmlinuz-//p' | head -1 || true)
   echo "$name ${rel:-$pkg} $out"
 done
+
+# Two kselftests built from Debian's kernel source: they print KTAP.
+if [ -z "$only" ] || [ "$only" = kselftest ]; then
+  out="$dest/kselftest"
+  if [ ! -x "$out/timerfd" ]; then
+    tmp=$(mktemp -d "$dest/.tmp.XXXXXX")
+    (cd "$tmp" && apt-get "${apt_opts[@]}" -qq download linux-source-6.1 >/dev/null)
+    sel=linux-source-6.1/tools/testing/selftests
+    dpkg-deb --fsys-tarfile "$tmp"/linux-source-6.1_*.deb \
+      | tar -xO ./usr/src/linux-source-6.1.tar.xz \
+      | tar -xJ -C "$tmp" --wildcards "$sel/kselftest*.h" "$sel/timens/*"
+    mkdir "$tmp/bin"
+    for t in timens timerfd; do
+      gcc -O2 -I"$tmp/$sel" -o "$tmp/bin/$t" "$tmp/$sel/timens/$t.c" -lrt -lpthread
+    done
+    chmod -R a+rX "$tmp/bin"
+    rm -rf "$out"
+    mv "$tmp/bin" "$out"
+    rm -rf "$tmp"
+  fi
+  echo "kselftest linux-source-6.1 $out"
+fi

@@ -147,3 +147,48 @@ fn ktap_in_the_kernel_log_counts_as_kunit_prints_it() {
     assert!(err.contains("FAIL other"), "{err}");
     assert_eq!(stdout(&out), "");
 }
+
+#[test]
+fn a_kselftest_programs_ktap_is_read_per_case() {
+    // Built from Debian's linux-source by scripts/fetch-test-kernels.sh.
+    let dir = kernels_dir().join("kselftest");
+    if !dir.join("timerfd").exists() {
+        eprintln!("skipped: no kselftest programs (scripts/fetch-test-kernels.sh)");
+        return;
+    }
+    if !is_root() {
+        eprintln!("skipped: the time namespace selftests need root in the guest");
+        return;
+    }
+    // Two programs, one plan each, as a selftest runner script runs them.
+    let mut c = vexec_saying(K);
+    c.args(["--results", "ktap", "--"])
+        .arg("sh")
+        .arg("-c")
+        .arg(r#""$1"/timens && "$1"/timerfd"#)
+        .arg("sh")
+        .arg(&dir);
+    let out = run(c);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    // vexec's counts are the sum of kselftest's own "# Totals" lines.
+    let (mut pass, mut skip) = (0, 0);
+    for l in stdout(&out).lines() {
+        if let Some(t) = l.strip_prefix("# Totals: ") {
+            for kv in t.split_whitespace() {
+                let (k, v) = kv.split_once(':').unwrap();
+                let v: usize = v.parse().unwrap();
+                match k {
+                    "pass" => pass += v,
+                    "skip" => skip += v,
+                    _ => assert_eq!(v, 0, "{t}"),
+                }
+            }
+        }
+    }
+    assert!(pass >= 10, "{}", stdout(&out));
+    assert!(
+        err.contains(&format!("results: {pass} passed, 0 failed, {skip} skipped")),
+        "{err}"
+    );
+}

@@ -141,10 +141,41 @@ struct Level {
     indent: usize,
     plan: Option<u32>,
     last_number: u32,
+    /// A second plan seen after results: another run of tests, from its
+    /// first result line on.
+    next_plan: Option<u32>,
     /// Diagnostics waiting for the next result line at this level.
     pending: Vec<String>,
     /// Finished cases, paths relative to this level.
     cases: Vec<Case>,
+}
+
+impl Level {
+    /// A plan line. A second plan after results at the same level starts
+    /// another run of tests (two programs' output one after the other)
+    /// once a result line follows it. A trailing plan (TAP's "1..N" after
+    /// the cases) just sets the plan.
+    fn new_plan(&mut self, plan: u32) {
+        if self.plan.is_some() && self.last_number > 0 {
+            self.next_plan = Some(plan);
+        } else {
+            self.plan = Some(plan);
+        }
+    }
+
+    /// Before a result line: a pending plan starts its run now, the
+    /// previous run's missing cases settled.
+    fn begin_next_run(&mut self) {
+        if let Some(plan) = self.next_plan.take() {
+            // Diagnostics since the plan belong to the new run's first case.
+            let pending = std::mem::take(&mut self.pending);
+            let done = std::mem::take(self);
+            self.indent = done.indent;
+            self.cases = close(done, "the next plan began before it");
+            self.plan = Some(plan);
+            self.pending = pending;
+        }
+    }
 }
 
 /// The streaming parser.
@@ -254,7 +285,7 @@ impl Parser {
             self.bailed = true;
         } else if let Some(plan) = parse_plan(text) {
             self.open(indent);
-            self.top().plan = Some(plan);
+            self.top().new_plan(plan);
         } else if text.starts_with("# Subtest") {
             // TAP 14 puts it at the subtest's indentation, TAP 13 at its
             // parent's (the subtest's plan opens it then).
@@ -329,6 +360,7 @@ impl Parser {
         }
         let line_no = self.line_no;
         let level = self.top();
+        level.begin_next_run();
         let mut case = match parse_result(text) {
             Ok((number, case)) => {
                 if let Some(n) = number {
@@ -376,8 +408,8 @@ fn strip_printk_time(line: &[u8]) -> &[u8] {
 /// and no result line gave.
 fn close(level: Level, why: &str) -> Vec<Case> {
     let mut cases = level.cases;
-    if let Some(plan) = level.plan {
-        for n in level.last_number + 1..=plan {
+    let missing = |from: u32, to: u32, cases: &mut Vec<Case>| {
+        for n in from..=to {
             cases.push(Case {
                 path: format!("#{n}"),
                 status: Status::Missing,
@@ -385,6 +417,19 @@ fn close(level: Level, why: &str) -> Vec<Case> {
                 diagnostics: Vec::new(),
                 suite: false,
             });
+        }
+    };
+    if let Some(plan) = level.plan {
+        missing(level.last_number + 1, plan, &mut cases);
+        // A plan after a complete run with no result after it: the same
+        // plan again is a copy (a forked child flushing its stdio buffer,
+        // as kselftests do into a pipe); another promised a run that
+        // never came.
+        match level.next_plan {
+            Some(next) if !(next == plan && level.last_number >= plan) => {
+                missing(1, next, &mut cases)
+            }
+            _ => {}
         }
     }
     cases
@@ -729,6 +774,31 @@ not ok 4 - td # TODO later
                 skipped: 2
             }
         );
+    }
+
+    #[test]
+    fn two_programs_one_after_the_other_each_keep_their_numbers() {
+        let r = parse(Format::Ktap, "1..2\nok 1 a\nok 2 b\n1..3\nok 1 c\nok 2 d\n");
+        assert_eq!(
+            summary(&r),
+            [
+                ("a".into(), Status::Pass),
+                ("b".into(), Status::Pass),
+                ("c".into(), Status::Pass),
+                ("d".into(), Status::Pass),
+                ("#3".into(), Status::Missing),
+            ]
+        );
+        // Test::More's trailing plan is no new run.
+        let r = parse(Format::Tap, "ok 1 a\nok 2 b\n1..2\n");
+        assert_eq!(r.counts().passed, 2);
+        assert_eq!(r.cases.len(), 2);
+        // A kselftest that forks repeats its plan at the end: no new run.
+        let r = parse(Format::Ktap, "1..2\nok 1 a\nok 2 b\n1..2\n");
+        assert_eq!(r.cases.len(), 2);
+        // A second program that printed its plan and nothing else.
+        let r = parse(Format::Ktap, "1..1\nok 1 a\n1..2\n");
+        assert_eq!(r.counts().failed, 2);
     }
 
     #[test]
