@@ -33,7 +33,7 @@ fn every_verb_has_its_own_help() {
         ),
         (
             &["kernel", "fetch", "--help"],
-            "Usage: vexec kernel fetch <PACKAGE|IMAGE>",
+            "Usage: vexec kernel fetch [OPTIONS] <PACKAGE|IMAGE>",
         ),
         (&["kernel", "list", "--help"], "Usage: vexec kernel list"),
         (

@@ -27,7 +27,7 @@ pub enum Verb {
     /// (~/.cache/vexec/kernels, one directory per release).
     #[command(
         subcommand,
-        after_help = "Examples:\n  vexec kernel add ~/src/linux\n  vexec kernel fetch linux-image-6.12.57+deb13-amd64\n  vexec kernel fetch ghcr.io/cilium/ci-kernels:6.6\n  vexec kernel list\n  vexec -k 6.12.57+deb13-amd64 -- uname -r"
+        after_help = "Examples:\n  vexec kernel add ~/src/linux\n  vexec kernel fetch linux-image-6.12.57+deb13-amd64\n  vexec kernel fetch ghcr.io/cilium/ci-kernels:6.6\n  vexec kernel fetch --arch arm64 linux-image-arm64\n  vexec kernel list\n  vexec -k 6.12.57+deb13-amd64 -- uname -r"
     )]
     Kernel(KernelAction),
 
