@@ -183,7 +183,6 @@ impl Level {
 pub struct Parser {
     started: bool,
     partial: Vec<u8>,
-    cut: bool,
     line_no: usize,
     levels: Vec<Level>,
     /// Whether the outermost level's indentation is known (its first
@@ -201,7 +200,6 @@ impl Parser {
         Parser {
             started: format != Format::Auto,
             partial: Vec::new(),
-            cut: false,
             line_no: 0,
             levels: vec![Level::default()],
             anchored: false,
@@ -215,7 +213,6 @@ impl Parser {
         while let Some(nl) = data.iter().position(|&b| b == b'\n') {
             self.take(&data[..nl]);
             let line = std::mem::take(&mut self.partial);
-            self.cut = false;
             self.line(&String::from_utf8_lossy(&line));
             data = &data[nl + 1..];
         }
@@ -234,7 +231,6 @@ impl Parser {
 
     fn take(&mut self, bytes: &[u8]) {
         let room = MAX_LINE.saturating_sub(self.partial.len());
-        self.cut |= bytes.len() > room;
         self.partial
             .extend_from_slice(&bytes[..bytes.len().min(room)]);
     }
