@@ -74,6 +74,11 @@ struct Loop<'a, 'p> {
     reporting: Option<Outcome>,
     /// Raw mode on the host terminal while an interactive command runs.
     raw: Option<terminal::RawMode>,
+    /// Until the command has started: when its setup (the mounts) counts
+    /// as stuck, and QEMU's CPU wait when it began.
+    setup: Option<(Instant, Duration)>,
+    /// When `--timeout` ends the run.
+    run_deadline: Option<Instant>,
 }
 
 /// Runs the loop until the session has an outcome.
@@ -95,6 +100,8 @@ pub fn run(p: &mut Params, t: &mut Timings, cx: Context<'_>, rx: &Receiver<Event
         daemon_status: None,
         reporting: None,
         raw: None,
+        setup: None,
+        run_deadline: None,
     };
     let outcome = match l.restore() {
         Some(o) => o,
@@ -218,7 +225,13 @@ impl Loop<'_, '_> {
                 };
                 return self.on_ready(&ready);
             }
-            GuestMsg::Started { uptime_ms } => self.t.guest_started_ms = Some(uptime_ms),
+            GuestMsg::Started { uptime_ms } => {
+                self.t.guest_started_ms = Some(uptime_ms);
+                self.setup = None;
+                if self.interrupted.is_none() && self.reporting.is_none() {
+                    self.deadline = self.run_deadline;
+                }
+            }
             GuestMsg::KernelLog(d) => self.t.kernel_log = Some(d),
             GuestMsg::InputClosed => output::close_own_stdin(),
             GuestMsg::Aftermath(a) => self.t.aftermath = a,
@@ -284,7 +297,17 @@ impl Loop<'_, '_> {
             return None; // QEMU exiting; its event explains.
         }
         self.phase = Phase::Running;
-        self.deadline = self.p.timeout.map(|d| Instant::now() + d);
+        self.run_deadline = self.p.timeout.map(|d| Instant::now() + d);
+        self.deadline = self.run_deadline;
+        // A batch reports each program; a command, that it started.
+        if matches!(self.p.job, Job::Command { .. }) {
+            let setup_until = Instant::now() + self.boot_limit;
+            self.setup = Some((setup_until, self.cx.vm.cpu_wait()));
+            self.deadline = Some(
+                self.run_deadline
+                    .map_or(setup_until, |d| d.min(setup_until)),
+            );
+        }
         self.start_input();
         None
     }
@@ -382,6 +405,12 @@ impl Loop<'_, '_> {
             self.deadline = Some(later);
             return None;
         }
+        if self.interrupted.is_none()
+            && self.run_deadline.is_none_or(|d| d > Instant::now())
+            && let Some((until, waited_before)) = self.setup
+        {
+            return self.setup_overdue(until, waited_before);
+        }
         let stopping = match (&self.phase, self.interrupted) {
             (Phase::Running, Some(sig)) => Outcome::Interrupted(sig),
             (Phase::Running, None) => Outcome::TimedOut(self.p.timeout.unwrap_or_default()),
@@ -446,6 +475,31 @@ impl Loop<'_, '_> {
             );
         }
         Some(later)
+    }
+
+    /// The command's setup (mounting the host's files) has not finished by
+    /// `until`: moved by the time QEMU waited for a CPU since it began, like
+    /// the boot deadline; past that it is stuck (seen once: the agent's
+    /// first request to a fresh virtiofsd never answered, the agent in
+    /// `fuse_get_req` for 150 s). The command has not started, so the
+    /// machine may be booted again: ask the agent where it stands first,
+    /// for the hang report.
+    fn setup_overdue(&mut self, until: Instant, waited_before: Duration) -> Option<Outcome> {
+        let waited = self.cx.vm.cpu_wait().saturating_sub(waited_before);
+        let later = until + waited.min(self.boot_limit * STARVATION_CAP);
+        if later > Instant::now() + Duration::from_millis(100) {
+            self.deadline = Some(self.run_deadline.map_or(later, |d| d.min(later)));
+            return None;
+        }
+        self.setup = None;
+        let stuck = Outcome::BootStalled(format!(
+            "the guest's setup (mounting the host's files) did not finish within {}s of the agent reporting in",
+            self.boot_limit.as_secs()
+        ));
+        console::request_report(&mut self.cx.console);
+        self.reporting = Some(stuck);
+        self.deadline = Some(Instant::now() + REPORT_WAIT);
+        None
     }
 
     /// How long QEMU waited for a host CPU, for a boot-timeout message.
