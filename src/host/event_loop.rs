@@ -301,7 +301,8 @@ impl Loop<'_, '_> {
         self.deadline = self.run_deadline;
         // A batch reports each program; a command, that it started.
         if matches!(self.p.job, Job::Command { .. }) {
-            let setup_until = Instant::now() + self.boot_limit;
+            // The boot timeout itself, not a KVM probe's shorter limit.
+            let setup_until = Instant::now() + self.p.boot_timeout;
             self.setup = Some((setup_until, self.cx.vm.cpu_wait()));
             self.deadline = Some(
                 self.run_deadline
@@ -486,7 +487,7 @@ impl Loop<'_, '_> {
     /// for the hang report.
     fn setup_overdue(&mut self, until: Instant, waited_before: Duration) -> Option<Outcome> {
         let waited = self.cx.vm.cpu_wait().saturating_sub(waited_before);
-        let later = until + waited.min(self.boot_limit * STARVATION_CAP);
+        let later = until + waited.min(self.p.boot_timeout * STARVATION_CAP);
         if later > Instant::now() + Duration::from_millis(100) {
             self.deadline = Some(self.run_deadline.map_or(later, |d| d.min(later)));
             return None;
@@ -494,7 +495,7 @@ impl Loop<'_, '_> {
         self.setup = None;
         let stuck = Outcome::BootStalled(format!(
             "the guest's setup (mounting the host's files) did not finish within {}s of the agent reporting in",
-            self.boot_limit.as_secs()
+            self.p.boot_timeout.as_secs()
         ));
         console::request_report(&mut self.cx.console);
         self.reporting = Some(stuck);
