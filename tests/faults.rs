@@ -516,6 +516,73 @@ fn a_boot_that_prints_nothing_is_tried_again_single_threaded() {
     );
 }
 
+/// The children of `parent` whose command line contains every one of
+/// `words`.
+fn children_with(parent: u32, words: &[&str]) -> Vec<i32> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // The parent pid is the second field after the ")" closing comm.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(1));
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if ppid == Some(&parent.to_string()) && words.iter().all(|w| cmd.contains(w)) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_setup_that_never_finishes_is_booted_again() {
+    // As once in CI: the agent's first request to the root share's
+    // virtiofsd is never answered. Stopping the daemon once the guest has
+    // set its device up (modules loaded) leaves QEMU running and the
+    // mounts waiting; C daemon: one process, a child of vexec.
+    let Some(args) = transport_args("virtiofs-c") else {
+        return;
+    };
+    let mut c = vexec_saying(K);
+    c.env_remove("VEXEC_HANG_REPORTS")
+        .args(&args)
+        .args(["-v", "--cold", "--boot-timeout", "8s", "--", "echo", "ran"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let vexec_pid = child.id();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut said = String::new();
+    let mut stopped = Vec::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        if stopped.is_empty() && line.contains("modules loaded") {
+            stopped = children_with(vexec_pid, &["virtiofsd", "source=/ "]);
+            for &pid in &stopped {
+                // SAFETY: stopping a daemon of the vexec this test started.
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+            }
+        }
+        said.push_str(&line);
+        said.push('\n');
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(stopped.len(), 1, "{said}");
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert_eq!(stdout(&out), "ran\n");
+    assert!(
+        said.contains("setup (mounting the host's files) did not finish within 8s"),
+        "{said}"
+    );
+    assert!(said.contains("booting again"), "{said}");
+    // The stopped daemon went with its attempt.
+    assert!(!Path::new(&format!("/proc/{}", stopped[0])).exists());
+}
+
 #[test]
 fn a_hung_run_says_where_it_stood() {
     // Long enough for `sleep` to be exec'd and asleep on a loaded CI
