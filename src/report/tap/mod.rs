@@ -11,7 +11,11 @@
 //! their line. The parser never blocks and holds at most [`MAX_LINE`] bytes
 //! of an unfinished line.
 
-use serde::Serialize;
+mod cases;
+mod line;
+
+pub use cases::{Case, Counts, Results, Status};
+use line::{is_result_line, parse_plan, parse_result, strip_printk_time};
 
 /// Longer lines are cut (their rest is ignored, not buffered).
 pub const MAX_LINE: usize = 64 * 1024;
@@ -28,110 +32,9 @@ pub enum Format {
     Auto,
 }
 
-/// How one case ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    Pass,
-    Fail,
-    Skip,
-    /// Failed as expected.
-    Xfail,
-    /// Not expected to pass yet (TAP's TODO): not a failure either way.
-    Todo,
-    Timeout,
-    Error,
-    /// Promised by a plan, never reported.
-    Missing,
-    /// A line that claimed to be a result but could not be read as one.
-    ParseError,
-}
-
-impl Status {
-    /// The word for it in messages and reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            Status::Pass => "pass",
-            Status::Fail => "fail",
-            Status::Skip => "skip",
-            Status::Xfail => "xfail",
-            Status::Todo => "todo",
-            Status::Timeout => "timeout",
-            Status::Error => "error",
-            Status::Missing => "missing",
-            Status::ParseError => "parse error",
-        }
-    }
-
-    /// Whether this case makes the run fail.
-    pub fn failed(self) -> bool {
-        matches!(
-            self,
-            Status::Fail | Status::Timeout | Status::Error | Status::Missing | Status::ParseError
-        )
-    }
-}
-
-/// One test case.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Case {
-    /// The names of its enclosing suites and its own, joined by dots.
-    pub path: String,
-    pub status: Status,
-    /// The directive's reason, the parse error, or why it is missing.
-    pub reason: String,
-    /// Diagnostic lines that came before its result line.
-    pub diagnostics: Vec<String>,
-    /// Whether it had subtests (a suite's own result).
-    pub suite: bool,
-}
-
-/// Cases by outcome.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct Counts {
-    pub passed: usize,
-    pub failed: usize,
-    pub skipped: usize,
-}
-
 impl crate::host::output::Tap for Parser {
     fn seen(&mut self, data: &[u8]) {
         self.feed(data);
-    }
-}
-
-/// The cases of a run.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Results {
-    pub cases: Vec<Case>,
-}
-
-impl Results {
-    /// The cases a report lists: leaves, plus suites whose own failure no
-    /// failed subtest explains (a suite that crashed after passing ones).
-    pub fn reported(&self) -> impl Iterator<Item = &Case> {
-        self.cases.iter().filter(|c| {
-            !c.suite
-                || (c.status.failed()
-                    && !self
-                        .cases
-                        .iter()
-                        .any(|d| d.status.failed() && d.path.starts_with(&format!("{}.", c.path))))
-        })
-    }
-
-    /// Passed, failed and skipped among the reported cases (TODO counts
-    /// as skipped, an expected failure as passed).
-    pub fn counts(&self) -> Counts {
-        let mut n = Counts::default();
-        for c in self.reported() {
-            match c.status {
-                s if s.failed() => n.failed += 1,
-                Status::Skip | Status::Todo => n.skipped += 1,
-                _ => n.passed += 1,
-            }
-        }
-        n
     }
 }
 
@@ -382,24 +285,6 @@ impl Parser {
     }
 }
 
-/// A kernel log line without its leading `[ seconds.micros] `.
-fn strip_printk_time(line: &[u8]) -> &[u8] {
-    if line.first() != Some(&b'[') {
-        return line;
-    }
-    match line.iter().position(|&b| b == b']') {
-        Some(end)
-            if line[1..end]
-                .iter()
-                .all(|b| b.is_ascii_digit() || *b == b'.' || *b == b' ') =>
-        {
-            let rest = &line[end + 1..];
-            rest.strip_prefix(b" ").unwrap_or(rest)
-        }
-        _ => line,
-    }
-}
-
 /// A level's cases, with a missing case for each number its plan promised
 /// and no result line gave.
 fn close(level: Level, why: &str) -> Vec<Case> {
@@ -440,98 +325,6 @@ fn parse_error(line: usize, why: &str, text: &str) -> Case {
         diagnostics: Vec::new(),
         suite: false,
     }
-}
-
-/// `ok` or `not ok`, alone or followed by a blank (`okay` is just text).
-fn is_result_line(text: &str) -> bool {
-    ["ok", "not ok"].iter().any(|w| {
-        text.strip_prefix(w)
-            .is_some_and(|r| r.is_empty() || r.starts_with([' ', '\t']))
-    })
-}
-
-/// `1..N` (with an optional `# SKIP reason`).
-fn parse_plan(text: &str) -> Option<u32> {
-    let rest = text.strip_prefix("1..")?;
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    let after = rest[digits.len()..].trim_start();
-    if digits.is_empty() || !(after.is_empty() || after.starts_with('#')) {
-        return None;
-    }
-    digits.parse().ok()
-}
-
-/// `ok|not ok [N] [-] [name] [# DIRECTIVE [reason]]`: its number and case.
-fn parse_result(text: &str) -> Result<(Option<u32>, Case), &'static str> {
-    let (ok, rest) = if let Some(r) = text.strip_prefix("not ok") {
-        (false, r)
-    } else if let Some(r) = text.strip_prefix("ok") {
-        (true, r)
-    } else {
-        return Err("not a result line");
-    };
-    if !(rest.is_empty() || rest.starts_with([' ', '\t'])) {
-        return Err("no space after ok");
-    }
-    let rest = rest.trim_start();
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    let number = if digits.is_empty() {
-        None
-    } else {
-        Some(digits.parse().map_err(|_| "test number out of range")?)
-    };
-    let rest = rest[digits.len()..].trim_start();
-    let rest = rest.strip_prefix("- ").unwrap_or(rest);
-    let (name, directive) = match rest.split_once(" # ").or_else(|| {
-        rest.strip_prefix("# ")
-            .map(|d| ("", d))
-            .or_else(|| rest.strip_suffix(" #").map(|n| (n, "")))
-    }) {
-        Some((n, d)) => (n.trim(), d.trim()),
-        None => (rest.trim(), ""),
-    };
-    let (status, reason) = status_of(ok, directive);
-    let path = if name.is_empty() {
-        format!(
-            "#{}",
-            number.map_or("?".to_string(), |n: u32| n.to_string())
-        )
-    } else {
-        name.to_string()
-    };
-    Ok((
-        number,
-        Case {
-            path,
-            status,
-            reason,
-            diagnostics: Vec::new(),
-            suite: false,
-        },
-    ))
-}
-
-/// The status a result line and its directive give.
-fn status_of(ok: bool, directive: &str) -> (Status, String) {
-    let (word, reason) = match directive.split_once([' ', '\t']) {
-        Some((w, r)) => (w, r.trim()),
-        None => (directive, ""),
-    };
-    let status = match word.to_ascii_uppercase().as_str() {
-        "SKIP" => Status::Skip,
-        "TODO" => Status::Todo,
-        "XFAIL" => Status::Xfail,
-        "TIMEOUT" => Status::Timeout,
-        "ERROR" => Status::Error,
-        _ if ok => Status::Pass,
-        _ => Status::Fail,
-    };
-    let reason = if matches!(status, Status::Pass | Status::Fail) {
-        directive.to_string()
-    } else {
-        reason.to_string()
-    };
-    (status, reason)
 }
 
 #[cfg(test)]
@@ -795,20 +588,5 @@ not ok 4 - td # TODO later
         // A second program that printed its plan and nothing else.
         let r = parse(Format::Ktap, "1..1\nok 1 a\n1..2\n");
         assert_eq!(r.counts().failed, 2);
-    }
-
-    #[test]
-    fn plans_and_results_parse() {
-        assert_eq!(parse_plan("1..0 # SKIP no hw"), Some(0));
-        assert_eq!(parse_plan("1..12"), Some(12));
-        assert_eq!(parse_plan("1..x"), None);
-        assert_eq!(parse_plan("1..3x"), None);
-        let (n, c) = parse_result("ok 7 - name with # hash # SKIP why").unwrap();
-        assert_eq!((n, c.path.as_str()), (Some(7), "name with"));
-        assert_eq!(c.status, Status::Pass);
-        let (n, c) = parse_result("not ok").unwrap();
-        assert_eq!((n, c.status, c.path.as_str()), (None, Status::Fail, "#?"));
-        let (_, c) = parse_result("ok 3 # skip lower case").unwrap();
-        assert_eq!((c.status, c.reason.as_str()), (Status::Skip, "lower case"));
     }
 }
