@@ -15,8 +15,8 @@ use vexec_protocol::{Exit, GuestMsg, VERSION};
 use std::os::fd::OwnedFd;
 
 use super::exec::{self, PortWriter, send};
-use super::pump;
 use super::sys;
+use super::{pump, reaper};
 
 /// Where debugfs shows the kernel's coverage counters.
 const GCOV_DIR: &str = "/sys/kernel/debug/gcov";
@@ -78,17 +78,16 @@ fn install_busybox() {
 
 /// Runs one program with its output streamed; how it ended.
 fn run_one(port: &PortWriter, path: &Path) -> Exit {
-    let child = Command::new(path)
-        .env_clear()
+    let mut cmd = Command::new(path);
+    cmd.env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
         .env("HOME", "/")
         .env("TERM", "linux")
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match child {
+        .stderr(Stdio::piped());
+    let mut child = match reaper::spawn(&mut cmd) {
         Ok(c) => c,
         Err(e) => {
             let status = if e.kind() == ErrorKind::NotFound {
@@ -121,7 +120,7 @@ fn run_one(port: &PortWriter, path: &Path) -> Exit {
         }
     }
     drop(done_tx);
-    let exit = exec::reap(child.id() as i32);
+    let exit = reaper::wait(child.id() as i32);
     pump::drain(&done_rx, pumps.len(), exec::DEFAULT_OUTPUT_GRACE);
     exit
 }

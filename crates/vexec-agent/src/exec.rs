@@ -16,7 +16,7 @@ use std::time::Duration;
 use vexec_protocol::{self as protocol, Aftermath, Exec, Exit, GuestMsg, HostMsg, Stream};
 
 use super::report::{Phase, STATE};
-use super::{pump, sys};
+use super::{pump, reaper, sys};
 
 /// How long output pipes may stay open after a program exited (a
 /// background child holding them) when the host does not say.
@@ -42,15 +42,44 @@ fn os(b: &[u8]) -> &OsStr {
     OsStr::from_bytes(b)
 }
 
+/// Where the host's messages about a running command come from: handed
+/// the command's [`Control`] once it runs. A one-shot run starts a thread
+/// reading the control port ([`from_port`]); a persistent VM's port
+/// reader, which outlives commands, keeps it for the command's lifetime.
+pub type Inbox = Box<dyn FnOnce(Control) + Send>;
+
+/// An inbox fed by `reader` until it closes.
+pub fn from_port(port: &PortWriter, mut reader: File) -> Inbox {
+    let port = Arc::clone(port);
+    Box::new(move |control: Control| {
+        sys::thread("host-reader", move || {
+            loop {
+                let msg = match protocol::read_frame::<HostMsg>(&mut reader) {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return,
+                    Err(e) => {
+                        // A message this agent cannot decode: say so and
+                        // stop listening; the host fails the run on Error.
+                        let _ = send(&port, &GuestMsg::Error(undecodable(&e)));
+                        return;
+                    }
+                };
+                STATE.received();
+                control.handle(msg);
+            }
+        });
+    })
+}
+
 /// Runs the setup commands, the command and the teardown commands.
-pub fn run(port: &PortWriter, reader: File, exec: &Exec) -> Exit {
+pub fn run(port: &PortWriter, inbox: Inbox, exec: &Exec) -> Exit {
     if let Err(message) = hooks(port, exec, &exec.setup, "setup") {
         return Exit::NotStarted {
             status: 125,
             message,
         };
     }
-    let (exit, aftermath) = command(port, reader, exec);
+    let (exit, aftermath) = command(port, inbox, exec);
     if let Err(message) = hooks(port, exec, &exec.teardown, "teardown") {
         let _ = send(port, &GuestMsg::Stderr(format!("{message}\n").into_bytes()));
     }
@@ -68,29 +97,49 @@ pub fn run(port: &PortWriter, reader: File, exec: &Exec) -> Exit {
 /// (stdout belongs to the command under test).
 fn hooks(port: &PortWriter, exec: &Exec, cmds: &[Vec<u8>], what: &str) -> Result<(), String> {
     for c in cmds {
-        let out = Command::new("/bin/sh")
-            .arg("-c")
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
             .arg(os(c))
             .env_clear()
             .envs(exec.env.iter().map(|(k, v)| (os(k), os(v))))
             .current_dir(os(&exec.cwd))
             .stdin(Stdio::null())
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let (exit, out) = output_of(&mut cmd)
             .map_err(|e| format!("vexec: {what} command `{}`: {e}", shown(c)))?;
-        for data in [out.stdout, out.stderr] {
-            if !data.is_empty() {
-                let _ = send(port, &GuestMsg::Stderr(data));
-            }
+        if !out.is_empty() {
+            let _ = send(port, &GuestMsg::Stderr(out));
         }
-        if !out.status.success() {
+        if exit != Exit::Code(0) {
             return Err(format!(
-                "vexec: {what} command `{}` failed ({})",
-                shown(c),
-                out.status
+                "vexec: {what} command `{}` failed ({exit:?})",
+                shown(c)
             ));
         }
     }
     Ok(())
+}
+
+/// Runs `cmd` to its end (reaped through [`reaper`], which owns waiting
+/// in PID 1): how it ended, and its stdout then stderr.
+pub fn output_of(cmd: &mut Command) -> std::io::Result<(Exit, Vec<u8>)> {
+    use std::io::Read;
+    let mut child = reaper::spawn(cmd)?;
+    let err = child.stderr.take();
+    let err = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        if let Some(mut e) = err {
+            let _ = e.read_to_end(&mut b);
+        }
+        b
+    });
+    let mut out = Vec::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_end(&mut out);
+    }
+    out.extend(err.join().unwrap_or_default());
+    Ok((reaper::wait(child.id() as i32), out))
 }
 
 /// Where execvp would find `prog` along the command's PATH, found with stat
@@ -131,7 +180,7 @@ fn find_in_path(prog: &[u8], exec: &Exec) -> Option<std::path::PathBuf> {
 
 /// Runs the command to completion; how it ended, and what else the host
 /// should know. `reader` yields the host's further messages.
-fn command(port: &PortWriter, reader: File, exec: &Exec) -> (Exit, Aftermath) {
+fn command(port: &PortWriter, inbox: Inbox, exec: &Exec) -> (Exit, Aftermath) {
     let oom_before = sys::oom_kill_count();
     let (pid, stdio) = match spawn(exec) {
         Ok(s) => s,
@@ -161,9 +210,14 @@ fn command(port: &PortWriter, reader: File, exec: &Exec) -> (Exit, Aftermath) {
     }
     drop(done_tx);
     let winsize_fd = stdio.master.as_ref().map(|m| m.as_raw_fd());
-    serve_host(port, reader, pid, stdin, closers, winsize_fd);
+    inbox(Control {
+        pid,
+        stdin,
+        closers,
+        winsize_fd,
+    });
 
-    let exit = reap(pid);
+    let exit = reaper::wait(pid);
     STATE.phase(Phase::Draining);
     let grace = Duration::from_millis(exec.output_grace_ms);
     let output_cut = pump::drain(&done_rx, pumps, grace);
@@ -250,7 +304,7 @@ fn spawn(exec: &Exec) -> Result<(i32, Stdio3), Exit> {
         .into_iter()
         .find_map(|(on, fd)| on.then_some(fd));
     become_caller(&mut cmd, exec, ctty);
-    let spawned = cmd.spawn();
+    let spawned = reaper::spawn(&mut cmd);
     // The command's copies of the terminal's slave side close with `cmd`:
     // the master then reads EOF once the command and its children are gone.
     drop(cmd);
@@ -355,90 +409,54 @@ pub fn undecodable(e: &std::io::Error) -> String {
     )
 }
 
-/// Handles the host's messages while the command runs, on a thread.
-fn serve_host(
-    port: &PortWriter,
-    mut reader: File,
+/// The host's say over a running command.
+pub struct Control {
+    /// The command's process group.
     pid: i32,
     stdin: StdinFeed,
     closers: Vec<(Stream, pump::Closer)>,
+    /// The terminal master, when the command has a terminal.
     winsize_fd: Option<i32>,
-) {
-    let port = Arc::clone(port);
-    sys::thread("host-reader", move || {
-        loop {
-            let msg = match protocol::read_frame::<HostMsg>(&mut reader) {
-                Ok(Some(m)) => m,
-                Ok(None) => return,
-                Err(e) => {
-                    // A message this agent cannot decode: say so and stop
-                    // listening; the host fails the run on Error.
-                    let _ = send(&port, &GuestMsg::Error(undecodable(&e)));
-                    return;
-                }
-            };
-            STATE.received();
-            match msg {
-                HostMsg::Stdin(d) => {
-                    let _ = stdin.send(Some(d));
-                }
-                HostMsg::StdinEof => {
-                    let _ = stdin.send(None);
-                }
-                // SAFETY: plain kill(2) to the command's process group.
-                HostMsg::Signal(n) => unsafe {
-                    libc::kill(-pid, n);
-                },
-                HostMsg::WindowSize { rows, cols } => {
-                    if let Some(fd) = winsize_fd {
-                        sys::set_window_size(fd, rows, cols);
-                    }
-                }
-                HostMsg::OutputClosed(stream) => {
-                    for (_, c) in closers.iter().filter(|(s, _)| *s == stream) {
-                        c.close();
-                    }
-                }
-                other @ (HostMsg::Setup(_) | HostMsg::Exec(_)) => {
-                    eprintln!(
-                        "vexec-init: error: unexpected {} while the command runs; ignored",
-                        other.name()
-                    );
+}
+
+impl Control {
+    /// Acts on one of the host's messages about the command.
+    pub fn handle(&self, msg: HostMsg) {
+        match msg {
+            HostMsg::Stdin(d) => {
+                let _ = self.stdin.send(Some(d));
+            }
+            HostMsg::StdinEof => {
+                let _ = self.stdin.send(None);
+            }
+            // SAFETY: plain kill(2) to the command's process group.
+            HostMsg::Signal(n) => unsafe {
+                libc::kill(-self.pid, n);
+            },
+            HostMsg::WindowSize { rows, cols } => {
+                if let Some(fd) = self.winsize_fd {
+                    sys::set_window_size(fd, rows, cols);
                 }
             }
+            HostMsg::OutputClosed(stream) => {
+                for (_, c) in self.closers.iter().filter(|(s, _)| *s == stream) {
+                    c.close();
+                }
+            }
+            other @ (HostMsg::Setup(_) | HostMsg::Exec(_) | HostMsg::Serve) => {
+                eprintln!(
+                    "vexec-init: error: unexpected {} while the command runs; ignored",
+                    other.name()
+                );
+            }
         }
-    });
+    }
 }
 
 /// A name or path for messages: non-printing bytes escaped, so a newline
 /// in a file name cannot forge a line of output.
 pub fn shown(b: &[u8]) -> String {
     String::from_utf8_lossy(b).escape_debug().to_string()
-}
-
-/// Waits for `pid`, reaping any other orphan that PID 1 inherits meanwhile.
-pub fn reap(pid: i32) -> Exit {
-    loop {
-        let mut status = 0;
-        // SAFETY: status is a valid out-pointer.
-        let got = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if got < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return Exit::Code(255);
-        }
-        if got != pid {
-            continue;
-        }
-        if libc::WIFEXITED(status) {
-            return Exit::Code(libc::WEXITSTATUS(status));
-        }
-        if libc::WIFSIGNALED(status) {
-            return Exit::Signal(libc::WTERMSIG(status));
-        }
-    }
 }
 
 #[cfg(test)]
@@ -454,14 +472,12 @@ mod tests {
         let (mut host_out, reader) = UnixStream::pair().unwrap();
         let port: PortWriter = Arc::new(Mutex::new(File::from(OwnedFd::from(port))));
         let (stdin, _rx) = mpsc::channel();
-        serve_host(
-            &port,
-            File::from(OwnedFd::from(reader)),
-            0,
+        from_port(&port, File::from(OwnedFd::from(reader)))(Control {
+            pid: 0,
             stdin,
-            vec![],
-            None,
-        );
+            closers: vec![],
+            winsize_fd: None,
+        });
         // A frame whose tag no HostMsg has.
         let tag = vexec_protocol::HOST_MSG_COUNT as u8;
         std::io::Write::write_all(&mut host_out, &[1, 0, 0, 0, tag]).unwrap();

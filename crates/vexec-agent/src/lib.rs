@@ -9,7 +9,10 @@ mod inodes;
 mod modules;
 mod mounts;
 mod pump;
+mod qga;
+mod reaper;
 mod report;
+mod serve;
 mod sys;
 
 use std::fs::File;
@@ -127,7 +130,7 @@ pub(crate) fn step(what: &str) {
 }
 
 /// The virtio ports the guest has: (device name, port name, /dev node).
-fn ports() -> std::io::Result<Vec<(String, String, PathBuf)>> {
+pub(crate) fn ports() -> std::io::Result<Vec<(String, String, PathBuf)>> {
     let mut v: Vec<_> = std::fs::read_dir("/sys/class/virtio-ports")?
         .flatten()
         .map(|e| {
@@ -247,7 +250,7 @@ fn serve(writer: &exec::PortWriter, mut reader: File, pseudo: PseudoFs) -> Resul
                 setup_done = true;
             }
             HostMsg::Exec(e) if setup_done => {
-                let exit = exec::run(writer, reader, &e);
+                let exit = exec::run(writer, exec::from_port(writer, reader), &e);
                 report::STATE.phase(report::Phase::Ending);
                 sys::sync();
                 let _ = exec::send(
@@ -259,6 +262,7 @@ fn serve(writer: &exec::PortWriter, mut reader: File, pseudo: PseudoFs) -> Resul
                 );
                 return Ok(());
             }
+            HostMsg::Serve if setup_done => return serve::run(writer, reader),
             other => {
                 return Err(format!(
                     "the host sent {} before the command was set up; vexec and vexec-agent from different builds? reinstall both",

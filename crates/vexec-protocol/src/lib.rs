@@ -20,10 +20,20 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change; both ends refuse a mismatch.
-pub const VERSION: u32 = 6;
+pub const VERSION: u32 = 7;
 
 /// Name of the virtio-serial port carrying the protocol.
 pub const PORT_NAME: &str = "vexec.ctl";
+
+/// A persistent VM (`vexec up`) has ports named this plus a number, one
+/// per command that may run at once; each carries one command at a time
+/// (`Exec`, its input and signals; its output and `Exited`), again and
+/// again.
+pub const EXEC_PORT_PREFIX: &str = "vexec.exec.";
+
+/// The port the QEMU guest agent's protocol is served on (qemu-ga's name,
+/// so tools that look for it find it).
+pub const QGA_PORT_NAME: &str = "org.qemu.guest_agent.0";
 
 /// The line the host writes on the serial console to ask the agent where
 /// it stands (a channel apart from the control port, so it works when the
@@ -36,7 +46,7 @@ pub const REPORT_END: &str = "end";
 
 /// How many kinds of [`HostMsg`] there are: a frame whose tag is this or
 /// more is not a message (checked against the encoding by a unit test).
-pub const HOST_MSG_COUNT: usize = 7;
+pub const HOST_MSG_COUNT: usize = 8;
 /// How many kinds of [`GuestMsg`] there are.
 pub const GUEST_MSG_COUNT: usize = 12;
 
@@ -186,6 +196,11 @@ pub enum HostMsg {
     /// Whoever read this stream on the host went away: the command's next
     /// write to it must fail with EPIPE (SIGPIPE), as it would locally.
     OutputClosed(Stream),
+    /// Instead of one command: stay up and serve the exec ports (and the
+    /// QEMU guest agent's port when there is one), answering `Started`
+    /// once they are served. A `Signal` or the end of the control port
+    /// then ends every command, syncs, sends `Exited` and powers off.
+    Serve,
 }
 
 impl HostMsg {
@@ -199,6 +214,7 @@ impl HostMsg {
             HostMsg::Signal(_) => "Signal",
             HostMsg::WindowSize { .. } => "WindowSize",
             HostMsg::OutputClosed(_) => "OutputClosed",
+            HostMsg::Serve => "Serve",
         }
     }
 }
@@ -348,7 +364,7 @@ mod tests {
     #[test]
     fn message_counts_match_the_encoding() {
         // postcard writes the variant index as the body's first byte.
-        let last_host = postcard::to_stdvec(&HostMsg::OutputClosed(Stream::Stderr)).unwrap();
+        let last_host = postcard::to_stdvec(&HostMsg::Serve).unwrap();
         assert_eq!(last_host[0] as usize, HOST_MSG_COUNT - 1);
         let last_guest = postcard::to_stdvec(&GuestMsg::Aftermath(Aftermath::default())).unwrap();
         assert_eq!(last_guest[0] as usize, GUEST_MSG_COUNT - 1);
