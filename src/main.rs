@@ -8,7 +8,7 @@ use std::ffi::OsString;
 use vexec::artifacts::cache;
 use vexec::cli::{self, config, settings};
 use vexec::kernel::build as kbuild;
-use vexec::modes::{bisect, matrix, run, rundir};
+use vexec::modes::{bisect, matrix, persistent, run, rundir};
 use vexec::{host, store};
 
 use clap::Parser;
@@ -32,6 +32,12 @@ fn main() {
             let c = parsed(<cli::Cli as clap::FromArgMatches>::from_arg_matches(
                 &matches,
             ));
+            // `vexec shell NAME`: a login shell in a VM that is up.
+            if let [name] = &c.command[..]
+                && !args.iter().any(|a| a == "--")
+            {
+                std::process::exit(shell_in(&c, &name.to_string_lossy()));
+            }
             if !c.command.is_empty() {
                 parsed::<()>(Err(shell.error(
                     clap::error::ErrorKind::UnknownArgument,
@@ -39,6 +45,11 @@ fn main() {
                 )));
             }
             args.remove(1);
+        }
+        Some("up") => std::process::exit(up(&args, false)),
+        Some(persistent::up::DAEMON_WORD) => std::process::exit(up(&args, true)),
+        Some(persistent::up::CLEANER_WORD) => {
+            std::process::exit(persistent::up::cleaner(&args[2..]))
         }
         Some("__bisect-step") => std::process::exit(match bisect::parse(&args[2..]) {
             Ok(b) => bisect::step(&b),
@@ -119,6 +130,12 @@ fn verb(args: &[OsString]) -> i32 {
         Verb::Bisect(_) => {
             failed_is_125(bisect::parse(&args[2..]).and_then(|b| bisect::bisect(&b)))
         }
+        Verb::Exec(e) => {
+            let spec = exec_spec(e.as_run());
+            failed_is_125(in_vm(&e.name, &spec))
+        }
+        Verb::Ps => failed_is_125(persistent::ps()),
+        Verb::Down(d) => failed_is_125(persistent::down(&d.names, d.all)),
         Verb::Completions { shell } => {
             let mut out = std::io::stdout().lock();
             clap_complete::generate(shell, &mut cli::verbs::everything(), "vexec", &mut out);
@@ -131,6 +148,58 @@ fn verb(args: &[OsString]) -> i32 {
                 .map_err(|e| format!("writing the man page: {e}")),
         ),
     }
+}
+
+/// `vexec up ...` (`daemon`: the up process it starts, given the same
+/// words): the run options, with no config file change.
+fn up(args: &[OsString], daemon: bool) -> i32 {
+    let mut command = cli::vms::up_command();
+    let matches = parsed(command.try_get_matches_from_mut(&args[1..]));
+    let opts = cli::vms::up_options(&matches);
+    let c = parsed(<cli::Cli as clap::FromArgMatches>::from_arg_matches(
+        &matches,
+    ));
+    if !c.command.is_empty() {
+        vexec::say!(
+            "vexec: error: `vexec up` takes run options only; run commands with `vexec exec NAME -- COMMAND` once it is up"
+        );
+        return run::STATUS_FAILED;
+    }
+    if !daemon {
+        return failed_is_125(persistent::up::up(&args[2..], &opts));
+    }
+    let built = host_facts().and_then(|host| {
+        let config = load_config(&c, &host.cwd).map_err(|e| e.to_string())?;
+        settings::build(c, config.as_ref(), host, false).map_err(|e| e.to_string())
+    });
+    failed_is_125(
+        built.and_then(|spec| persistent::up::daemon(&spec, &opts).map_err(|e| e.to_string())),
+    )
+}
+
+/// The run a command in a VM describes (its environment, user, terminal).
+fn exec_spec(c: cli::Cli) -> Result<vexec::modes::spec::RunSpec, String> {
+    let host = host_facts()?;
+    settings::build(c, None, host, true).map_err(|e| e.to_string())
+}
+
+/// Runs the spec's command in the VM `name`.
+fn in_vm(name: &str, spec: &Result<vexec::modes::spec::RunSpec, String>) -> Result<i32, String> {
+    let spec = spec.as_ref().map_err(Clone::clone)?;
+    let relay = host::session::SignalRelay::install()
+        .map_err(|e| format!("installing signal handlers: {e}"))?;
+    let entry = persistent::attach::find(name).map_err(|e| e.to_string())?;
+    persistent::attach::warn_unshared_cwd(&entry, spec);
+    persistent::attach::exec(&entry, spec, run::exec_for(spec), &relay).map_err(|e| e.to_string())
+}
+
+/// `vexec shell NAME`: the login shell in that VM, with `shell`'s options.
+fn shell_in(c: &cli::Cli, name: &str) -> i32 {
+    let mut s = cli::Cli::try_parse_from(["vexec"]).expect("no arguments always parse");
+    (s.env, s.unset_env) = (c.env.clone(), c.unset_env.clone());
+    (s.sudo, s.tty, s.no_tty) = (c.sudo, c.tty, c.no_tty);
+    s.machine.quiet = c.machine.quiet;
+    failed_is_125(in_vm(name, &exec_spec(s)))
 }
 
 /// The only place that reads the process environment and host facts.

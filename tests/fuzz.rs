@@ -77,6 +77,7 @@ fn host_msg() -> impl Strategy<Value = HostMsg> {
         any::<i32>().prop_map(HostMsg::Signal),
         Just(HostMsg::OutputClosed(Stream::Stdout)),
         Just(HostMsg::OutputClosed(Stream::Stderr)),
+        Just(HostMsg::Serve),
     ]
 }
 

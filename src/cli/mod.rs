@@ -6,6 +6,7 @@ pub mod settings;
 
 mod machine;
 pub mod verbs;
+pub mod vms;
 
 pub use machine::{DEFAULT_CPUS, DEFAULT_MEMORY, MachineOptions};
 

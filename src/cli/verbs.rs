@@ -65,6 +65,22 @@ pub enum Verb {
     )]
     Bisect(BisectCli),
 
+    /// Run a command in a VM started with `vexec up` (or see `vexec shell
+    /// NAME`): its streams, input, signals, terminal and exit status as in
+    /// a plain run. Many may run at once.
+    #[command(
+        after_help = "Examples:\n  vexec exec dev -- modprobe -v veth\n  vexec exec dev --sudo -- dmesg\n  vexec exec dev -t -- top"
+    )]
+    Exec(Box<super::vms::ExecCli>),
+
+    /// List your VMs started with `vexec up`: name, state, kernel, uptime,
+    /// memory, QEMU's resident memory, the up process, the socket.
+    Ps,
+
+    /// Shut down VMs started with `vexec up` (or clean up after dead ones).
+    #[command(after_help = "Examples:\n  vexec down dev\n  vexec down --all")]
+    Down(super::vms::DownCli),
+
     /// Print shell completions for vexec.
     #[command(
         after_help = "Example:\n  vexec completions bash > ~/.local/share/bash-completion/completions/vexec"
@@ -177,7 +193,8 @@ pub fn is_verb(word: &str) -> bool {
         .any(|s| s.get_name() == word)
 }
 
-/// `vexec shell [RUN OPTIONS]`: the plain run's options, no command.
+/// `vexec shell [RUN OPTIONS]` (or `vexec shell NAME`: a shell in that
+/// VM): the plain run's options, no command.
 pub fn shell_command() -> clap::Command {
     Cli::command()
         .name("shell")
@@ -185,7 +202,7 @@ pub fn shell_command() -> clap::Command {
         .about("Open your login shell in the guest, on a real terminal (the same as `vexec` with no command).")
         .long_about(None)
         .mut_arg("command", |a| a.hide(true))
-        .after_help("Examples:\n  vexec shell\n  vexec shell -k 6.12.57+deb13-amd64 --sudo")
+        .after_help("Examples:\n  vexec shell\n  vexec shell -k 6.12.57+deb13-amd64 --sudo\n  vexec shell dev      (a shell in the VM `vexec up --name dev` started)")
 }
 
 /// Every verb, the shell and the plain run in one command: what the
@@ -197,6 +214,7 @@ pub fn everything() -> clap::Command {
         all = all.subcommand(sub.clone());
     }
     all.subcommand(shell_command())
+        .subcommand(super::vms::up_command())
 }
 
 #[cfg(test)]
@@ -213,6 +231,7 @@ mod tests {
     fn the_definitions_hold_together() {
         VerbCli::command().debug_assert();
         shell_command().debug_assert();
+        super::super::vms::up_command().debug_assert();
         everything().debug_assert();
     }
 

@@ -65,7 +65,14 @@ impl SignalRelay {
         Ok(relay)
     }
 
-    fn attach(&self, tx: Option<Sender<Event>>) {
+    /// Delivers `sig` to the running session as if it came from outside
+    /// (`vexec down` stops a persistent VM this way); false without one.
+    pub fn raise(&self, sig: i32) -> bool {
+        let tx = self.slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        tx.is_some_and(|tx| tx.send(Event::Signal(sig)).is_ok())
+    }
+
+    pub(crate) fn attach(&self, tx: Option<Sender<Event>>) {
         *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = tx;
     }
 }
@@ -139,6 +146,44 @@ pub enum Job {
     /// A batch run (`vexec run-dir`): the guest runs what its initramfs
     /// holds and reports each program to the sink.
     Batch(Box<dyn BatchSink>),
+    /// A persistent VM (`vexec up`): set up the root, then serve commands
+    /// on the exec ports until stopped (a signal, or `vexec down`).
+    Serve {
+        setup: Box<Setup>,
+        server: Arc<dyn Server>,
+    },
+}
+
+/// Whoever serves a persistent VM's ports on the host.
+pub trait Server: Send + Sync {
+    /// The guest serves: the host ends of its exec ports (as many as
+    /// [`QemuConfig::exec_port_fds`]) and of its QEMU guest agent port.
+    fn serving(&self, ports: Vec<UnixStream>, qga: Option<UnixStream>);
+}
+
+/// The host ends of a persistent VM's ports, until the guest serves them.
+pub type ServeEnds = (Vec<UnixStream>, Option<UnixStream>);
+
+/// Makes a socket pair per exec port (and the QEMU guest agent's), points
+/// QEMU at the guest ends; the host ends, and the guest ends to inherit.
+fn serve_ports(q: &mut QemuConfig) -> std::io::Result<(ServeEnds, Vec<UnixStream>)> {
+    let (mut host, mut guest) = (Vec::new(), Vec::new());
+    for fd in q.exec_port_fds.iter_mut() {
+        let (h, g) = UnixStream::pair()?;
+        *fd = g.as_raw_fd();
+        host.push(h);
+        guest.push(g);
+    }
+    let qga = match q.qga_fd {
+        Some(_) => {
+            let (h, g) = UnixStream::pair()?;
+            q.qga_fd = Some(g.as_raw_fd());
+            guest.push(g);
+            Some(h)
+        }
+        None => None,
+    };
+    Ok(((host, qga), guest))
 }
 
 /// Where a batch run's reports go, as they arrive.
@@ -238,6 +283,8 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
         p.qemu.qmp_fd = Some(guest_qmp.as_raw_fd());
         inherit.push(guest_qmp.as_raw_fd());
     }
+    let (serve_ends, guest_ports) = serve_ports(&mut p.qemu).map_err(spawn_err(&p))?;
+    inherit.extend(guest_ports.iter().map(|s| s.as_raw_fd()));
     let (daemons, daemon_fds) = start_daemons(&mut p)?;
     inherit.extend(daemon_fds.iter().map(|f| f.as_raw_fd()));
     let args = qemu::argv(&p.qemu);
@@ -263,6 +310,7 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
     drop(guest_con);
     drop(guest_ctl);
     drop(daemon_fds);
+    drop(guest_ports);
     let mut qmp = LazyQmp::new(qmp_pair.map(|(host, guest)| {
         drop(guest);
         host
@@ -286,7 +334,7 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
             Arc::clone(&ctl_writer),
             tap.clone(),
         )),
-        Job::Batch(_) => None,
+        Job::Batch(_) | Job::Serve { .. } => None,
     };
     read_control(host_ctl, tx.clone(), outputs, Arc::clone(&progress));
     drop(tx);
@@ -299,6 +347,7 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
         progress: &progress,
         console: console_writer,
         qmp: &mut qmp,
+        serve_ends: Some(serve_ends),
     };
     let mut outcome = event_loop::run(&mut p, &mut t, cx, &rx);
     if let Some(path) = &p.dump_on_panic {
@@ -358,7 +407,7 @@ fn dump_on_panic(outcome: &mut Outcome, qmp: &mut LazyQmp, path: &std::path::Pat
 /// Reads the guest's messages on a thread until the channel closes:
 /// output is written at once (in order with everything else the guest
 /// says), the rest goes to the event loop.
-fn read_control(
+pub(crate) fn read_control(
     mut reader: UnixStream,
     tx: Sender<Event>,
     outputs: Option<Outputs>,
@@ -420,7 +469,7 @@ fn spawn_err(p: &Params) -> impl Fn(std::io::Error) -> VmError + '_ {
 }
 
 /// Forwards vexec's stdin to the guest until end of file.
-pub(super) fn pump_stdin(w: Arc<Mutex<UnixStream>>) {
+pub(crate) fn pump_stdin(w: Arc<Mutex<UnixStream>>) {
     std::thread::spawn(move || {
         // SAFETY: fd 0 stays open; ManuallyDrop keeps it so.
         let mut stdin = ManuallyDrop::new(unsafe { File::from_raw_fd(0) });

@@ -127,6 +127,8 @@ pub fn plan(req: &BootRequest, found: &Found) -> BootPlan {
         console_fd: 3,
         control_fd: 4,
         qmp_fd: None,
+        exec_port_fds: Vec::new(),
+        qga_fd: None,
         incoming_fd: None,
         extra: qemu_args,
     };

@@ -198,6 +198,8 @@ impl Saver for SaveJob {
 pub fn shape_key(config: &QemuConfig) -> String {
     let mut c = config.clone();
     (c.console_fd, c.control_fd, c.qmp_fd, c.incoming_fd) = (3, 4, None, None);
+    c.exec_port_fds.fill(-1);
+    c.qga_fd = c.qga_fd.map(|_| -1);
     for s in &mut c.shares {
         s.path = PathBuf::new();
         if let Backend::Virtiofs { fd } = &mut s.backend {

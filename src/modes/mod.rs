@@ -4,6 +4,7 @@
 pub mod bisect;
 pub mod cache;
 pub mod matrix;
+pub mod persistent;
 pub mod run;
 pub mod rundir;
 pub mod spec;

@@ -82,7 +82,8 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
     if spec.argv.is_empty() {
         return Err(RunError::NoCommand);
     }
-    let qemu_bin = vmmod::find_qemu(spec.qemu.as_deref(), spec.path_var.clone())?;
+    // Checked first: a host without QEMU is told so before anything else.
+    vmmod::find_qemu(spec.qemu.as_deref(), spec.path_var.clone())?;
     let output = spec.output.as_deref().map(OutputDir::create).transpose()?;
     let shares = shares_for(spec, output.as_ref())?;
     let cache = Cache::open(spec.cache_dir.clone())?;
@@ -90,35 +91,18 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
     if kernel.info.arch != Arch::X86_64 {
         return foreign(spec, &kernel, relay);
     }
-    let root = root_of(spec)?;
-    let (chosen, art) = prepare(spec, &cache, &kernel)?;
-    if spec.verbose {
-        describe(&kernel, &art, &chosen, &shares);
-    }
-    let start = launch::Start {
-        accel: spec.accel,
-        gdb: spec.gdb,
-        boot_timeout: spec.boot_timeout,
-        slow_boot: false,
-        quiet: spec.quiet,
-    };
-    let found = Found {
-        default_firmware: qemu::default_firmware(Arch::X86_64, &qemu_bin),
-        qemu: qemu_bin,
-        accel: launch::first_accel(&start, cache.root()),
-        firmware: None,
-        image: kernel.image.clone(),
-        direct_kernel: art.kernel.clone(),
-        initrd: art.initramfs.clone(),
-        transport: chosen.transport,
-        virtiofsd: chosen.virtiofsd.clone(),
-    };
-    let plan = plan::plan(&boot_request(spec, root, shares), &found);
+    let Machine {
+        kernel,
+        chosen,
+        art,
+        plan,
+        setup,
+        start,
+    } = machine(spec, &cache, kernel, shares)?;
     if spec.dry_run {
         print_dry_run(&plan);
         return Ok(0);
     }
-    let setup = setup_for(spec, &chosen, &plan, &art);
     let exec = exec_with_output(spec, output.as_ref());
     let collector = spec.results.map(Collector::new);
     if let Some(port) = spec.gdb {
@@ -159,8 +143,63 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
     Ok(ended.status)
 }
 
+/// A machine planned for the host's root with an x86_64 kernel: what a
+/// plain run and a persistent VM (`vexec up`) both launch.
+pub struct Machine {
+    pub kernel: Kernel,
+    pub chosen: Chosen,
+    pub art: BootArtifacts,
+    pub plan: BootPlan,
+    /// How the guest builds its root.
+    pub setup: Setup,
+    pub start: launch::Start,
+}
+
+/// Plans the machine `spec` asks for, with `kernel` and `shares`.
+pub fn machine(
+    spec: &RunSpec,
+    cache: &Cache,
+    kernel: Kernel,
+    shares: Vec<ResolvedShare>,
+) -> Result<Machine, RunError> {
+    let qemu_bin = vmmod::find_qemu(spec.qemu.as_deref(), spec.path_var.clone())?;
+    let root = root_of(spec)?;
+    let (chosen, art) = prepare(spec, cache, &kernel)?;
+    if spec.verbose {
+        describe(&kernel, &art, &chosen, &shares);
+    }
+    let start = launch::Start {
+        accel: spec.accel,
+        gdb: spec.gdb,
+        boot_timeout: spec.boot_timeout,
+        slow_boot: false,
+        quiet: spec.quiet,
+    };
+    let found = Found {
+        default_firmware: qemu::default_firmware(Arch::X86_64, &qemu_bin),
+        qemu: qemu_bin,
+        accel: launch::first_accel(&start, cache.root()),
+        firmware: None,
+        image: kernel.image.clone(),
+        direct_kernel: art.kernel.clone(),
+        initrd: art.initramfs.clone(),
+        transport: chosen.transport,
+        virtiofsd: chosen.virtiofsd.clone(),
+    };
+    let plan = plan::plan(&boot_request(spec, root, shares), &found);
+    let setup = setup_for(spec, &chosen, &plan, &art);
+    Ok(Machine {
+        kernel,
+        chosen,
+        art,
+        plan,
+        setup,
+        start,
+    })
+}
+
 /// Why this run boots rather than restoring a saved guest, if it must.
-fn cold_reason(spec: &RunSpec) -> Option<String> {
+pub fn cold_reason(spec: &RunSpec) -> Option<String> {
     if spec.cold {
         Some("--cold".into())
     } else if spec.gdb.is_some() {
@@ -171,7 +210,10 @@ fn cold_reason(spec: &RunSpec) -> Option<String> {
 }
 
 /// The shares the user asked for, and `--output`'s directory.
-fn shares_for(spec: &RunSpec, output: Option<&OutputDir>) -> Result<Vec<ResolvedShare>, RunError> {
+pub fn shares_for(
+    spec: &RunSpec,
+    output: Option<&OutputDir>,
+) -> Result<Vec<ResolvedShare>, RunError> {
     let mut requests = spec.shares.clone();
     if let Some(o) = output {
         requests.push(ShareRequest {
@@ -182,7 +224,7 @@ fn shares_for(spec: &RunSpec, output: Option<&OutputDir>) -> Result<Vec<Resolved
     Ok(shares::resolve(&requests, &spec.cwd, spec.share_cwd)?)
 }
 
-fn resolve_kernel(spec: &RunSpec, cache: &Cache) -> Result<Kernel, RunError> {
+pub fn resolve_kernel(spec: &RunSpec, cache: &Cache) -> Result<Kernel, RunError> {
     let defaults = Defaults {
         running: spec.running_release.clone(),
         boot_dir: PathBuf::from("/boot"),
@@ -446,7 +488,7 @@ fn keep_record(
 
 /// The command as the guest runs it: as the caller, or with `--sudo` as
 /// root with the caller's environment plus what sudo adds.
-fn exec_for(spec: &RunSpec) -> Exec {
+pub fn exec_for(spec: &RunSpec) -> Exec {
     let mut env: Vec<(Vec<u8>, Vec<u8>)> = spec
         .env
         .iter()

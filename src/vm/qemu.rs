@@ -57,6 +57,11 @@ pub struct QemuConfig {
     pub control_fd: i32,
     /// Inherited socket for a QMP monitor, when one is wanted.
     pub qmp_fd: Option<i32>,
+    /// A persistent VM's exec ports: one inherited socket each (-1 until
+    /// the session makes them).
+    pub exec_port_fds: Vec<i32>,
+    /// A persistent VM's QEMU guest agent port (its inherited socket).
+    pub qga_fd: Option<i32>,
     /// Restore the machine from the saved state on this inherited
     /// descriptor instead of booting it (`-incoming fd:N`).
     pub incoming_fd: Option<i32>,
@@ -125,6 +130,27 @@ pub fn argv(c: &QemuConfig) -> Vec<OsString> {
             crate::protocol::PORT_NAME
         ),
     ]);
+    // The QEMU guest agent's port rides on the control port's bus.
+    if let Some(fd) = c.qga_fd {
+        a.extend(serial_port(
+            "vser",
+            "qga",
+            fd,
+            crate::protocol::QGA_PORT_NAME,
+        ));
+    }
+    // QEMU drops a control message when the guest has no buffer for it
+    // (32 per bus): with many ports on one bus, a port's "host connected"
+    // event is lost and the guest's writes to it block for ever. Each
+    // port costs three such messages, so a bus carries at most eight.
+    for (i, fd) in c.exec_port_fds.iter().enumerate() {
+        let bus = format!("vexec{}", i / PORTS_PER_BUS);
+        if i % PORTS_PER_BUS == 0 {
+            a.extend(["-device".into(), format!("virtio-serial-pci,id={bus}")]);
+        }
+        let name = format!("{}{i}", crate::protocol::EXEC_PORT_PREFIX);
+        a.extend(serial_port(&bus, &format!("exec{i}"), *fd, &name));
+    }
     // vhost-user devices access guest memory directly: it must be shared.
     if c.shares
         .iter()
@@ -269,6 +295,19 @@ pub fn shell_line(binary: &std::path::Path, args: &[OsString]) -> String {
         .join(" ")
 }
 
+/// Exec ports per virtio-serial bus (see where they are added).
+const PORTS_PER_BUS: usize = 8;
+
+/// A virtio-serial port named `name` on `bus`, backed by inherited socket `fd`.
+fn serial_port(bus: &str, id: &str, fd: i32, name: &str) -> [String; 4] {
+    [
+        "-chardev".into(),
+        format!("socket,id={id},fd={fd}"),
+        "-device".into(),
+        format!("virtserialport,bus={bus}.0,chardev={id},name={name}"),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,6 +363,8 @@ mod tests {
             console_fd: 5,
             control_fd: 6,
             qmp_fd: None,
+            exec_port_fds: Vec::new(),
+            qga_fd: None,
             incoming_fd: None,
             extra: vec!["-s".into()],
         }

@@ -54,6 +54,8 @@ pub struct Context<'a> {
     pub console: UnixStream,
     /// The machine's monitor (saving, restoring, adding devices).
     pub qmp: &'a mut LazyQmp,
+    /// A persistent VM's ports, handed to its server once the guest serves.
+    pub serve_ends: Option<super::session::ServeEnds>,
 }
 
 /// The loop's state.
@@ -229,6 +231,11 @@ impl Loop<'_, '_> {
             }
             GuestMsg::Started { uptime_ms } => {
                 self.t.guest_started_ms = Some(uptime_ms);
+                if let (Job::Serve { server, .. }, Some((ports, qga))) =
+                    (&self.p.job, self.cx.serve_ends.take())
+                {
+                    server.serving(ports, qga);
+                }
                 self.setup = None;
                 if self.interrupted.is_none() && self.reporting.is_none() {
                     self.deadline = self.run_deadline;
@@ -302,7 +309,7 @@ impl Loop<'_, '_> {
         self.run_deadline = self.p.timeout.map(|d| Instant::now() + d);
         self.deadline = self.run_deadline;
         // A batch reports each program; a command, that it started.
-        if matches!(self.p.job, Job::Command { .. }) {
+        if matches!(self.p.job, Job::Command { .. } | Job::Serve { .. }) {
             // The boot timeout itself, not a KVM probe's shorter limit.
             let setup_until = Instant::now() + self.p.boot_timeout;
             self.setup = Some((setup_until, self.cx.vm.cpu_wait()));
@@ -336,14 +343,16 @@ impl Loop<'_, '_> {
     /// Sends the command's setup (fresh for this run) and the command;
     /// false when the control port is gone.
     fn send_job(&mut self) -> bool {
-        let Job::Command { setup, exec, .. } = &self.p.job else {
-            return true;
+        let (setup, then) = match &self.p.job {
+            Job::Command { setup, exec, .. } => (setup, HostMsg::Exec((**exec).clone())),
+            Job::Serve { setup, .. } => (setup, HostMsg::Serve),
+            Job::Batch(_) => return true,
         };
         let mut setup = (**setup).clone();
         setup.fresh = warm::fresh();
         let ctl = self.cx.ctl;
         send(ctl, &HostMsg::Setup(setup))
-            .and_then(|_| send(ctl, &HostMsg::Exec((**exec).clone())))
+            .and_then(|_| send(ctl, &then))
             .is_ok()
     }
 

@@ -1,0 +1,132 @@
+//! The persistent VM verbs' options: `up` takes a plain run's options plus
+//! its own (so clap parses it like `shell`), `exec` a command's options,
+//! `down` names.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Arg, ArgAction, ArgMatches, Args, CommandFactory};
+
+use super::{Cli, parse_duration, parse_env};
+use crate::modes::persistent::up::UpOptions;
+
+/// The default number of commands a VM runs at once.
+pub const DEFAULT_PORTS: usize = 16;
+
+/// `vexec up [RUN OPTIONS] [--name NAME] [--qga SOCKET] [--idle DURATION]`.
+pub fn up_command() -> clap::Command {
+    Cli::command()
+        .name("up")
+        .bin_name("vexec up")
+        .about("Boot a VM that stays up: run commands in it with `vexec exec NAME -- COMMAND` or `vexec shell NAME`, list with `vexec ps`, end with `vexec down NAME`. Returns once the guest serves.")
+        .long_about(None)
+        .mut_arg("command", |a| a.hide(true))
+        .arg(
+            Arg::new("name")
+                .long("name")
+                .value_name("NAME")
+                .default_value("default")
+                .help("The VM's name, for exec, shell, ps and down"),
+        )
+        .arg(
+            Arg::new("qga")
+                .long("qga")
+                .value_name("SOCKET")
+                .value_parser(clap::value_parser!(PathBuf))
+                .help("Also serve the QEMU guest agent protocol (as qemu-ga speaks it) on this unix socket"),
+        )
+        .arg(
+            Arg::new("idle")
+                .long("idle")
+                .value_name("DURATION")
+                .value_parser(parse_duration)
+                .help("Shut the VM down after this long without a command [default: never]"),
+        )
+        .arg(
+            Arg::new("max_execs")
+                .long("max-execs")
+                .value_name("N")
+                .value_parser(clap::value_parser!(u16).range(1..=400))
+                .help("How many commands may run at once; more wait [default: 16]"),
+        )
+        .after_help("Examples:\n  vexec up --name dev -k 6.12.57+deb13-amd64\n  vexec exec dev -- modprobe -v veth\n  vexec up --name ga --qga ./qga.sock --idle 30m")
+}
+
+/// `up`'s own options from its parsed words.
+pub fn up_options(m: &ArgMatches) -> UpOptions {
+    UpOptions {
+        name: m.get_one::<String>("name").cloned().unwrap_or_default(),
+        qga: m.get_one::<PathBuf>("qga").cloned(),
+        idle: m.get_one::<Duration>("idle").copied(),
+        ports: m
+            .get_one::<u16>("max_execs")
+            .map_or(DEFAULT_PORTS, |n| *n as usize),
+    }
+}
+
+/// `vexec exec NAME [OPTIONS] -- COMMAND...`.
+#[derive(Debug, Args)]
+pub struct ExecCli {
+    /// The VM (as `vexec up --name` named it).
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// Set KEY to VALUE in the command's environment (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<(OsString, OsString)>,
+    /// Remove KEY from the command's environment (repeatable).
+    #[arg(long = "unset-env", value_name = "KEY")]
+    pub unset_env: Vec<OsString>,
+    /// Run the command as root in the guest, keeping your environment.
+    #[arg(long)]
+    pub sudo: bool,
+    /// Run the command on a pseudo-terminal.
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Never use a pseudo-terminal: plain pipes.
+    #[arg(short = 'T', long, conflicts_with = "tty")]
+    pub no_tty: bool,
+    /// Kill the command after DURATION (exit status 124).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Say nothing but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// The command and its arguments (after `--`).
+    #[arg(
+        value_name = "COMMAND",
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub command: Vec<OsString>,
+}
+
+impl ExecCli {
+    /// The plain run these options describe (what builds the command).
+    pub fn as_run(&self) -> Cli {
+        let mut cli = Cli::try_parse_from(["vexec"]).expect("no arguments always parse");
+        cli.env = self.env.clone();
+        cli.unset_env = self.unset_env.clone();
+        cli.sudo = self.sudo;
+        cli.tty = self.tty;
+        cli.no_tty = self.no_tty;
+        cli.machine.timeout = self.timeout;
+        cli.machine.quiet = self.quiet;
+        cli.command = self.command.clone();
+        cli
+    }
+}
+
+/// `vexec down NAME... | --all`.
+#[derive(Debug, Args)]
+pub struct DownCli {
+    /// The VMs to shut down.
+    #[arg(value_name = "NAME", required_unless_present = "all")]
+    pub names: Vec<String>,
+    /// Every VM of yours, and what dead ones left.
+    #[arg(long, action = ArgAction::SetTrue, conflicts_with = "names")]
+    pub all: bool,
+}
+
+use clap::Parser as _;

@@ -1,0 +1,225 @@
+//! Where persistent VMs are found: one private directory per VM under the
+//! user's runtime directory, holding the lock its `up` process keeps for
+//! as long as it lives, its control socket, what it is (`info.json`) and
+//! its log. A directory whose lock nobody holds is a dead VM's.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::VmsError;
+
+/// What a persistent VM is, written by its `up` process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Info {
+    pub name: String,
+    /// The `up` process, which owns QEMU.
+    pub pid: u32,
+    pub qemu_pid: Option<u32>,
+    pub kernel: String,
+    pub memory: String,
+    pub cpus: u32,
+    /// Seconds since the Unix epoch.
+    pub started: u64,
+    /// The guest serves commands.
+    pub ready: bool,
+    /// Host directories the guest writes through to, by host path.
+    pub writable: Vec<PathBuf>,
+    /// The QEMU guest agent socket, when served.
+    pub qga: Option<PathBuf>,
+    /// How many commands may run at once.
+    pub ports: usize,
+}
+
+/// The directory of every VM of this user: `$XDG_RUNTIME_DIR/vexec/vms`,
+/// else a private directory in the temp dir; made 0700 and checked to be
+/// the user's own, so no other user can reach a VM's socket.
+pub fn root() -> Result<PathBuf, VmsError> {
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d).join("vexec").join("vms"),
+        None => std::env::temp_dir()
+            .join(format!("vexec-{uid}"))
+            .join("vms"),
+    };
+    for d in [dir.parent().unwrap_or(&dir), &dir] {
+        private_dir(d, uid)?;
+    }
+    Ok(dir)
+}
+
+/// Makes `d` (mode 0700) or checks that it is `uid`'s own and private.
+fn private_dir(d: &Path, uid: u32) -> Result<(), VmsError> {
+    let err = |why: String| VmsError::RuntimeDir {
+        path: d.to_path_buf(),
+        why,
+    };
+    match std::fs::DirBuilder::new().mode(0o700).create(d) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(err(e.to_string())),
+    }
+    let m = std::fs::symlink_metadata(d).map_err(|e| err(e.to_string()))?;
+    if !m.is_dir() || m.uid() != uid {
+        return Err(err(format!("it is not a directory owned by uid {uid}")));
+    }
+    if m.mode() & 0o077 != 0 {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| err(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Checks a VM name: it becomes a directory name.
+pub fn check_name(name: &str) -> Result<(), VmsError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['.', '-'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(VmsError::BadName(name.to_string()))
+    }
+}
+
+/// One VM's directory.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub dir: PathBuf,
+}
+
+impl Entry {
+    pub fn new(root: &Path, name: &str) -> Entry {
+        Entry {
+            dir: root.join(name),
+        }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("ctl.sock")
+    }
+
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("log")
+    }
+
+    fn lock_path(&self) -> PathBuf {
+        self.dir.join("lock")
+    }
+
+    /// Whether a live `up` process holds this VM's lock.
+    pub fn alive(&self) -> bool {
+        let Ok(f) = File::open(self.lock_path()) else {
+            return false;
+        };
+        // SAFETY: flock on a descriptor we own.
+        let free = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        !free
+    }
+
+    pub fn info(&self) -> Option<Info> {
+        let text = std::fs::read(self.dir.join("info.json")).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// Writes `info` atomically (readers never see half of it).
+    pub fn write_info(&self, info: &Info) -> std::io::Result<()> {
+        let tmp = self.dir.join("info.json.tmp");
+        let mut f = File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(info).map_err(std::io::Error::other)?)?;
+        std::fs::rename(tmp, self.dir.join("info.json"))
+    }
+
+    /// Takes the directory for a new VM: a dead VM's is cleared first; a
+    /// live one's is refused. The lock is held while the file stays open.
+    pub fn claim(&self) -> Result<File, VmsError> {
+        let name = self.name();
+        if self.dir.exists() && !self.alive() {
+            self.remove();
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(&self.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(VmsError::NameInUse(name));
+            }
+            Err(e) => {
+                return Err(VmsError::RuntimeDir {
+                    path: self.dir.clone(),
+                    why: e.to_string(),
+                });
+            }
+        }
+        let lock = File::create(self.lock_path()).map_err(|e| VmsError::RuntimeDir {
+            path: self.dir.clone(),
+            why: e.to_string(),
+        })?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(VmsError::NameInUse(name));
+        }
+        Ok(lock)
+    }
+
+    /// Removes the directory (sockets, info, log).
+    pub fn remove(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    pub fn name(&self) -> String {
+        (self.dir.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// Every VM directory, by name.
+pub fn all(root: &Path) -> Vec<Entry> {
+    let mut v: Vec<Entry> = std::fs::read_dir(root)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| Entry { dir: e.path() })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_by_key(|e| e.name());
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_plain_directory_names() {
+        for ok in ["dev", "a.b_c-1", "X"] {
+            assert!(check_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "..", "-x", "a/b", ".hidden", "a b", &"x".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_claimed_name_is_in_use_until_its_lock_goes() {
+        let root = tempfile::tempdir().unwrap();
+        let e = Entry::new(root.path(), "dev");
+        let lock = e.claim().unwrap();
+        assert!(e.alive());
+        assert!(matches!(e.claim(), Err(VmsError::NameInUse(_))));
+        drop(lock);
+        assert!(!e.alive());
+        // A dead VM's directory never blocks a new one.
+        std::fs::write(e.socket(), b"stale").unwrap();
+        let _again = e.claim().unwrap();
+        assert!(!e.socket().exists());
+    }
+}
