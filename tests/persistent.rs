@@ -185,8 +185,21 @@ fn exec_gives_what_a_plain_run_gives() {
     assert_eq!(code(&o), Some(124), "{}", stderr(&o));
     assert!(stderr(&o).contains("keeps running"), "{}", stderr(&o));
     assert!(t.elapsed() < Duration::from_secs(20));
-    // ... and the VM still serves.
-    assert_eq!(code(&vms.exec("dev", &["true"])), Some(0));
+    // ... and the VM still serves, on every one of its 16 ports at once
+    // (they sit on two virtio-serial buses, whose ports the guest finds
+    // one by one).
+    let kids: Vec<_> = (0..16)
+        .map(|i| {
+            let mut c = vms.vexec();
+            // A port nobody serves would hang: --timeout fails it instead.
+            c.args(["exec", "-q", "--timeout", "60s", "dev", "--"]);
+            c.args(["sh", "-c", &format!("sleep 2; echo {i}")]);
+            c.stdout(Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    for (i, k) in kids.into_iter().enumerate() {
+        assert_eq!(stdout(&k.wait_with_output().unwrap()), format!("{i}\n"));
+    }
 }
 
 #[test]
@@ -599,4 +612,47 @@ fn a_shell_into_a_running_vm() {
     let o = child.wait_with_output().unwrap();
     assert!(stdout(&o).contains("in-the-vm-42"), "{}", stdout(&o));
     assert_eq!(code(&o), Some(4));
+}
+
+#[test]
+fn a_second_shell_reaches_a_one_shot_run_while_it_runs() {
+    let work = workdir("persist");
+    let vms = Vms::new(work.path());
+    // A "hung test": it leaves a mark only its own guest can see.
+    let mut run = vms
+        .vexec()
+        .args(["-q", "--accel", "tcg", "-k"])
+        .arg(kernel("6.1"))
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "echo hung > /var/tmp/only-in-this-guest; echo ready; sleep 120",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let name = format!("run-{}", run.id());
+    let mut out = run.stdout.take().unwrap();
+    let mut ready = [0u8; 6];
+    out.read_exact(&mut ready).unwrap();
+    assert!(eventually(Duration::from_secs(20), || {
+        let ps = vms.vexec().arg("ps").output().unwrap();
+        stdout(&ps)
+            .lines()
+            .any(|l| l.starts_with(&name) && l.contains("running") && l.contains("sleep 120"))
+    }));
+    let o = vms.exec(&name, &["cat", "/var/tmp/only-in-this-guest"]);
+    assert_eq!(
+        (code(&o), stdout(&o)),
+        (Some(0), "hung\n".into()),
+        "{}",
+        stderr(&o)
+    );
+    // `vexec down` stops it as Ctrl-C would; then it is gone from `ps`.
+    assert_ok(&vms.vexec().args(["down", &name]).output().unwrap());
+    assert_eq!(run.wait().unwrap().code(), Some(143));
+    assert!(!stdout(&vms.vexec().arg("ps").output().unwrap()).contains(&name));
+    let o = vms.exec(&name, &["true"]);
+    assert_eq!(code(&o), Some(125));
 }

@@ -65,19 +65,22 @@ pub enum Verb {
     )]
     Bisect(BisectCli),
 
-    /// Run a command in a VM started with `vexec up` (or see `vexec shell
-    /// NAME`): its streams, input, signals, terminal and exit status as in
-    /// a plain run. Many may run at once.
+    /// Run a command in a VM started with `vexec up`, or in the guest of a
+    /// plain run still going (`run-PID`, see `vexec ps`): its streams,
+    /// input, signals, terminal and exit status as in a plain run. Many may
+    /// run at once. `vexec shell NAME` is your login shell that way.
     #[command(
-        after_help = "Examples:\n  vexec exec dev -- modprobe -v veth\n  vexec exec dev --sudo -- dmesg\n  vexec exec dev -t -- top"
+        after_help = "Examples:\n  vexec exec dev -- modprobe -v veth\n  vexec exec dev --sudo -- dmesg\n  vexec exec dev -t -- top\n  vexec exec run-4242 -- cat /proc/1234/stack   # into a hung test"
     )]
     Exec(Box<super::vms::ExecCli>),
 
-    /// List your VMs started with `vexec up`: name, state, kernel, uptime,
-    /// memory, QEMU's resident memory, the up process, the socket.
+    /// List your VMs started with `vexec up` and your plain runs going on
+    /// now (`run-PID`): name, state, kernel, uptime, memory, QEMU's
+    /// resident memory, the owning vexec process, the socket, the command.
     Ps,
 
-    /// Shut down VMs started with `vexec up` (or clean up after dead ones).
+    /// Shut down VMs started with `vexec up` (or clean up after dead ones);
+    /// on a plain run (`run-PID`), stop it as Ctrl-C would.
     #[command(after_help = "Examples:\n  vexec down dev\n  vexec down --all")]
     Down(super::vms::DownCli),
 

@@ -68,7 +68,7 @@ pub fn up_options(m: &ArgMatches) -> UpOptions {
 /// `vexec exec NAME [OPTIONS] -- COMMAND...`.
 #[derive(Debug, Args)]
 pub struct ExecCli {
-    /// The VM (as `vexec up --name` named it).
+    /// The VM (as `vexec up --name` named it, or `run-PID` from `vexec ps`).
     #[arg(value_name = "NAME")]
     pub name: String,
     /// Set KEY to VALUE in the command's environment (repeatable).

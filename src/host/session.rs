@@ -142,6 +142,8 @@ pub enum Job {
         exec: Box<Exec>,
         /// Sees the command's stdout as it passes (`--results`).
         tap: Option<StdoutTap>,
+        /// Serves the exec ports beside the command (`vexec exec run-PID`).
+        server: Option<Arc<dyn Server>>,
     },
     /// A batch run (`vexec run-dir`): the guest runs what its initramfs
     /// holds and reports each program to the sink.
@@ -154,7 +156,8 @@ pub enum Job {
     },
 }
 
-/// Whoever serves a persistent VM's ports on the host.
+/// Whoever serves a VM's exec ports on the host (a persistent VM's, or a
+/// one-shot run's beside its command).
 pub trait Server: Send + Sync {
     /// The guest serves: the host ends of its exec ports (as many as
     /// [`QemuConfig::exec_port_fds`]) and of its QEMU guest agent port.

@@ -17,6 +17,7 @@ use crate::launch::shares::{self, NotARoot, ResolvedShare, ShareError, ShareRequ
 use crate::launch::transport::{self, Chosen, TransportError};
 use crate::launch::warm::WarmStart;
 use crate::launch::{self, LaunchError, Launched, Watch};
+use crate::modes::persistent::reach::{self, Reach};
 use crate::modes::rundir::RunDirError;
 use crate::modes::spec::{RunSpec, TtyMode};
 use crate::protocol::{Exec, Exit, Setup, ShareMode, Transport, Tty};
@@ -91,17 +92,23 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
     if kernel.info.arch != Arch::X86_64 {
         return foreign(spec, &kernel, relay);
     }
+    let writable = writable_of(&shares);
     let Machine {
         kernel,
         chosen,
         art,
-        plan,
+        mut plan,
         setup,
         start,
     } = machine(spec, &cache, kernel, shares)?;
     if spec.dry_run {
         print_dry_run(&plan);
         return Ok(0);
+    }
+    // `vexec exec run-PID` reaches the run while it runs.
+    let reach = Reach::open(spec, &kernel.info.release, writable, relay);
+    if reach.is_some() {
+        plan.config.exec_port_fds = vec![-1; reach::RUN_PORTS];
     }
     let exec = exec_with_output(spec, output.as_ref());
     let collector = spec.results.map(Collector::new);
@@ -132,7 +139,9 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
         setup: Box::new(setup.clone()),
         exec: Box::new(exec.clone()),
         tap: collector.as_ref().map(Collector::tap),
+        server: reach.as_ref().map(Reach::server),
     })?;
+    drop(reach);
     if spec.verbose {
         print_timings(prep, &launched.timings, t0);
     }
@@ -196,6 +205,14 @@ pub fn machine(
         setup,
         start,
     })
+}
+
+/// The host directories `shares` writes through to.
+pub fn writable_of(shares: &[ResolvedShare]) -> Vec<PathBuf> {
+    (shares.iter())
+        .filter(|s| s.mode == ShareMode::ReadWrite)
+        .map(|s| s.path.clone())
+        .collect()
 }
 
 /// Why this run boots rather than restoring a saved guest, if it must.
@@ -376,6 +393,8 @@ fn setup_for(spec: &RunSpec, chosen: &Chosen, plan: &BootPlan, art: &BootArtifac
         fresh: Default::default(),
         virtiofs_fd_budget: (chosen.transport == Transport::Virtiofs)
             .then(virtiofsd::guest_fd_budget),
+        // Filled in as it is sent, from the machine's ports.
+        served: Default::default(),
     }
 }
 

@@ -223,7 +223,8 @@ fn serve(writer: &exec::PortWriter, mut reader: File, pseudo: PseudoFs) -> Resul
     )
     .map_err(|e| format!("writing to the control port: {e}"))?;
     report::STATE.phase(report::Phase::WaitingForHost);
-    let mut setup_done = false;
+    // Set up, and the ports to serve beside the command or instead of it.
+    let mut setup_done: Option<protocol::ServedPorts> = None;
     loop {
         let msg = protocol::read_frame::<HostMsg>(&mut reader)
             .map_err(|e| exec::undecodable(&e))?
@@ -247,9 +248,10 @@ fn serve(writer: &exec::PortWriter, mut reader: File, pseudo: PseudoFs) -> Resul
                 }
                 let _ = sys::set_hostname(&setup.hostname);
                 step("filesystems ready");
-                setup_done = true;
+                setup_done = Some(setup.served.clone());
             }
-            HostMsg::Exec(e) if setup_done => {
+            HostMsg::Exec(e) if setup_done.is_some() => {
+                serve::beside_command(setup_done.unwrap_or_default());
                 let exit = exec::run(writer, exec::from_port(writer, reader), &e);
                 report::STATE.phase(report::Phase::Ending);
                 sys::sync();
@@ -262,7 +264,10 @@ fn serve(writer: &exec::PortWriter, mut reader: File, pseudo: PseudoFs) -> Resul
                 );
                 return Ok(());
             }
-            HostMsg::Serve if setup_done => return serve::run(writer, reader),
+            HostMsg::Serve => match setup_done {
+                Some(served) => return serve::run(writer, reader, &served),
+                None => return Err("the host sent Serve before the setup; vexec and vexec-agent from different builds? reinstall both".into()),
+            },
             other => {
                 return Err(format!(
                     "the host sent {} before the command was set up; vexec and vexec-agent from different builds? reinstall both",

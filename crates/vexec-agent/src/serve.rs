@@ -7,22 +7,20 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vexec_protocol::{self as protocol, EXEC_PORT_PREFIX, Exec, GuestMsg, HostMsg, QGA_PORT_NAME};
+use vexec_protocol::{
+    self as protocol, EXEC_PORT_PREFIX, Exec, GuestMsg, HostMsg, QGA_PORT_NAME, ServedPorts,
+};
 
 use super::exec::{self, Control, PortWriter, send};
 use super::{qga, sys};
 
 /// Serves until the control port says stop (a signal) or closes; then
 /// every process is killed, the disks synced and `Exited` sent.
-pub fn run(writer: &PortWriter, mut reader: File) -> Result<(), String> {
-    let (exec_ports, qga_port) = served_ports(Duration::from_secs(10));
+pub fn run(writer: &PortWriter, mut reader: File, served: &ServedPorts) -> Result<(), String> {
+    let (exec_ports, qga_port) = served_ports(served, Duration::from_secs(10));
     let count = exec_ports.len();
     for dev in exec_ports {
-        sys::thread("exec-port", move || {
-            if let Err(e) = serve_port(&dev) {
-                eprintln!("vexec-init: error: {}: {e}", dev.display());
-            }
-        });
+        serve_in_background(dev);
     }
     if let Some(dev) = qga_port {
         sys::thread("qga", move || qga::serve(&dev));
@@ -45,6 +43,26 @@ pub fn run(writer: &PortWriter, mut reader: File) -> Result<(), String> {
     Ok(())
 }
 
+/// A one-shot run's exec ports, served beside its command (found and
+/// opened on a thread: the command does not wait for them).
+pub fn beside_command(served: ServedPorts) {
+    if served.exec == 0 {
+        return;
+    }
+    sys::thread("exec-ports", move || {
+        let (exec_ports, _) = served_ports(&served, Duration::from_secs(10));
+        exec_ports.into_iter().for_each(serve_in_background);
+    });
+}
+
+fn serve_in_background(dev: PathBuf) {
+    sys::thread("exec-port", move || {
+        if let Err(e) = serve_port(&dev) {
+            eprintln!("vexec-init: error: {}: {e}", dev.display());
+        }
+    });
+}
+
 /// Ends every process but this one, and says so once the disks are synced.
 fn shut_down(writer: &PortWriter) {
     sys::sync();
@@ -60,23 +78,34 @@ fn shut_down(writer: &PortWriter) {
     );
 }
 
-/// The exec ports and the QGA port, once every port the guest knows has
-/// its device node (they appear asynchronously).
-fn served_ports(wait: Duration) -> (Vec<PathBuf>, Option<PathBuf>) {
+/// The exec ports and the QGA port the host announced, once each has
+/// its name and device node (they arrive one by one, bus by bus); after
+/// `wait`, those that came.
+fn served_ports(want: &ServedPorts, wait: Duration) -> (Vec<PathBuf>, Option<PathBuf>) {
     let start = Instant::now();
     loop {
         let ports = super::ports().unwrap_or_default();
-        let ready = ports
-            .iter()
-            .all(|(_, name, dev)| name.is_empty() || dev.exists());
-        if ready || start.elapsed() > wait {
-            let exec = (ports.iter())
-                .filter(|(_, name, dev)| name.starts_with(EXEC_PORT_PREFIX) && dev.exists())
-                .map(|(_, _, dev)| dev.clone())
-                .collect();
-            let qga = (ports.into_iter())
-                .find(|(_, name, dev)| name == QGA_PORT_NAME && dev.exists())
-                .map(|(_, _, dev)| dev);
+        let exec: Vec<PathBuf> = (ports.iter())
+            .filter(|(_, name, dev)| name.starts_with(EXEC_PORT_PREFIX) && dev.exists())
+            .map(|(_, _, dev)| dev.clone())
+            .collect();
+        let qga = (ports.into_iter())
+            .find(|(_, name, dev)| name == QGA_PORT_NAME && dev.exists())
+            .map(|(_, _, dev)| dev);
+        let all = exec.len() >= want.exec as usize && (qga.is_some() || !want.qga);
+        if all || start.elapsed() > wait {
+            if !all {
+                eprintln!(
+                    "vexec-init: warning: {} of {} exec ports{} appeared; serving those",
+                    exec.len(),
+                    want.exec,
+                    if want.qga && qga.is_none() {
+                        " and no guest agent port"
+                    } else {
+                        ""
+                    }
+                );
+            }
             return (exec, qga);
         }
         std::thread::sleep(Duration::from_millis(5));

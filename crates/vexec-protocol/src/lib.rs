@@ -121,6 +121,20 @@ pub struct Setup {
     /// guest. A daemon holds one for every inode the guest has cached, so
     /// the guest lets go of unused ones well before that many.
     pub virtiofs_fd_budget: Option<u64>,
+    /// The ports beside the control port the agent serves (their names
+    /// reach the guest one by one, so it waits for this many).
+    pub served: ServedPorts,
+}
+
+/// Ports a guest serves beside its command or instead of one: exec ports
+/// (a persistent VM's, or a one-shot run's for `vexec exec`) and the
+/// QEMU guest agent's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedPorts {
+    /// How many ports named [`EXEC_PORT_PREFIX`]N.
+    pub exec: u32,
+    /// Whether there is a [`QGA_PORT_NAME`] port.
+    pub qga: bool,
 }
 
 /// Per-run state the guest takes before anything runs: a restored

@@ -231,9 +231,12 @@ impl Loop<'_, '_> {
             }
             GuestMsg::Started { uptime_ms } => {
                 self.t.guest_started_ms = Some(uptime_ms);
-                if let (Job::Serve { server, .. }, Some((ports, qga))) =
-                    (&self.p.job, self.cx.serve_ends.take())
-                {
+                let server = match &self.p.job {
+                    Job::Serve { server, .. } => Some(server),
+                    Job::Command { server, .. } => server.as_ref(),
+                    Job::Batch(_) => None,
+                };
+                if let (Some(server), Some((ports, qga))) = (server, self.cx.serve_ends.take()) {
                     server.serving(ports, qga);
                 }
                 self.setup = None;
@@ -350,6 +353,12 @@ impl Loop<'_, '_> {
         };
         let mut setup = (**setup).clone();
         setup.fresh = warm::fresh();
+        if let Some((exec, qga)) = &self.cx.serve_ends {
+            setup.served = crate::protocol::ServedPorts {
+                exec: exec.len() as u32,
+                qga: qga.is_some(),
+            };
+        }
         let ctl = self.cx.ctl;
         send(ctl, &HostMsg::Setup(setup))
             .and_then(|_| send(ctl, &then))

@@ -28,8 +28,11 @@ pub fn find(name: &str) -> Result<Entry, VmsError> {
     registry::check_name(name)?;
     let root = registry::root()?;
     let entry = Entry::new(&root, name);
-    if entry.alive() && entry.info().is_some_and(|i| i.ready) {
-        return Ok(entry);
+    if entry.alive() {
+        return match entry.info() {
+            Some(i) if i.ready => Ok(entry),
+            _ => Err(VmsError::Starting(name.into())),
+        };
     }
     let running: Vec<String> = (registry::all(&root).into_iter())
         .filter(Entry::alive)
@@ -171,7 +174,7 @@ fn wait(
         }
     }
     Ok((
-        Outcome::Failed("the VM's up process closed the connection before the command ended (was it shut down?)".into()),
+        Outcome::Failed("the connection closed before the command ended: the VM was shut down, or the run it belongs to ended".into()),
         aftermath,
     ))
 }

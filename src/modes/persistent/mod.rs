@@ -5,6 +5,7 @@
 //! command.
 
 pub mod attach;
+pub mod reach;
 pub mod registry;
 pub mod server;
 pub mod up;
@@ -45,6 +46,8 @@ pub enum VmsError {
         name: String,
         source: std::io::Error,
     },
+    #[error("VM {0} is still booting; try again in a moment (`vexec ps` says when it is up)")]
+    Starting(String),
     #[error("VM {0} went away: {1}")]
     Gone(String, String),
     #[error("VM {0} refused the command: {1}")]
@@ -73,12 +76,14 @@ impl From<crate::kernel::ResolveError> for VmsError {
     }
 }
 
-/// `vexec ps`: every VM of this user, live or dead.
+/// `vexec ps`: every VM of this user, live or dead, and the one-shot
+/// runs going on now.
 pub fn ps() -> Result<i32, VmsError> {
     let root = registry::root()?;
-    let rows: Vec<[String; 8]> = registry::all(&root).iter().map(row).collect();
+    registry::sweep_dead_runs(&root);
+    let rows: Vec<[String; 9]> = registry::all(&root).iter().map(row).collect();
     let head = [
-        "NAME", "STATE", "KERNEL", "UPTIME", "MEMORY", "RSS", "PID", "SOCKET",
+        "NAME", "STATE", "KERNEL", "UPTIME", "MEMORY", "RSS", "PID", "SOCKET", "COMMAND",
     ];
     let mut widths = head.map(str::len);
     for r in &rows {
@@ -95,9 +100,11 @@ pub fn ps() -> Result<i32, VmsError> {
     Ok(0)
 }
 
-fn row(e: &Entry) -> [String; 8] {
+fn row(e: &Entry) -> [String; 9] {
     let info = e.info();
+    let run = info.as_ref().and_then(|i| i.command.clone());
     let state = match (e.alive(), info.as_ref().is_some_and(|i| i.ready)) {
+        (true, true) if run.is_some() => "running",
         (true, true) => "up",
         (true, false) => "starting",
         (false, _) => "dead",
@@ -107,7 +114,7 @@ fn row(e: &Entry) -> [String; 8] {
         .map_or(0, |d| d.as_secs());
     let get = |f: &dyn Fn(&registry::Info) -> String| info.as_ref().map_or("-".into(), f);
     let rss = (info.as_ref().and_then(|i| i.qemu_pid))
-        .filter(|_| state == "up")
+        .filter(|_| matches!(state, "up" | "running"))
         .and_then(rss_mib)
         .map_or("-".into(), |m| format!("{m}M"));
     [
@@ -122,6 +129,7 @@ fn row(e: &Entry) -> [String; 8] {
         rss,
         get(&|i| i.pid.to_string()),
         e.socket().display().to_string(),
+        run.unwrap_or_else(|| "(up)".into()),
     ]
 }
 

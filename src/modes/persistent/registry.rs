@@ -33,6 +33,9 @@ pub struct Info {
     pub qga: Option<PathBuf>,
     /// How many commands may run at once.
     pub ports: usize,
+    /// A one-shot run's command (a VM of `vexec up` has none).
+    #[serde(default)]
+    pub command: Option<String>,
 }
 
 /// The directory of every VM of this user: `$XDG_RUNTIME_DIR/vexec/vms`,
@@ -177,6 +180,16 @@ impl Entry {
         (self.dir.file_name())
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
+    }
+}
+
+/// Removes what one-shot runs that were killed left (their directories
+/// say nothing worth keeping).
+pub fn sweep_dead_runs(root: &Path) {
+    for e in all(root) {
+        if e.info().is_some_and(|i| i.command.is_some()) && !e.alive() {
+            e.remove();
+        }
     }
 }
 

@@ -19,7 +19,6 @@ use crate::kernel::image::Arch;
 use crate::launch::{self, Watch, warm::WarmStart};
 use crate::modes::run;
 use crate::modes::spec::RunSpec;
-use crate::protocol::ShareMode;
 
 use super::VmsError;
 use super::registry::{self, Entry, Info};
@@ -176,10 +175,7 @@ fn serve(spec: &RunSpec, opts: &UpOptions, entry: &Entry) -> Result<i32, VmsErro
         return Err(VmsError::Foreign(kernel.info.arch.name()));
     }
     let shares = run::shares_for(spec, None)?;
-    let writable = (shares.iter())
-        .filter(|s| s.mode == ShareMode::ReadWrite)
-        .map(|s| s.path.clone())
-        .collect();
+    let writable = run::writable_of(&shares);
     let mut m = run::machine(spec, &cache, kernel, shares)?;
     m.plan.config.exec_port_fds = vec![-1; opts.ports];
     m.plan.config.qga_fd = opts.qga.as_ref().map(|_| -1);
@@ -197,6 +193,7 @@ fn serve(spec: &RunSpec, opts: &UpOptions, entry: &Entry) -> Result<i32, VmsErro
         writable,
         qga: opts.qga.clone(),
         ports: opts.ports,
+        command: None,
     };
     entry.write_info(&info).map_err(VmsError::Daemon)?;
     let listener = UnixListener::bind(entry.socket()).map_err(VmsError::Daemon)?;
@@ -261,7 +258,7 @@ fn on_ready(entry: Entry, mut info: Info, ready: Arc<Mutex<bool>>) -> Box<dyn Fn
 }
 
 /// This process's QEMU child, for `vexec ps`'s memory column.
-fn qemu_child() -> Option<u32> {
+pub(crate) fn qemu_child() -> Option<u32> {
     let me = std::process::id().to_string();
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
