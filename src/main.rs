@@ -155,10 +155,11 @@ fn verb(args: &[OsString]) -> i32 {
 fn up(args: &[OsString], daemon: bool) -> i32 {
     let mut command = cli::vms::up_command();
     let matches = parsed(command.try_get_matches_from_mut(&args[1..]));
-    let opts = cli::vms::up_options(&matches);
+    let mut opts = cli::vms::up_options(&matches);
     let c = parsed(<cli::Cli as clap::FromArgMatches>::from_arg_matches(
         &matches,
     ));
+    opts.quiet = c.machine.quiet;
     if !c.command.is_empty() {
         vexec::say!(
             "vexec: error: `vexec up` takes run options only; run commands with `vexec exec NAME -- COMMAND` once it is up"

@@ -62,6 +62,7 @@ pub fn up_options(m: &ArgMatches) -> UpOptions {
         ports: m
             .get_one::<u16>("max_execs")
             .map_or(DEFAULT_PORTS, |n| *n as usize),
+        quiet: false,
     }
 }
 

@@ -5,6 +5,8 @@
 //! kernel fails the test with the command that fetches it.
 #![allow(dead_code)]
 
+pub mod vms;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 

@@ -40,6 +40,8 @@ pub struct UpOptions {
     pub idle: Option<Duration>,
     /// How many commands may run at once.
     pub ports: usize,
+    /// Say nothing but errors (`-q`).
+    pub quiet: bool,
 }
 
 /// Starts the `up` process with `words` (what followed `up`), relays its
@@ -71,6 +73,9 @@ pub fn up(words: &[OsString], opts: &UpOptions) -> Result<i32, VmsError> {
     }
     match entry.info() {
         Some(i) if i.ready && i.pid == child.id() => {
+            if opts.quiet {
+                return Ok(0);
+            }
             crate::say!(
                 "vexec: VM {} is up (kernel {}); run `vexec exec {0} -- COMMAND`, `vexec shell {0}`, `vexec down {0}`",
                 opts.name,
