@@ -146,6 +146,23 @@ fn ktap_in_the_kernel_log_counts_as_kunit_prints_it() {
     );
     assert!(err.contains("FAIL other"), "{err}");
     assert_eq!(stdout(&out), "");
+
+    // A matrix's reports (--json makes one of any run) have them too.
+    let dir = workdir("klog");
+    let json = dir.path().join("r.json");
+    let mut c = vexec_saying(K);
+    c.args(["--results", "auto", "--json"]).arg(&json);
+    c.args(["--", "sh", "-c", script]);
+    assert_eq!(run(c).status.code(), Some(1));
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let cases = doc["kernels"][0]["cases"].as_array().unwrap();
+    let got: Vec<(&str, &str)> = (cases.iter())
+        .map(|c| (c["path"].as_str().unwrap(), c["status"].as_str().unwrap()))
+        .collect();
+    assert!(
+        got.contains(&("s.inner", "pass")) && got.contains(&("other", "fail")),
+        "{doc}"
+    );
 }
 
 #[test]
@@ -191,4 +208,61 @@ fn a_kselftest_programs_ktap_is_read_per_case() {
         err.contains(&format!("results: {pass} passed, 0 failed, {skip} skipped")),
         "{err}"
     );
+}
+
+/// Opt-in (VEXEC_SLOW_TESTS=1, a kernel build of ~10 minutes on 2 cores, or
+/// VEXEC_KUNIT_TREE=DIR naming a tree built with the .kunitconfig below):
+/// `vexec build --kunitconfig` builds KUnit suites in, and a run on that
+/// tree reports each of their cases from the kernel log, as kunit.py does.
+#[test]
+fn kunit_built_in_is_reported_per_case() {
+    let prebuilt = std::env::var_os("VEXEC_KUNIT_TREE").map(std::path::PathBuf::from);
+    if prebuilt.is_none() && std::env::var_os("VEXEC_SLOW_TESTS").is_none() {
+        eprintln!(
+            "skipped: set VEXEC_SLOW_TESTS=1 (builds a KUnit kernel) or VEXEC_KUNIT_TREE=DIR"
+        );
+        return;
+    }
+    let work = workdir("kunit");
+    let tree = match prebuilt {
+        Some(t) => t,
+        None => {
+            let tree = linux_source(work.path());
+            let kunitconfig = work.path().join("kunitconfig");
+            std::fs::write(
+                &kunitconfig,
+                "CONFIG_KUNIT=y\nCONFIG_KUNIT_EXAMPLE_TEST=y\nCONFIG_LIST_KUNIT_TEST=y\n",
+            )
+            .unwrap();
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_vexec"))
+                .arg("build")
+                .arg("--kunitconfig")
+                .arg(&kunitconfig)
+                .arg(&tree)
+                .output()
+                .unwrap();
+            assert_ok(&out);
+            tree
+        }
+    };
+    let report = work.path().join("report.json");
+    let mut c = vexec_in(&cache_dir());
+    c.args(["--accel", "tcg", "-k"])
+        .arg(&tree)
+        .args(["--results", "ktap", "--json"])
+        .arg(&report)
+        .args(["--", "true"]);
+    let out = run(c);
+    let err = String::from_utf8_lossy(&out.stderr);
+    // The example suite skips one case by design; nothing fails.
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let cases = doc["kernels"][0]["cases"].as_array().unwrap();
+    let names: Vec<&str> = cases.iter().map(|c| c["path"].as_str().unwrap()).collect();
+    assert!(names.iter().any(|n| n.starts_with("example")), "{names:?}");
+    assert!(
+        names.iter().any(|n| n.starts_with("list-kunit-test")),
+        "{names:?}"
+    );
+    assert!(cases.len() > 30, "{} cases", cases.len());
 }

@@ -33,7 +33,7 @@ use crate::launch::transport::TransportChoice;
     name = "vexec",
     version,
     trailing_var_arg = true,
-    after_help = "Examples:\n  vexec -k /boot/vmlinuz-6.1.0-56-amd64 -- uname -r\n  vexec -k 6.1.0-56-amd64 -- make check\n  vexec -k ~/src/linux -- ./run-tests.sh\n  go test -exec vexec ./...\n\nAlso:\n  vexec completions bash|zsh|fish|elvish|powershell   print shell completions\n  vexec manpage                                      print the man page (roff)\n  vexec bisect --good A --bad B [--build CMD] [OPTIONS] -- COMMAND\n                                                     find the first bad commit\n  vexec kernel add PATH|fetch PKG|list|path REL|rm REL  the kernel store\n  vexec kconfig [--debug] [--gcov] [DIR]             add vexec's options to DIR/.config\n  vexec build [--debug] [--gcov] [DIR]               configure and build a kernel tree\n  vexec run-dir [OPTIONS] DIR [-- QEMU-ARGS]          run DIR's executables in an initramfs-only guest\n  vexec up --name NAME [OPTIONS]                     a VM that stays up (--qga SOCKET: the QEMU guest agent protocol)\n  vexec exec NAME -- COMMAND / vexec shell NAME      a command / your shell in it, or in a run going on (run-PID)\n  vexec ps / vexec down NAME...|--all                list / end VMs and runs"
+    after_help = "Examples:\n  vexec -k /boot/vmlinuz-6.1.0-56-amd64 -- uname -r\n  vexec -k 6.1.0-56-amd64 -- make check\n  vexec -k ~/src/linux -- ./run-tests.sh\n  go test -exec vexec ./...\n\nAlso:\n  vexec completions bash|zsh|fish|elvish|powershell   print shell completions\n  vexec manpage                                      print the man page (roff)\n  vexec bisect --good A --bad B [--build CMD] [OPTIONS] -- COMMAND\n                                                     find the first bad commit\n  vexec kernel add PATH|fetch PKG|list|path REL|rm REL  the kernel store\n  vexec kconfig [--debug] [--gcov] [--kunit] [DIR]   add vexec's options to DIR/.config\n  vexec build [--debug] [--gcov] [--kunit] [DIR]     configure and build a kernel tree\n  vexec run-dir [OPTIONS] DIR [-- QEMU-ARGS]          run DIR's executables in an initramfs-only guest\n  vexec up --name NAME [OPTIONS]                     a VM that stays up (--qga SOCKET: the QEMU guest agent protocol)\n  vexec exec NAME -- COMMAND / vexec shell NAME      a command / your shell in it, or in a run going on (run-PID)\n  vexec ps / vexec down NAME...|--all                list / end VMs and runs"
 )]
 pub struct Cli {
     /// Kernel to boot: an image file (bzImage/vmlinuz/vmlinux), a kernel build
@@ -188,6 +188,11 @@ pub struct Cli {
     /// every case.
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub results: Option<crate::report::tap::Format>,
+
+    /// Where a matrix's run writes its test cases (those of the kernel log
+    /// too) as JSON, for the matrix's reports; not for users.
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub cases_out: Option<PathBuf>,
 
     /// Keep a record of the run in DIR: console.log, dmesg.txt, run.json,
     /// and output/, which the command sees as $VEXEC_OUTPUT.

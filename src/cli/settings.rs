@@ -165,6 +165,7 @@ pub fn build(
         console_log: cli.console_log,
         fail_on_oops: cli.fail_on_oops || file.and_then(|f| f.fail_on_oops).unwrap_or(false),
         results: cli.results,
+        cases_out: cli.cases_out,
         output: cli.output,
         gdb: cli.machine.gdb,
         root: cli.root,

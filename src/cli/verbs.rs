@@ -53,7 +53,9 @@ pub enum Verb {
 
     /// Configure (tinyconfig plus vexec's options when there is no
     /// .config) and build a kernel tree, leaving one `-k DIR` boots.
-    #[command(after_help = "Examples:\n  vexec build ~/src/linux\n  vexec build --debug .")]
+    #[command(
+        after_help = "Examples:\n  vexec build ~/src/linux\n  vexec build --debug .\n  vexec build --kunitconfig lib/kunit . && vexec -k . --results ktap -- true"
+    )]
     Build(KbuildArgs),
 
     /// Find the first bad commit of the repository in the working directory:
@@ -158,6 +160,15 @@ pub struct KbuildArgs {
     /// Also GCOV kernel coverage (for `vexec run-dir --output`).
     #[arg(long)]
     pub gcov: bool,
+    /// Also KUnit, with the suites of kunit.py's default .kunitconfig
+    /// (the example and every test whose subsystem is built): they run at
+    /// boot, and `vexec -k DIR --results ktap -- true` reports each case.
+    #[arg(long)]
+    pub kunit: bool,
+    /// Also KUnit, with the options of this .kunitconfig (a file, or a
+    /// directory holding one, as kunit.py takes it); implies --kunit.
+    #[arg(long, value_name = "FILE")]
+    pub kunitconfig: Option<PathBuf>,
     /// The kernel source tree.
     #[arg(value_name = "DIR", default_value = ".")]
     pub dir: PathBuf,

@@ -30,11 +30,21 @@ CONFIG_GCOV_KERNEL=y
 CONFIG_GCOV_PROFILE_ALL=y
 ";
 
+/// KUnit's suites when no .kunitconfig is given: kunit.py's default
+/// (tools/testing/kunit/configs/default.config).
+pub const KUNIT_DEFAULT: &str = "\
+CONFIG_KUNIT=y
+CONFIG_KUNIT_EXAMPLE_TEST=y
+CONFIG_KUNIT_ALL_TESTS=y
+";
+
 /// Which option sets to add on top of the guest's.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Extras {
     debug: bool,
     gcov: bool,
+    /// KUnit and its suites, as a .kunitconfig says them.
+    kunit: Option<String>,
 }
 
 /// The option a `.config` line sets, if any (`CONFIG_X=...` or
@@ -90,7 +100,7 @@ pub fn missing(config: &str, fragment: &str) -> Vec<String> {
         .collect()
 }
 
-fn fragment(x: Extras) -> String {
+fn fragment(x: &Extras) -> String {
     let mut f = GUEST_OPTIONS.to_string();
     if x.debug {
         f.push_str(DEBUG_OPTIONS);
@@ -98,15 +108,29 @@ fn fragment(x: Extras) -> String {
     if x.gcov {
         f.push_str(GCOV_OPTIONS);
     }
+    if let Some(k) = &x.kunit {
+        f.push_str("CONFIG_KUNIT=y\n");
+        f.push_str(k);
+        f.push('\n');
+    }
     f
 }
 
-fn extras_words(x: Extras) -> &'static str {
-    match (x.debug, x.gcov) {
-        (false, false) => "",
-        (true, false) => " and the debug ones",
-        (false, true) => " and the coverage ones",
-        (true, true) => " and the debug and coverage ones",
+fn extras_words(x: &Extras) -> String {
+    let mut sets = Vec::new();
+    if x.debug {
+        sets.push("debug");
+    }
+    if x.gcov {
+        sets.push("coverage");
+    }
+    if x.kunit.is_some() {
+        sets.push("KUnit");
+    }
+    match sets.split_last() {
+        None => String::new(),
+        Some((last, [])) => format!(" and the {last} ones"),
+        Some((last, rest)) => format!(" and the {} and {last} ones", rest.join(", ")),
     }
 }
 
@@ -121,6 +145,11 @@ pub enum BuildError {
     Make { args: String, dir: PathBuf },
     #[error("the kernel build failed in {} (make's errors are above)", .0.display())]
     Build(PathBuf),
+    #[error(
+        "these .kunitconfig options are not in the configured kernel, most likely for unmet dependencies: {}; add what they depend on to the .kunitconfig (`make menuconfig` shows it)",
+        .0.join(" ")
+    )]
+    KunitOptions(Vec<String>),
     #[error("{what} {}: {source}", path.display())]
     Io {
         what: &'static str,
@@ -140,11 +169,11 @@ pub fn kconfig(args: &KbuildArgs) -> Result<(), BuildError> {
     let (extras, dir) = tree(args)?;
     let path = dir.join(".config");
     let existing = std::fs::read_to_string(&path).unwrap_or_default();
-    let merged = merge(&existing, &fragment(extras));
+    let merged = merge(&existing, &fragment(&extras));
     std::fs::write(&path, merged).map_err(io("writing", &path))?;
     crate::say!(
         "vexec: merged vexec's options{} into {}; run `make olddefconfig` there (or `vexec build`)",
-        extras_words(extras),
+        extras_words(&extras),
         path.display()
     );
     Ok(())
@@ -152,9 +181,22 @@ pub fn kconfig(args: &KbuildArgs) -> Result<(), BuildError> {
 
 /// What was asked, once the directory is known to be a kernel tree.
 fn tree(args: &KbuildArgs) -> Result<(Extras, PathBuf), BuildError> {
+    let kunit = match &args.kunitconfig {
+        // A directory holds its .kunitconfig, as kunit.py reads it.
+        Some(p) => {
+            let file = if p.is_dir() {
+                p.join(".kunitconfig")
+            } else {
+                p.clone()
+            };
+            Some(std::fs::read_to_string(&file).map_err(io("reading the kunitconfig", &file))?)
+        }
+        None => args.kunit.then(|| KUNIT_DEFAULT.to_string()),
+    };
     let x = Extras {
         debug: args.debug,
         gcov: args.gcov,
+        kunit,
     };
     let dir = args.dir.clone();
     if !dir.join("Kconfig").is_file() || !dir.join("Makefile").is_file() {
@@ -195,11 +237,18 @@ pub fn build(args: &KbuildArgs) -> Result<(), BuildError> {
         );
         make(&dir, &["tinyconfig"])?;
     }
-    let frag = fragment(extras);
+    let frag = fragment(&extras);
     let existing = std::fs::read_to_string(&config).map_err(io("reading", &config))?;
     std::fs::write(&config, merge(&existing, &frag)).map_err(io("writing", &config))?;
     make(&dir, &["olddefconfig"])?;
     let after = std::fs::read_to_string(&config).unwrap_or_default();
+    // A suite that did not stick would silently not run: as kunit.py, stop.
+    if let Some(k) = &extras.kunit {
+        let lost = missing(&after, k);
+        if !lost.is_empty() {
+            return Err(BuildError::KunitOptions(lost));
+        }
+    }
     let lost = missing(&after, &frag);
     if !lost.is_empty() {
         crate::say!(
@@ -240,8 +289,13 @@ pub fn build(args: &KbuildArgs) -> Result<(), BuildError> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
+    let how = if extras.kunit.is_some() {
+        "--results ktap -- true   (KUnit runs at boot; each case is read from the kernel log)"
+    } else {
+        "-- COMMAND"
+    };
     crate::say!(
-        "vexec: built {release} in {} ({steps} steps); boot it with: vexec -k {} -- COMMAND",
+        "vexec: built {release} in {} ({steps} steps); boot it with: vexec -k {} {how}",
         dir.display(),
         dir.display()
     );
@@ -251,6 +305,28 @@ pub fn build(args: &KbuildArgs) -> Result<(), BuildError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kunit_options_join_the_fragment_and_are_named() {
+        let x = Extras {
+            gcov: true,
+            kunit: Some("CONFIG_LIST_KUNIT_TEST=y".into()),
+            ..Extras::default()
+        };
+        let f = fragment(&x);
+        assert!(
+            f.contains("CONFIG_KUNIT=y\nCONFIG_LIST_KUNIT_TEST=y\n"),
+            "{f}"
+        );
+        assert!(f.contains("CONFIG_GCOV_KERNEL=y"));
+        assert_eq!(extras_words(&x), " and the coverage and KUnit ones");
+        assert_eq!(extras_words(&Extras::default()), "");
+        let merged = merge("CONFIG_KUNIT=n\n", &f);
+        assert_eq!(
+            missing(&merged, "CONFIG_KUNIT=y\nCONFIG_LIST_KUNIT_TEST=y"),
+            Vec::<String>::new()
+        );
+    }
 
     #[test]
     fn merge_replaces_and_appends() {

@@ -450,6 +450,17 @@ impl Ended {
                 .then(|| format!("the run ended early ({words})"));
             let results = c.finish(timings.kernel_log.as_deref(), early.as_deref());
             status = results::settle(&results, status);
+            if let Some(path) = &spec.cases_out {
+                let written = serde_json::to_vec(&results)
+                    .map_err(std::io::Error::other)
+                    .and_then(|j| std::fs::write(path, j));
+                if let Err(e) = written {
+                    crate::say!(
+                        "vexec: warning: writing the test cases to {}: {e}",
+                        path.display()
+                    );
+                }
+            }
         }
         Ended {
             launched,

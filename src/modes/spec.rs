@@ -84,6 +84,8 @@ pub struct RunSpec {
     pub fail_on_oops: bool,
     /// Parse test results from stdout and the kernel log (`--results`).
     pub results: Option<crate::report::tap::Format>,
+    /// Write those results here as JSON (a matrix's child run).
+    pub cases_out: Option<PathBuf>,
     /// Where to keep the run's record (`--output`).
     pub output: Option<PathBuf>,
     pub verbose: bool,

@@ -241,11 +241,15 @@ fn run_one(m: &Matrix, r: &str, out_lock: &Mutex<()>) -> KernelResult {
     let name = display_name(r);
     let me = std::env::current_exe().unwrap_or_else(|_| "vexec".into());
     let started = Instant::now();
+    // The run's own cases, the kernel log's included (stdout alone lacks
+    // those): written to a file of ours.
+    let cases_file = m.results.and_then(|_| tempfile::NamedTempFile::new().ok());
     let mut cmd = Command::new(me);
-    cmd.arg("-k")
-        .arg(r)
-        .args(&m.options)
-        .arg("--")
+    cmd.arg("-k").arg(r).args(&m.options);
+    if let Some(f) = &cases_file {
+        cmd.arg("--cases-out").arg(f.path());
+    }
+    cmd.arg("--")
         .args(&m.command)
         .env_remove("VEXEC_KERNEL")
         .stdin(Stdio::null())
@@ -317,7 +321,12 @@ fn run_one(m: &Matrix, r: &str, out_lock: &Mutex<()>) -> KernelResult {
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().write_all(&stderr);
     }
-    let results = m.results.map(|format| cases_in(format, &stdout, status));
+    let written = (cases_file.as_ref())
+        .and_then(|f| std::fs::read(f.path()).ok())
+        .and_then(|j| serde_json::from_slice::<Results>(&j).ok());
+    let results = m
+        .results
+        .map(|format| written.unwrap_or_else(|| cases_in(format, &stdout, status)));
     KernelResult {
         kernel: name,
         reference: r.to_string(),

@@ -1,9 +1,9 @@
 //! What a results parse gives: each case with its status, and counts.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How one case ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Pass,
@@ -47,7 +47,7 @@ impl Status {
 }
 
 /// One test case.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Case {
     /// The names of its enclosing suites and its own, joined by dots.
     pub path: String,
@@ -69,7 +69,7 @@ pub struct Counts {
 }
 
 /// The cases of a run.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Results {
     pub cases: Vec<Case>,
 }
