@@ -38,6 +38,11 @@ CONFIG_KUNIT_EXAMPLE_TEST=y
 CONFIG_KUNIT_ALL_TESTS=y
 ";
 
+/// KUnit, and the menu most in-tree suites sit in (tinyconfig, the base of
+/// a tree without a .config, turns it off; kunit.py's olddefconfig keeps
+/// its default, on).
+const KUNIT_BASE: &str = "CONFIG_KUNIT=y\nCONFIG_RUNTIME_TESTING_MENU=y\n";
+
 /// Which option sets to add on top of the guest's.
 #[derive(Debug, Clone, Default)]
 struct Extras {
@@ -62,10 +67,15 @@ fn option_of(line: &str) -> Option<&str> {
 /// `existing` with every option of `fragment` set as the fragment says:
 /// replaced in place where present, appended otherwise.
 pub fn merge(existing: &str, fragment: &str) -> String {
-    let wanted: Vec<(&str, &str)> = fragment
+    // An option the fragment sets twice: the last word counts.
+    let mut wanted: Vec<(&str, &str)> = Vec::new();
+    for (o, l) in fragment
         .lines()
         .filter_map(|l| option_of(l).map(|o| (o, l.trim())))
-        .collect();
+    {
+        wanted.retain(|(w, _)| *w != o);
+        wanted.push((o, l));
+    }
     let mut done = vec![false; wanted.len()];
     let mut out = String::new();
     for line in existing.lines() {
@@ -109,7 +119,7 @@ fn fragment(x: &Extras) -> String {
         f.push_str(GCOV_OPTIONS);
     }
     if let Some(k) = &x.kunit {
-        f.push_str("CONFIG_KUNIT=y\n");
+        f.push_str(KUNIT_BASE);
         f.push_str(k);
         f.push('\n');
     }
@@ -315,17 +325,19 @@ mod tests {
         };
         let f = fragment(&x);
         assert!(
-            f.contains("CONFIG_KUNIT=y\nCONFIG_LIST_KUNIT_TEST=y\n"),
+            f.contains("CONFIG_KUNIT=y\nCONFIG_RUNTIME_TESTING_MENU=y\nCONFIG_LIST_KUNIT_TEST=y\n"),
             "{f}"
         );
         assert!(f.contains("CONFIG_GCOV_KERNEL=y"));
         assert_eq!(extras_words(&x), " and the coverage and KUnit ones");
         assert_eq!(extras_words(&Extras::default()), "");
-        let merged = merge("CONFIG_KUNIT=n\n", &f);
+        // Set twice (the .kunitconfig says it too): one line, the last.
+        let merged = merge("CONFIG_KUNIT=n\n", &(f + "CONFIG_KUNIT=y\n"));
         assert_eq!(
             missing(&merged, "CONFIG_KUNIT=y\nCONFIG_LIST_KUNIT_TEST=y"),
             Vec::<String>::new()
         );
+        assert_eq!(merged.matches("CONFIG_KUNIT=").count(), 1, "{merged}");
     }
 
     #[test]
