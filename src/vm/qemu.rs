@@ -142,12 +142,21 @@ pub fn argv(c: &QemuConfig) -> Vec<OsString> {
     // QEMU drops a control message when the guest has no buffer for it
     // (32 per bus): with many ports on one bus, a port's "host connected"
     // event is lost and the guest's writes to it block for ever. Each
-    // port costs three such messages, so a bus carries at most eight.
+    // port costs three such messages, so a bus carries at most eight: the
+    // control port's first (a one-shot run's two need no device of their
+    // own), then buses of their own.
+    let on_control_bus = PORTS_PER_BUS - 1 - usize::from(c.qga_fd.is_some());
     for (i, fd) in c.exec_port_fds.iter().enumerate() {
-        let bus = format!("vexec{}", i / PORTS_PER_BUS);
-        if i % PORTS_PER_BUS == 0 {
-            a.extend(["-device".into(), format!("virtio-serial-pci,id={bus}")]);
-        }
+        let bus = match i.checked_sub(on_control_bus) {
+            None => "vser".to_string(),
+            Some(j) => {
+                let bus = format!("vexec{}", j / PORTS_PER_BUS);
+                if j % PORTS_PER_BUS == 0 {
+                    a.extend(["-device".into(), format!("virtio-serial-pci,id={bus}")]);
+                }
+                bus
+            }
+        };
         let name = format!("{}{i}", crate::protocol::EXEC_PORT_PREFIX);
         a.extend(serial_port(&bus, &format!("exec{i}"), *fd, &name));
     }
@@ -330,6 +339,39 @@ mod tests {
         assert!(
             default_firmware(Arch::X86_64, &qemu)
                 .is_none_or(|p| p.starts_with("/usr/share/qemu") || p.starts_with("/usr/local"))
+        );
+    }
+
+    /// Ports per virtio-serial bus, by bus, for `exec` exec ports.
+    fn buses(exec: usize, qga: bool) -> Vec<(String, usize)> {
+        let mut c = config();
+        c.exec_port_fds = vec![7; exec];
+        c.qga_fd = qga.then_some(8);
+        let mut per: Vec<(String, usize)> = Vec::new();
+        for a in argv(&c) {
+            let a = a.to_string_lossy().into_owned();
+            if let Some(id) = a.strip_prefix("virtio-serial-pci,id=") {
+                per.push((id.to_string(), 0));
+            }
+            if let Some(rest) = a.strip_prefix("virtserialport,bus=") {
+                let bus = rest.split(".0,").next().unwrap();
+                per.iter_mut().find(|(b, _)| b == bus).unwrap().1 += 1;
+            }
+        }
+        per
+    }
+
+    #[test]
+    fn exec_ports_fill_the_control_bus_then_buses_of_eight() {
+        assert_eq!(buses(0, false), [("vser".into(), 1)]);
+        assert_eq!(buses(2, false), [("vser".into(), 3)]);
+        assert_eq!(
+            buses(16, true),
+            [
+                ("vser".into(), 8),
+                ("vexec0".into(), 8),
+                ("vexec1".into(), 2)
+            ]
         );
     }
 
