@@ -160,8 +160,9 @@ pub enum Job {
 /// one-shot run's beside its command).
 pub trait Server: Send + Sync {
     /// The guest serves: the host ends of its exec ports (as many as
-    /// [`QemuConfig::exec_port_fds`]) and of its QEMU guest agent port.
-    fn serving(&self, ports: Vec<UnixStream>, qga: Option<UnixStream>);
+    /// [`QemuConfig::exec_port_fds`]) and of its QEMU guest agent port,
+    /// and QEMU's pid.
+    fn serving(&self, ports: Vec<UnixStream>, qga: Option<UnixStream>, qemu_pid: u32);
 }
 
 /// The host ends of a persistent VM's ports, until the guest serves them.

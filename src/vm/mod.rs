@@ -145,7 +145,6 @@ impl Vm {
     }
 
     /// QEMU's process id.
-    #[cfg(test)]
     pub fn pid(&self) -> libc::pid_t {
         self.pid
     }

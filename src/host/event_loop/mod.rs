@@ -237,7 +237,7 @@ impl Loop<'_, '_> {
                     Job::Batch(_) => None,
                 };
                 if let (Some(server), Some((ports, qga))) = (server, self.cx.serve_ends.take()) {
-                    server.serving(ports, qga);
+                    server.serving(ports, qga, self.cx.vm.pid() as u32);
                 }
                 self.setup = None;
                 if self.interrupted.is_none() && self.reporting.is_none() {

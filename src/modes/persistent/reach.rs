@@ -9,7 +9,6 @@ use std::fs::File;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::host::session::{Server, SignalRelay};
 use crate::modes::spec::RunSpec;
@@ -62,20 +61,9 @@ impl Reach {
             .collect::<Vec<_>>()
             .join(" ");
         let info = Info {
-            name: entry.name(),
-            pid: std::process::id(),
-            qemu_pid: None,
-            kernel: kernel.to_string(),
-            memory: spec.memory.clone(),
-            cpus: spec.cpus,
-            started: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-            ready: false,
-            writable,
-            qga: None,
             ports: RUN_PORTS,
             command: Some(command),
+            ..Info::starting(entry.name(), kernel.to_string(), spec, writable)
         };
         let made = entry
             .write_info(&info)
@@ -92,11 +80,7 @@ impl Reach {
         };
         let on_ready = {
             let (entry, mut info) = (entry.clone(), info);
-            Box::new(move || {
-                info.ready = true;
-                info.qemu_pid = super::up::qemu_child();
-                let _ = entry.write_info(&info);
-            })
+            Box::new(move |qemu_pid| entry.mark_ready(&mut info, qemu_pid))
         };
         let server = PortServer::new(listener, None, relay.clone(), None, on_ready);
         Ok(Reach {

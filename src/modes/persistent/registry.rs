@@ -9,7 +9,11 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use serde::{Deserialize, Serialize};
+
+use crate::modes::spec::RunSpec;
 
 use super::VmsError;
 
@@ -36,6 +40,29 @@ pub struct Info {
     /// A one-shot run's command (a VM of `vexec up` has none).
     #[serde(default)]
     pub command: Option<String>,
+}
+
+impl Info {
+    /// A VM this process is starting now with `spec`'s memory and CPUs;
+    /// `command` is a one-shot run's.
+    pub fn starting(name: String, kernel: String, spec: &RunSpec, writable: Vec<PathBuf>) -> Info {
+        Info {
+            name,
+            pid: std::process::id(),
+            qemu_pid: None,
+            kernel,
+            memory: spec.memory.clone(),
+            cpus: spec.cpus,
+            started: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            ready: false,
+            writable,
+            qga: None,
+            ports: 0,
+            command: None,
+        }
+    }
 }
 
 /// The directory of every VM of this user: `$XDG_RUNTIME_DIR/vexec/vms`,
@@ -131,6 +158,13 @@ impl Entry {
     pub fn info(&self) -> Option<Info> {
         let text = std::fs::read(self.dir.join("info.json")).ok()?;
         serde_json::from_slice(&text).ok()
+    }
+
+    /// Says the VM serves (QEMU's pid for `ps`'s memory column).
+    pub fn mark_ready(&self, info: &mut Info, qemu_pid: u32) {
+        info.ready = true;
+        info.qemu_pid = Some(qemu_pid);
+        let _ = self.write_info(info);
     }
 
     /// Writes `info` atomically (readers never see half of it).

@@ -18,6 +18,9 @@ use crate::protocol::{self, GuestMsg, HostMsg};
 
 use super::wire::{Reply, Request};
 
+/// What to do once the guest serves, given QEMU's pid.
+pub type OnReady = Box<dyn FnOnce(u32) + Send>;
+
 /// What happens once the guest serves: the listener to accept on and
 /// what to do when ready.
 pub struct PortServer {
@@ -35,7 +38,7 @@ struct Inner {
     running: AtomicUsize,
     last: Mutex<Instant>,
     idle: Option<Duration>,
-    on_ready: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    on_ready: Mutex<Option<OnReady>>,
 }
 
 impl PortServer {
@@ -46,7 +49,7 @@ impl PortServer {
         qga: Option<UnixListener>,
         relay: SignalRelay,
         idle: Option<Duration>,
-        on_ready: Box<dyn FnOnce() + Send>,
+        on_ready: OnReady,
     ) -> PortServer {
         PortServer {
             inner: Arc::new(Inner {
@@ -70,7 +73,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Server for PortServer {
-    fn serving(&self, ports: Vec<UnixStream>, qga: Option<UnixStream>) {
+    fn serving(&self, ports: Vec<UnixStream>, qga: Option<UnixStream>, qemu_pid: u32) {
         *lock(&self.inner.free) = ports;
         if let Some(listener) = lock(&self.inner.listener).take() {
             let inner = Arc::clone(&self.inner);
@@ -84,7 +87,7 @@ impl Server for PortServer {
             std::thread::spawn(move || watch_idle(&inner, idle));
         }
         if let Some(ready) = lock(&self.inner.on_ready).take() {
-            ready();
+            ready(qemu_pid);
         }
     }
 }

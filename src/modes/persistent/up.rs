@@ -11,7 +11,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::artifacts::cache::Cache;
 use crate::host::session::{Job, Outcome, SignalRelay};
@@ -22,7 +22,7 @@ use crate::modes::spec::RunSpec;
 
 use super::VmsError;
 use super::registry::{self, Entry, Info};
-use super::server::PortServer;
+use super::server::{OnReady, PortServer};
 
 /// The word that starts the `up` process (not a user-facing verb).
 pub const DAEMON_WORD: &str = "__up";
@@ -185,20 +185,14 @@ fn serve(spec: &RunSpec, opts: &UpOptions, entry: &Entry) -> Result<i32, VmsErro
     m.plan.config.exec_port_fds = vec![-1; opts.ports];
     m.plan.config.qga_fd = opts.qga.as_ref().map(|_| -1);
     let info = Info {
-        name: opts.name.clone(),
-        pid: std::process::id(),
-        qemu_pid: None,
-        kernel: m.kernel.info.release.clone(),
-        memory: spec.memory.clone(),
-        cpus: spec.cpus,
-        started: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        ready: false,
-        writable,
         qga: opts.qga.clone(),
         ports: opts.ports,
-        command: None,
+        ..Info::starting(
+            opts.name.clone(),
+            m.kernel.info.release.clone(),
+            spec,
+            writable,
+        )
     };
     entry.write_info(&info).map_err(VmsError::Daemon)?;
     let listener = UnixListener::bind(entry.socket()).map_err(VmsError::Daemon)?;
@@ -248,29 +242,14 @@ fn serve(spec: &RunSpec, opts: &UpOptions, entry: &Entry) -> Result<i32, VmsErro
 
 /// Once the guest serves: the VM is marked ready, and the `up` process's
 /// stderr becomes the VM's log (the user's terminal is let go).
-fn on_ready(entry: Entry, mut info: Info, ready: Arc<Mutex<bool>>) -> Box<dyn FnOnce() + Send> {
-    Box::new(move || {
-        info.ready = true;
-        info.qemu_pid = qemu_child();
-        let _ = entry.write_info(&info);
+fn on_ready(entry: Entry, mut info: Info, ready: Arc<Mutex<bool>>) -> OnReady {
+    Box::new(move |qemu_pid| {
+        entry.mark_ready(&mut info, qemu_pid);
         *ready.lock().unwrap_or_else(|p| p.into_inner()) = true;
         if let Ok(log) = std::fs::File::create(entry.log()) {
             use std::os::fd::AsRawFd;
             // SAFETY: dup2 onto stderr of a descriptor we own.
             unsafe { libc::dup2(log.as_raw_fd(), 2) };
         }
-    })
-}
-
-/// This process's QEMU child, for `vexec ps`'s memory column.
-pub(crate) fn qemu_child() -> Option<u32> {
-    let me = std::process::id().to_string();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-        let (comm, rest) = stat.split_once(") ")?;
-        let ppid = rest.split_whitespace().nth(1)?;
-        (ppid == me && comm.contains("qemu"))
-            .then(|| e.file_name().to_str()?.parse().ok())
-            .flatten()
     })
 }
