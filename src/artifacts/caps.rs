@@ -75,6 +75,14 @@ pub const NET: &[Feature] = &[Feature {
     options: &[("CONFIG_VIRTIO_NET", Some("virtio_net"))],
 }];
 
+/// Whether the kernel takes PCIe devices plugged in while it runs: the
+/// native PCIe hotplug driver (a bool option) and its port services.
+pub fn hotplug(config: &KernelConfig) -> bool {
+    ["CONFIG_PCIEPORTBUS", "CONFIG_HOTPLUG_PCI_PCIE"]
+        .iter()
+        .all(|o| config.get(o) == Tristate::Yes)
+}
+
 /// The features a transport needs.
 pub fn transport_features(t: Transport) -> &'static [Feature] {
     match t {
@@ -195,5 +203,15 @@ mod tests {
             e.to_string().contains("CONFIG_FUSE_FS, CONFIG_VIRTIO_FS"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn hotplug_needs_both_options_built_in() {
+        let c = |text: &str| KernelConfig::parse(text);
+        assert!(hotplug(&c(
+            "CONFIG_PCIEPORTBUS=y\nCONFIG_HOTPLUG_PCI_PCIE=y\n"
+        )));
+        assert!(!hotplug(&c("CONFIG_PCIEPORTBUS=y\n")));
+        assert!(!hotplug(&c("CONFIG_HOTPLUG_PCI_PCIE=y\n")));
     }
 }

@@ -19,7 +19,7 @@ use caps::MissingFeature;
 use initramfs::InitramfsError;
 
 /// Bumped whenever the layout of an artifact changes.
-const FORMAT: &[u8] = b"vexec-artifacts-4";
+const FORMAT: &[u8] = b"vexec-artifacts-5";
 
 /// What QEMU boots.
 #[derive(Debug, Clone)]
@@ -35,6 +35,8 @@ pub struct BootArtifacts {
     pub module_index: Option<PathBuf>,
     /// Notes for `-v` (what was built, what was unknown).
     pub notes: Vec<String>,
+    /// The kernel takes PCIe devices plugged in while it runs.
+    pub hotplug: bool,
 }
 
 /// Why the artifacts could not be prepared.
@@ -87,6 +89,9 @@ pub struct Support {
     pub net: Option<String>,
     /// Features assumed built in for lack of a kernel config.
     pub unknown: Vec<String>,
+    /// The kernel takes PCIe devices plugged in while it runs (known only
+    /// from a config: the option is never a module).
+    pub hotplug: bool,
 }
 
 impl Support {
@@ -246,6 +251,7 @@ fn find_support(
             .err()
             .map(|e| e.to_string()),
         unknown,
+        hotplug: config.as_ref().is_some_and(caps::hotplug),
     })
 }
 
@@ -321,6 +327,7 @@ pub fn prepare(
             modules: kernel.modules.clone(),
             module_index,
             notes,
+            hotplug: inspected.support.hotplug,
         });
     }
     let tree = scan_tree(kernel)?;
@@ -364,6 +371,7 @@ pub fn prepare(
         modules: kernel.modules.clone(),
         module_index,
         notes,
+        hotplug: inspected.support.hotplug,
     })
 }
 

@@ -112,16 +112,20 @@ pub enum Warm {
 
 /// Saves a booted guest (the policy of where and whether is the caller's).
 pub trait Saver: Send {
-    /// Saves the running machine behind `qmp`, whose agent reported `ready`;
-    /// the machine must be running again on return. Failures are the
-    /// saver's to report: the run goes on either way.
-    fn save(&mut self, qmp: &mut crate::vm::qmp::Qmp, ready: &Ready);
+    /// Saves the running machine behind `qmp`, whose agent reported `ready`
+    /// (`ram`: its RAM, when shared memory of the session's); the machine
+    /// must be running again on return. Failures are the saver's to
+    /// report: the run goes on either way.
+    fn save(&mut self, qmp: &mut crate::vm::qmp::Qmp, ready: &Ready, ram: Option<&File>);
 }
 
 /// A saved guest to restore.
 pub struct Restore {
     /// The saved state, read by QEMU.
     pub state: File,
+    /// The image of its RAM, when that was saved apart (see
+    /// [`crate::vm::ram`]).
+    pub ram: Option<File>,
     /// What the agent reported before the guest was saved.
     pub ready: Ready,
 }
@@ -276,6 +280,14 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
         p.qemu.incoming_fd = Some(r.state.as_raw_fd());
         inherit.push(r.state.as_raw_fd());
     }
+    let ram = match guest_ram(&p) {
+        Ok(ram) => ram,
+        Err(why) => return Ok((Outcome::RestoreFailed(why), t)),
+    };
+    if let Some(ram) = &ram {
+        p.qemu.ram_fd = Some(ram.as_raw_fd());
+        inherit.push(ram.as_raw_fd());
+    }
     // A QMP monitor, to save or restore the guest, or dump its memory on
     // a panic.
     let wants_qmp = p.dump_on_panic.is_some() || !matches!(p.warm, Warm::Cold);
@@ -352,6 +364,7 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
         console: console_writer,
         qmp: &mut qmp,
         serve_ends: Some(serve_ends),
+        ram: ram.as_ref(),
     };
     let mut outcome = event_loop::run(&mut p, &mut t, cx, &rx);
     if let Some(path) = &p.dump_on_panic {
@@ -362,6 +375,23 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
     drop(vm);
     t.ended = Some(Instant::now());
     Ok((outcome, t))
+}
+
+/// The guest's RAM as shared memory of the session's, when the machine
+/// keeps it so: new, or filled from the saved image of a restore.
+fn guest_ram(p: &Params) -> Result<Option<File>, String> {
+    if p.qemu.ram_fd.is_none() {
+        return Ok(None);
+    }
+    let why = |e: &dyn std::fmt::Display| format!("cannot restore the saved guest: {e}");
+    let ram = crate::vm::ram::new_shared().map_err(|e| why(&e))?;
+    if let Warm::Restore(Restore {
+        ram: Some(image), ..
+    }) = &p.warm
+    {
+        crate::vm::ram::load(image, &ram).map_err(|e| why(&e))?;
+    }
+    Ok(Some(ram))
 }
 
 /// Collects QEMU's stderr on a thread (for messages about its end), and

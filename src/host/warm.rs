@@ -10,12 +10,20 @@ use crate::vm::snapshot;
 /// How long one QMP command may take to be answered.
 pub const QMP_WAIT: Duration = Duration::from_secs(30);
 
-/// Waits for a machine started from saved state to load it and run.
-pub fn bring_back(qmp: &mut LazyQmp, limit: Duration) -> Result<(), String> {
+/// Has a machine started to restore (`-incoming defer`) load its saved
+/// state from inherited descriptor `fd` (`shared_ram`: with its RAM saved
+/// apart), and waits for it to run.
+pub fn bring_back(
+    qmp: &mut LazyQmp,
+    fd: i32,
+    shared_ram: bool,
+    limit: Duration,
+) -> Result<(), String> {
     let q = qmp
         .get(limit)
         .map_err(|e| format!("cannot restore the saved guest: {e}"))?;
-    snapshot::wait_restored(q, limit)
+    snapshot::start_restore(q, fd, shared_ram)
+        .and_then(|()| snapshot::wait_restored(q, limit))
         .map_err(|e| format!("cannot restore the saved guest: {e}"))?;
     Ok(())
 }

@@ -115,12 +115,13 @@ pub fn launch(
     let BootPlan {
         mut config,
         daemons,
+        hotplug,
         ..
     } = plan;
     let cache_root = warm.cache_root();
     let (mut stalled_before, mut restore_failed_before) = (false, false);
     loop {
-        let mode = warm.mode(&config);
+        let (mode, machine) = warm.mode(&config, hotplug);
         let console_log = match &watch.console_log {
             Some(path) => Some(
                 File::create(path).map_err(|source| LaunchError::ConsoleLog {
@@ -131,7 +132,7 @@ pub fn launch(
             None => None,
         };
         let params = Params {
-            qemu: config.clone(),
+            qemu: machine.clone(),
             daemons: daemons.clone(),
             job: job(),
             timeout: watch.timeout,
@@ -153,7 +154,7 @@ pub fn launch(
             Outcome::KvmCrashed(_) => accel::mark_broken(cache_root),
             Outcome::RestoreFailed(why) if !restore_failed_before => {
                 restore_failed_before = true;
-                warm.discard(&config, why);
+                warm.discard(&machine, why);
                 continue;
             }
             Outcome::BootStalled(why) if !stalled_before => {

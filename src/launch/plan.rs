@@ -62,6 +62,8 @@ pub struct Found {
     pub transport: Transport,
     /// The daemon serving virtio-fs shares.
     pub virtiofsd: Option<Virtiofsd>,
+    /// The kernel takes PCIe devices plugged in while it runs.
+    pub hotplug: bool,
 }
 
 /// A boot, ready to launch.
@@ -73,6 +75,9 @@ pub struct BootPlan {
     pub daemons: Vec<(usize, DaemonSpec)>,
     /// The shares beyond the root, as the guest mounts them.
     pub guest_shares: Vec<Share>,
+    /// Devices may be plugged in once the guest runs (what lets a machine
+    /// with virtio-fs be saved and restored, see [`super::warm`]).
+    pub hotplug: bool,
 }
 
 /// Plans the boot of `req` with what was `found`.
@@ -130,12 +135,16 @@ pub fn plan(req: &BootRequest, found: &Found) -> BootPlan {
         exec_port_fds: Vec::new(),
         qga_fd: None,
         incoming_fd: None,
+        ram_fd: None,
+        plug_shares: false,
         extra: qemu_args,
     };
     BootPlan {
         config,
         daemons: devices.daemons,
         guest_shares,
+        // The PCIe root ports plugged into are q35's.
+        hotplug: found.hotplug && req.arch == Arch::X86_64,
     }
 }
 
@@ -234,6 +243,7 @@ mod tests {
                 path: "/usr/libexec/virtiofsd".into(),
                 flavour: Flavour::Rust,
             }),
+            hotplug: true,
         }
     }
 

@@ -135,6 +135,7 @@ mod tests {
             virtiofs: (!virtiofs).then(|| "lacks virtio-fs (CONFIG_VIRTIO_FS)".into()),
             net: None,
             unknown: Vec::new(),
+            hotplug: true,
         }
     }
 

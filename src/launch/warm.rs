@@ -25,9 +25,11 @@ pub const KIND: &str = "snapshot";
 /// The cache kind recording machines QEMU refused to save.
 const REFUSED: &str = "snapshot-refused";
 const STATE: &str = "state";
+/// A saved guest's RAM, when kept apart from its state (virtio-fs).
+const RAM: &str = "ram";
 const READY: &str = "ready.json";
 /// Changes whenever what a saved state holds changes meaning.
-const FORMAT: &[u8] = b"vexec-snapshot-1";
+const FORMAT: &[u8] = b"vexec-snapshot-2";
 /// The longest a save may take.
 const SAVE_LIMIT: Duration = Duration::from_secs(60);
 /// The default size cap of all saved guests together.
@@ -57,18 +59,30 @@ impl WarmStart {
         }
     }
 
-    /// What the session does for a launch of `config`.
-    pub fn mode(&self, config: &QemuConfig) -> Warm {
-        if let Some(why) = self.cold.as_deref().or_else(|| unsaveable(config)) {
+    /// What the session does for a launch of `config`, and the machine it
+    /// launches: a machine saved or restored with virtio-fs has its share
+    /// devices plugged in once it runs (`hotplug`: its kernel takes them).
+    pub fn mode(&self, config: &QemuConfig, hotplug: bool) -> (Warm, QemuConfig) {
+        if let Some(why) = self.cold.as_deref().or_else(|| unsaveable(config, hotplug)) {
             self.note(&format!("cold boot ({why})"));
-            return Warm::Cold;
+            return (Warm::Cold, config.clone());
         }
+        let warm = saveable(config);
+        match self.mode_of(&warm) {
+            Warm::Cold => (Warm::Cold, config.clone()),
+            mode => (mode, warm),
+        }
+    }
+
+    /// What the session does for a launch of the saveable machine `config`.
+    fn mode_of(&self, config: &QemuConfig) -> Warm {
         let key = shape_key(config);
         if let Some(r) = self.restorable(&key) {
+            let bytes = |f: Option<&File>| f.and_then(|f| f.metadata().ok()).map_or(0, |m| m.len());
             self.note(&format!(
                 "warm start (snapshot {}, {:.0} MB)",
                 &key[..12],
-                r.state.metadata().map_or(0, |m| m.len()) as f64 / 1e6
+                (bytes(Some(&r.state)) + bytes(r.ram.as_ref())) as f64 / 1e6
             ));
             return Warm::Restore(r);
         }
@@ -93,8 +107,8 @@ impl WarmStart {
         }))
     }
 
-    /// A restore of `config`'s snapshot failed: it is removed, so the next
-    /// launch boots and saves it again.
+    /// A restore of `config`'s snapshot failed (`config` as [`Self::mode`]
+    /// gave it): it is removed, so the next launch boots and saves it again.
     pub fn discard(&self, config: &QemuConfig, why: &str) {
         let first = why.lines().next().unwrap_or(why);
         if !self.quiet {
@@ -121,25 +135,42 @@ impl WarmStart {
         let data = self.cache.get(KIND, key)?;
         let ready: Ready = serde_json::from_slice(&std::fs::read(data.join(READY)).ok()?).ok()?;
         let state = File::open(data.join(STATE)).ok()?;
-        (ready.version == VERSION).then_some(Restore { state, ready })
+        let ram = match ram_apart(&data) {
+            true => Some(File::open(data.join(RAM)).ok()?),
+            false => None,
+        };
+        (ready.version == VERSION).then_some(Restore { state, ram, ready })
     }
 }
 
+/// Whether a saved guest's RAM was kept apart from its state.
+fn ram_apart(data: &Path) -> bool {
+    data.join(RAM).exists()
+}
+
+fn has_virtiofs(config: &QemuConfig) -> bool {
+    (config.shares.iter()).any(|s| matches!(s.backend, Backend::Virtiofs { .. }))
+}
+
 /// Why a machine cannot be saved, known without asking QEMU.
-fn unsaveable(config: &QemuConfig) -> Option<&'static str> {
-    // QEMU 7.2 cannot migrate vhost-user-fs; adding the device after a
-    // restore works, but its shared memory must then be fd-backed, and
-    // loading a saved state into that touches every page (measured: the
-    // whole guest RAM resident, a restore slower than with 9p). `auto`
-    // still prefers virtio-fs: 9p has a rare hang under heavy load that is
-    // not understood yet (docs/warm-start.md).
-    config
-        .shares
-        .iter()
-        .any(|s| matches!(s.backend, Backend::Virtiofs { .. }))
-        .then_some(
-            "virtio-fs: QEMU 7.2 cannot save a machine with its device; --transport 9p starts warm",
-        )
+fn unsaveable(config: &QemuConfig, hotplug: bool) -> Option<&'static str> {
+    (has_virtiofs(config) && !hotplug).then_some(
+        "virtio-fs: QEMU 7.2 cannot save a machine with its device, and this kernel cannot take it plugged in later (CONFIG_HOTPLUG_PCI_PCIE); --transport 9p starts warm",
+    )
+}
+
+/// `config` as a machine QEMU 7.2 can save: with virtio-fs, the share
+/// devices are plugged in once it runs (QEMU cannot migrate vhost-user-fs),
+/// and its RAM is shared memory the session owns, saved apart (loading a
+/// whole migration stream into shared memory would make every page of it
+/// resident; left out of the stream, only what the guest touched is).
+fn saveable(config: &QemuConfig) -> QemuConfig {
+    let mut c = config.clone();
+    if has_virtiofs(config) {
+        c.plug_shares = true;
+        c.ram_fd = Some(-1);
+    }
+    c
 }
 
 /// Saves one booted guest as the snapshot of its shape.
@@ -151,12 +182,17 @@ struct SaveJob {
 }
 
 impl Saver for SaveJob {
-    fn save(&mut self, q: &mut Qmp, ready: &Ready) {
+    fn save(&mut self, q: &mut Qmp, ready: &Ready, ram: Option<&File>) {
         let t = Instant::now();
         let mut refused = None;
         let saved = self.warm.cache.put_with(KIND, &self.key, |data| {
             std::fs::create_dir(data)?;
-            snapshot::save(q, &data.join(STATE), SAVE_LIMIT).map_err(|e| {
+            let (state, image) = (data.join(STATE), data.join(RAM));
+            let to = snapshot::SaveTo {
+                state: &state,
+                ram: ram.map(|r| (r, image.as_path())),
+            };
+            snapshot::save(q, to, SAVE_LIMIT).map_err(|e| {
                 if let SaveError::Refused(why) = &e {
                     refused = Some(why.clone());
                 }
@@ -167,7 +203,8 @@ impl Saver for SaveJob {
         let w = &self.warm;
         match (saved, refused) {
             (Ok(data), _) => {
-                let bytes = std::fs::metadata(data.join(STATE)).map_or(0, |m| m.len());
+                let size = |f| std::fs::metadata(data.join(f)).map_or(0, |m| m.len());
+                let bytes = size(STATE) + size(RAM);
                 w.note(&format!(
                     "saved the booted guest for warm starts ({:.0} MB in {:.2}s)",
                     bytes as f64 / 1e6,
@@ -198,6 +235,7 @@ impl Saver for SaveJob {
 pub fn shape_key(config: &QemuConfig) -> String {
     let mut c = config.clone();
     (c.console_fd, c.control_fd, c.qmp_fd, c.incoming_fd) = (3, 4, None, None);
+    c.ram_fd = c.ram_fd.map(|_| -1);
     c.exec_port_fds.fill(-1);
     c.qga_fd = c.qga_fd.map(|_| -1);
     for s in &mut c.shares {
@@ -264,5 +302,71 @@ pub fn evict(cache: &Cache, cap: u64, keep: &str) {
             cache.remove(KIND, &e.key);
             total -= e.bytes;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::image::Arch;
+    use crate::vm::accel::Accel;
+    use crate::vm::qemu::ShareDevice;
+
+    fn machine(backend: Backend) -> QemuConfig {
+        QemuConfig {
+            binary: "/nonexistent/qemu".into(),
+            arch: Arch::X86_64,
+            firmware: None,
+            accel: Accel::Tcg,
+            tcg_single: false,
+            cpus: 2,
+            memory: "1G".into(),
+            kernel: "/nonexistent/vmlinux".into(),
+            initrd: "/nonexistent/initrd".into(),
+            cmdline: "console=ttyS0".into(),
+            shares: vec![ShareDevice {
+                tag: "vexec-root".into(),
+                path: "/".into(),
+                readonly: true,
+                backend,
+            }],
+            net: None,
+            console_fd: 5,
+            control_fd: 6,
+            qmp_fd: None,
+            exec_port_fds: vec![7, 8],
+            qga_fd: None,
+            incoming_fd: None,
+            ram_fd: None,
+            plug_shares: false,
+            extra: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn virtio_fs_machines_are_saved_with_plugged_shares_and_ram_apart() {
+        let vfs = machine(Backend::Virtiofs { fd: 9 });
+        assert!(unsaveable(&vfs, false).is_some());
+        assert!(unsaveable(&vfs, true).is_none());
+        let saved = saveable(&vfs);
+        assert!(saved.plug_shares && saved.ram_fd.is_some());
+        // A 9p machine is saved as it boots.
+        let ninep = saveable(&machine(Backend::NineP));
+        assert!(!ninep.plug_shares && ninep.ram_fd.is_none());
+        assert!(unsaveable(&machine(Backend::NineP), false).is_none());
+    }
+
+    #[test]
+    fn the_shape_ignores_descriptors_but_not_the_machine() {
+        let mut a = saveable(&machine(Backend::Virtiofs { fd: 9 }));
+        let key = shape_key(&a);
+        (a.console_fd, a.ram_fd, a.incoming_fd) = (40, Some(41), Some(42));
+        a.shares[0].backend = Backend::Virtiofs { fd: 43 };
+        a.exec_port_fds = vec![44, 45];
+        assert_eq!(shape_key(&a), key);
+        // A machine booted with its devices is another shape.
+        assert_ne!(shape_key(&machine(Backend::Virtiofs { fd: 9 })), key);
+        a.memory = "2G".into();
+        assert_ne!(shape_key(&a), key);
     }
 }

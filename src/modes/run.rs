@@ -194,6 +194,7 @@ pub fn machine(
         initrd: art.initramfs.clone(),
         transport: chosen.transport,
         virtiofsd: chosen.virtiofsd.clone(),
+        hotplug: art.hotplug,
     };
     let plan = plan::plan(&boot_request(spec, root, shares), &found);
     let setup = setup_for(spec, &chosen, &plan, &art);
@@ -393,8 +394,9 @@ fn setup_for(spec: &RunSpec, chosen: &Chosen, plan: &BootPlan, art: &BootArtifac
         fresh: Default::default(),
         virtiofs_fd_budget: (chosen.transport == Transport::Virtiofs)
             .then(virtiofsd::guest_fd_budget),
-        // Filled in as it is sent, from the machine's ports.
+        // Filled in as it is sent, from the machine's ports and devices.
         served: Default::default(),
+        plugged: 0,
     }
 }
 

@@ -5,6 +5,7 @@ pub mod accel;
 pub mod child;
 pub mod qemu;
 pub mod qmp;
+pub mod ram;
 pub mod snapshot;
 pub mod virtiofsd;
 

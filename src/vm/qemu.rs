@@ -63,8 +63,18 @@ pub struct QemuConfig {
     /// A persistent VM's QEMU guest agent port (its inherited socket).
     pub qga_fd: Option<i32>,
     /// Restore the machine from the saved state on this inherited
-    /// descriptor instead of booting it (`-incoming fd:N`).
+    /// descriptor instead of booting it: QEMU waits (`-incoming defer`)
+    /// until told over QMP to read it.
     pub incoming_fd: Option<i32>,
+    /// Guest RAM in this inherited shared-memory descriptor (a memfd the
+    /// session owns, which QEMU opens through /proc/self/fd) instead of
+    /// memory of QEMU's own: a saved guest's RAM is then written and
+    /// restored apart from the migration stream.
+    pub ram_fd: Option<i32>,
+    /// The virtio-fs share devices are plugged in after QEMU starts (QEMU
+    /// 7.2 cannot save a machine that has one): the command line has their
+    /// daemon connections and an empty PCIe root port for each.
+    pub plug_shares: bool,
     pub extra: Vec<OsString>,
 }
 
@@ -161,7 +171,18 @@ pub fn argv(c: &QemuConfig) -> Vec<OsString> {
         a.extend(serial_port(&bus, &format!("exec{i}"), *fd, &name));
     }
     // vhost-user devices access guest memory directly: it must be shared.
-    if c.shares
+    if let Some(fd) = c.ram_fd {
+        a.extend([
+            "-object".into(),
+            format!(
+                "memory-backend-file,id=mem,size={},mem-path=/proc/self/fd/{fd},share=on",
+                c.memory
+            ),
+            "-numa".into(),
+            "node,memdev=mem".into(),
+        ]);
+    } else if c
+        .shares
         .iter()
         .any(|s| matches!(s.backend, Backend::Virtiofs { .. }))
     {
@@ -183,6 +204,12 @@ pub fn argv(c: &QemuConfig) -> Vec<OsString> {
                 ),
                 "-device".into(),
                 format!("virtio-9p-pci,fsdev=fs{i},mount_tag={}", escape(&s.tag)),
+            ]),
+            Backend::Virtiofs { fd } if c.plug_shares => a.extend([
+                "-chardev".into(),
+                format!("socket,id=vfs{i},fd={fd}"),
+                "-device".into(),
+                format!("pcie-root-port,id=vfsport{i},chassis={}", i + 1),
             ]),
             Backend::Virtiofs { fd } => a.extend([
                 "-chardev".into(),
@@ -217,12 +244,30 @@ pub fn argv(c: &QemuConfig) -> Vec<OsString> {
             "virtio-net-pci,netdev=net0,romfile=".into(),
         ]);
     }
-    if let Some(fd) = c.incoming_fd {
-        a.extend(["-incoming".into(), format!("fd:{fd}")]);
+    if c.incoming_fd.is_some() {
+        a.extend(["-incoming".into(), "defer".into()]);
     }
     let mut out: Vec<OsString> = a.into_iter().map(OsString::from).collect();
     out.extend(c.extra.iter().cloned());
     out
+}
+
+/// The `device_add` arguments that plug in the virtio-fs share devices of
+/// a machine started with [`QemuConfig::plug_shares`], in share order.
+pub fn plugged_devices(c: &QemuConfig) -> Vec<serde_json::Value> {
+    (c.shares.iter().enumerate())
+        .filter(|(_, s)| matches!(s.backend, Backend::Virtiofs { .. }))
+        .map(|(i, s)| {
+            serde_json::json!({
+                "driver": "vhost-user-fs-pci",
+                "id": format!("vfsdev{i}"),
+                "bus": format!("vfsport{i}"),
+                "chardev": format!("vfs{i}"),
+                "tag": s.tag,
+                "queue-size": 1024,
+            })
+        })
+        .collect()
 }
 
 /// The firmware a guest boots through when the user names none. On x86_64
@@ -408,6 +453,8 @@ mod tests {
             exec_port_fds: Vec::new(),
             qga_fd: None,
             incoming_fd: None,
+            ram_fd: None,
+            plug_shares: false,
             extra: vec!["-s".into()],
         }
     }
@@ -483,6 +530,35 @@ mod tests {
             "-chardev socket,id=vfs1,fd=9 -device vhost-user-fs-pci,chardev=vfs1,tag=vexec-1"
         ));
         assert!(joined.contains("virtio-9p-pci,fsdev=fs0,mount_tag=vexec-root"));
+    }
+
+    #[test]
+    fn plugged_shares_wait_in_root_ports_and_ram_is_the_sessions() {
+        let mut c = config();
+        c.shares[1].backend = Backend::Virtiofs { fd: 9 };
+        (c.plug_shares, c.ram_fd, c.incoming_fd) = (true, Some(12), Some(13));
+        let joined = shell_line(Path::new("q"), &argv(&c));
+        assert!(joined.contains(
+            "memory-backend-file,id=mem,size=1G,mem-path=/proc/self/fd/12,share=on -numa node,memdev=mem"
+        ));
+        assert!(
+            joined.contains(
+                "-chardev socket,id=vfs1,fd=9 -device pcie-root-port,id=vfsport1,chassis=2"
+            )
+        );
+        assert!(!joined.contains("vhost-user-fs-pci"), "{joined}");
+        assert!(joined.contains("-incoming defer"), "{joined}");
+        // The 9p root stays a device of the command line.
+        assert!(joined.contains("virtio-9p-pci,fsdev=fs0,mount_tag=vexec-root"));
+        let plugged = plugged_devices(&c);
+        assert_eq!(plugged.len(), 1);
+        assert_eq!(
+            plugged[0],
+            serde_json::json!({
+                "driver": "vhost-user-fs-pci", "id": "vfsdev1", "bus": "vfsport1",
+                "chardev": "vfs1", "tag": "vexec-1", "queue-size": 1024
+            })
+        );
     }
 
     #[test]

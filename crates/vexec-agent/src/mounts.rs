@@ -6,6 +6,7 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use vexec_protocol::{Setup, ShareMode, Transport};
 
@@ -80,7 +81,72 @@ fn mount_share(
                 Some(&p9_options(setup.msize, cache, ro)),
             )
         }
-        Transport::Virtiofs => mount(tag, target, "virtiofs", flags, None),
+        Transport::Virtiofs => {
+            let until = (setup.plugged > 0).then(|| Instant::now() + PLUG_WAIT);
+            mount_virtiofs(tag, target, flags, until)
+        }
+    }
+}
+
+/// Where virtio-fs devices appear once their driver has taken them (their
+/// tags are then known to `mount`).
+const VIRTIOFS_DRIVER: &str = "/sys/bus/virtio/drivers/virtiofs";
+/// How long plugged devices may take to appear.
+const PLUG_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until `count` virtio-fs devices are ready: a restored guest has
+/// its share devices plugged in by the host just before its setup, and
+/// the PCI hotplug that finds them runs beside the agent. A device is
+/// linked to its driver before the driver's probe ends; the probe sets
+/// DRIVER_OK just before it makes the tag known.
+fn wait_for_plugged(count: u32, limit: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        let ready = std::fs::read_dir(VIRTIOFS_DRIVER).map_or(0, |d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().as_bytes().starts_with(b"virtio"))
+                .filter(|e| driver_ok(&e.path().join("status")))
+                .count()
+        });
+        if ready >= count as usize {
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            return Err(format!(
+                "{ready} of {count} plugged virtio-fs devices became ready within {}s (kernel needs CONFIG_HOTPLUG_PCI_PCIE)",
+                limit.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Whether a virtio device's status (hex, from sysfs) has DRIVER_OK.
+fn driver_ok(status: &Path) -> bool {
+    std::fs::read_to_string(status)
+        .ok()
+        .and_then(|s| u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok())
+        .is_some_and(|s| s & 4 != 0)
+}
+
+/// Mounts a virtio-fs share; a plugged device whose tag is not known yet
+/// (EINVAL, for a moment after DRIVER_OK) is tried again until `until`.
+fn mount_virtiofs(
+    tag: &str,
+    target: &Path,
+    flags: libc::c_ulong,
+    until: Option<Instant>,
+) -> std::io::Result<()> {
+    loop {
+        match mount(tag, target, "virtiofs", flags, None) {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINVAL)
+                    && until.is_some_and(|u| Instant::now() < u) =>
+            {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            r => return r,
+        }
     }
 }
 
@@ -107,6 +173,10 @@ pub fn build_root(
 ) -> Result<(), String> {
     for d in [LOWER, RW, NEWROOT] {
         std::fs::create_dir_all(d).map_err(|e| format!("creating {d}: {e}"))?;
+    }
+    if setup.plugged > 0 {
+        wait_for_plugged(setup.plugged, PLUG_WAIT)?;
+        super::step("plugged virtio-fs devices bound");
     }
     // The root is read-only and host edits under it are rare during a run,
     // so let the guest cache it (the rw shares below are not cached).

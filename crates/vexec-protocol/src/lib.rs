@@ -20,7 +20,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change; both ends refuse a mismatch.
-pub const VERSION: u32 = 7;
+pub const VERSION: u32 = 8;
 
 /// Name of the virtio-serial port carrying the protocol.
 pub const PORT_NAME: &str = "vexec.ctl";
@@ -124,6 +124,10 @@ pub struct Setup {
     /// The ports beside the control port the agent serves (their names
     /// reach the guest one by one, so it waits for this many).
     pub served: ServedPorts,
+    /// With virtio-fs on a restored (or just saved) guest: the share
+    /// devices are plugged in after the guest runs, so the agent waits
+    /// until this many virtio-fs devices are bound before mounting.
+    pub plugged: u32,
 }
 
 /// Ports a guest serves beside its command or instead of one: exec ports

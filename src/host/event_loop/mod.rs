@@ -4,6 +4,7 @@
 //! Ctrl-C the command ignores), the agent is first asked over the console
 //! where it stands, so a hang leaves a trail.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -56,6 +57,8 @@ pub struct Context<'a> {
     pub qmp: &'a mut LazyQmp,
     /// A persistent VM's ports, handed to its server once the guest serves.
     pub serve_ends: Option<super::session::ServeEnds>,
+    /// The guest's RAM, when it is shared memory of the session's.
+    pub ram: Option<&'a std::fs::File>,
 }
 
 /// The loop's state.
@@ -302,8 +305,11 @@ impl Loop<'_, '_> {
         if let Warm::Save(saver) = &mut self.p.warm {
             let qmp = self.cx.qmp.get(warm::QMP_WAIT);
             if let Ok(q) = qmp {
-                saver.save(q, ready);
+                saver.save(q, ready, self.cx.ram);
             }
+        }
+        if let Some(o) = self.plug_shares() {
+            return Some(o);
         }
         if !self.send_job() {
             return None; // QEMU exiting; its event explains.
@@ -334,13 +340,35 @@ impl Loop<'_, '_> {
         };
         let ready = r.ready.clone();
         let limit = self.boot_limit;
-        if let Err(e) = warm::bring_back(self.cx.qmp, limit) {
+        let (fd, shared) = (r.state.as_raw_fd(), r.ram.is_some());
+        if let Err(e) = warm::bring_back(self.cx.qmp, fd, shared, limit) {
             // QEMU's own words on why it could not load the state.
             std::thread::sleep(Duration::from_millis(200));
             return Some(Outcome::RestoreFailed(format!("{e}{}", self.details())));
         }
         self.t.restored = true;
         self.on_ready(&ready)
+    }
+
+    /// Plugs in the share devices of a machine that starts without them
+    /// (saved or restored with virtio-fs). Some when that failed: a
+    /// restored guest may be booted instead; a booted one has no files.
+    fn plug_shares(&mut self) -> Option<Outcome> {
+        if !self.p.qemu.plug_shares {
+            return None;
+        }
+        let devices = crate::vm::qemu::plugged_devices(&self.p.qemu);
+        let plugged =
+            (self.cx.qmp.get(warm::QMP_WAIT)).and_then(|q| crate::vm::snapshot::plug(q, &devices));
+        let e = plugged.err()?;
+        let why = format!(
+            "cannot plug in the virtio-fs devices: {e}{}",
+            self.details()
+        );
+        Some(match self.t.restored {
+            true => Outcome::RestoreFailed(why),
+            false => Outcome::Failed(why),
+        })
     }
 
     /// Sends the command's setup (fresh for this run) and the command;
@@ -353,6 +381,9 @@ impl Loop<'_, '_> {
         };
         let mut setup = (**setup).clone();
         setup.fresh = warm::fresh();
+        if self.p.qemu.plug_shares {
+            setup.plugged = crate::vm::qemu::plugged_devices(&self.p.qemu).len() as u32;
+        }
         if let Some((exec, qga)) = &self.cx.serve_ends {
             setup.served = crate::protocol::ServedPorts {
                 exec: exec.len() as u32,

@@ -201,6 +201,7 @@ fn run(
         initrd: initrd.path().to_path_buf(),
         transport: Transport::NineP,
         virtiofsd: None,
+        hotplug: inspected.support.hotplug,
     };
     let plan = plan::plan(&boot_request(cli, arch), &found);
     if let Some(port) = cli.machine.gdb {
