@@ -270,3 +270,39 @@ fn cache_clean_then_a_run_works() {
     assert_eq!(stdout(&out), "hi\n", "{err}");
     assert!(err.contains("saved the booted guest"), "{err}");
 }
+
+#[test]
+fn a_guest_that_never_sees_its_plugged_devices_is_booted_with_them() {
+    // ACPI PCI hotplug switched off in the guest: the devices plugged in
+    // after the save never appear. The run boots again with its devices
+    // (nothing had run), and the machine is not saved again.
+    let dir = workdir("warmnoplug");
+    let mut c = vexec_saying(K);
+    c.current_dir(dir.path())
+        .args(["-v", "--transport", "virtiofs", "--virtiofsd"])
+        .arg(rust_virtiofsd())
+        .args(["-m", "1108M", "--kernel-arg", "acpiphp.disable=1"])
+        .args(["--", "sh", "-c", "echo ran >> runs"]);
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    // A retry of this test finds the machine already marked.
+    assert!(
+        err.contains("booting with the devices instead")
+            || err.contains("this machine cannot be saved: the plugged share devices"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("runs")).unwrap(),
+        "ran\n"
+    );
+    let again = c.output().unwrap();
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains(
+            "cold boot (this machine cannot be saved: the plugged share devices did not appear"
+        ),
+        "{err}"
+    );
+}

@@ -75,12 +75,16 @@ pub const NET: &[Feature] = &[Feature {
     options: &[("CONFIG_VIRTIO_NET", Some("virtio_net"))],
 }];
 
-/// Whether the kernel takes PCIe devices plugged in while it runs: the
-/// native PCIe hotplug driver (a bool option) and its port services.
+/// Whether the kernel takes PCI devices plugged in while it runs, the way
+/// QEMU's q35 offers them (ACPI hotplug, bool options).
 pub fn hotplug(config: &KernelConfig) -> bool {
-    ["CONFIG_PCIEPORTBUS", "CONFIG_HOTPLUG_PCI_PCIE"]
-        .iter()
-        .all(|o| config.get(o) == Tristate::Yes)
+    [
+        "CONFIG_ACPI",
+        "CONFIG_HOTPLUG_PCI",
+        "CONFIG_HOTPLUG_PCI_ACPI",
+    ]
+    .iter()
+    .all(|o| config.get(o) == Tristate::Yes)
 }
 
 /// The features a transport needs.
@@ -206,12 +210,15 @@ mod tests {
     }
 
     #[test]
-    fn hotplug_needs_both_options_built_in() {
+    fn hotplug_needs_acpi_pci_hotplug_built_in() {
         let c = |text: &str| KernelConfig::parse(text);
-        assert!(hotplug(&c(
+        let all = "CONFIG_ACPI=y\nCONFIG_HOTPLUG_PCI=y\nCONFIG_HOTPLUG_PCI_ACPI=y\n";
+        assert!(hotplug(&c(all)));
+        let no_acpi = all.replace("CONFIG_ACPI=y", "# CONFIG_ACPI is not set");
+        assert!(!hotplug(&c(&no_acpi)));
+        // Native PCIe hotplug alone is not how q35 offers devices.
+        assert!(!hotplug(&c(
             "CONFIG_PCIEPORTBUS=y\nCONFIG_HOTPLUG_PCI_PCIE=y\n"
         )));
-        assert!(!hotplug(&c("CONFIG_PCIEPORTBUS=y\n")));
-        assert!(!hotplug(&c("CONFIG_HOTPLUG_PCI_PCIE=y\n")));
     }
 }

@@ -19,7 +19,7 @@ use caps::MissingFeature;
 use initramfs::InitramfsError;
 
 /// Bumped whenever the layout of an artifact changes.
-const FORMAT: &[u8] = b"vexec-artifacts-5";
+const FORMAT: &[u8] = b"vexec-artifacts-6";
 
 /// What QEMU boots.
 #[derive(Debug, Clone)]

@@ -222,6 +222,10 @@ pub enum Outcome {
     /// state, a guest that does not answer): nothing ran, so the machine
     /// may be booted instead.
     RestoreFailed(String),
+    /// The share devices plugged in after a save or restore could not be
+    /// added, or the guest never saw them: nothing ran, so the machine may
+    /// be booted with its devices instead.
+    PlugFailed(String),
     /// The kernel stalled (a CPU stuck) before the agent reported in:
     /// nothing ran yet, so the machine may be started again.
     BootStalled(String),
@@ -237,6 +241,8 @@ pub struct Timings {
     pub ready: Option<Instant>,
     /// The guest was restored from a snapshot, not booted.
     pub restored: bool,
+    /// How long saving the booted guest took (the guest stood still).
+    pub saving: Option<Duration>,
     pub guest_ready_ms: u64,
     pub guest_started_ms: Option<u64>,
     pub guest_exited_ms: Option<u64>,

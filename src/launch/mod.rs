@@ -120,6 +120,7 @@ pub fn launch(
     } = plan;
     let cache_root = warm.cache_root();
     let (mut stalled_before, mut restore_failed_before) = (false, false);
+    let mut plug_failed_before = false;
     loop {
         let (mode, machine) = warm.mode(&config, hotplug);
         let console_log = match &watch.console_log {
@@ -152,6 +153,11 @@ pub fn launch(
                 continue;
             }
             Outcome::KvmCrashed(_) => accel::mark_broken(cache_root),
+            Outcome::PlugFailed(why) if !plug_failed_before => {
+                plug_failed_before = true;
+                warm.refuse(&machine, why);
+                continue;
+            }
             Outcome::RestoreFailed(why) if !restore_failed_before => {
                 restore_failed_before = true;
                 warm.discard(&machine, why);

@@ -22,7 +22,8 @@ use crate::vm::snapshot::{self, SaveError};
 
 /// The cache kind of saved guests.
 pub const KIND: &str = "snapshot";
-/// The cache kind recording machines QEMU refused to save.
+/// The cache kind recording machines that cannot be saved (QEMU refused,
+/// or the guest never saw its plugged devices).
 const REFUSED: &str = "snapshot-refused";
 const STATE: &str = "state";
 /// A saved guest's RAM, when kept apart from its state (virtio-fs).
@@ -88,9 +89,7 @@ impl WarmStart {
         }
         if let Some(path) = self.cache.get(REFUSED, &key) {
             let why = std::fs::read_to_string(path).unwrap_or_default();
-            self.note(&format!(
-                "cold boot (QEMU refused to save this machine: {why})"
-            ));
+            self.note(&format!("cold boot (this machine cannot be saved: {why})"));
             return Warm::Cold;
         }
         let Some(lock) = lock(self.cache.root(), &key) else {
@@ -117,6 +116,21 @@ impl WarmStart {
             );
         }
         self.cache.remove(KIND, &shape_key(config));
+    }
+
+    /// Plugging in `config`'s share devices failed (`config` as
+    /// [`Self::mode`] gave it): its snapshot is removed and the machine
+    /// marked as one that boots with its devices, said once.
+    pub fn refuse(&self, config: &QemuConfig, why: &str) {
+        let first = why.lines().next().unwrap_or(why);
+        let key = shape_key(config);
+        self.cache.remove(KIND, &key);
+        let _ = self.cache.put(REFUSED, &key, first.as_bytes());
+        if !self.quiet {
+            crate::say!(
+                "vexec: warning: {first}; booting with the devices instead (warm start is off for this machine)"
+            );
+        }
     }
 
     /// The cache root (where KVM's verdict is kept too).
@@ -154,8 +168,10 @@ fn has_virtiofs(config: &QemuConfig) -> bool {
 
 /// Why a machine cannot be saved, known without asking QEMU.
 fn unsaveable(config: &QemuConfig, hotplug: bool) -> Option<&'static str> {
-    (has_virtiofs(config) && !hotplug).then_some(
-        "virtio-fs: QEMU 7.2 cannot save a machine with its device, and this kernel cannot take it plugged in later (CONFIG_HOTPLUG_PCI_PCIE); --transport 9p starts warm",
+    // `acpi=off` leaves the guest blind to plugged devices.
+    let acpi = !config.cmdline.split(' ').any(|a| a == "acpi=off");
+    (has_virtiofs(config) && !(hotplug && acpi)).then_some(
+        "virtio-fs: QEMU 7.2 cannot save a machine with its device, and this kernel cannot take it plugged in later (CONFIG_HOTPLUG_PCI_ACPI); --transport 9p starts warm",
     )
 }
 
@@ -348,6 +364,11 @@ mod tests {
         let vfs = machine(Backend::Virtiofs { fd: 9 });
         assert!(unsaveable(&vfs, false).is_some());
         assert!(unsaveable(&vfs, true).is_none());
+        let no_acpi = QemuConfig {
+            cmdline: "console=ttyS0 acpi=off".into(),
+            ..vfs.clone()
+        };
+        assert!(unsaveable(&no_acpi, true).is_some());
         let saved = saveable(&vfs);
         assert!(saved.plug_shares && saved.ram_fd.is_some());
         // A 9p machine is saved as it boots.

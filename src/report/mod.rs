@@ -24,7 +24,10 @@ pub(crate) fn outcome_words(outcome: &Outcome) -> String {
         Outcome::Exited(Exit::NotStarted { message, .. }) => format!("not started: {message}"),
         Outcome::TimedOut(d) => format!("timed out after {}", humantime::format_duration(*d)),
         Outcome::Interrupted(n) => format!("interrupted by signal {n}"),
-        Outcome::Failed(m) | Outcome::BootStalled(m) | Outcome::RestoreFailed(m) => {
+        Outcome::Failed(m)
+        | Outcome::BootStalled(m)
+        | Outcome::RestoreFailed(m)
+        | Outcome::PlugFailed(m) => {
             format!("failed: {m}")
         }
         Outcome::KvmBroken(m) | Outcome::KvmCrashed(m) => format!("KVM failed: {m}"),
@@ -147,7 +150,10 @@ pub(crate) fn status_of(outcome: &Outcome) -> i32 {
             STATUS_TIMEOUT
         }
         Outcome::Interrupted(sig) => 128 + *sig,
-        Outcome::Failed(msg) | Outcome::BootStalled(msg) | Outcome::RestoreFailed(msg) => {
+        Outcome::Failed(msg)
+        | Outcome::BootStalled(msg)
+        | Outcome::RestoreFailed(msg)
+        | Outcome::PlugFailed(msg) => {
             crate::say!("vexec: error: {msg}");
             STATUS_FAILED
         }
@@ -173,7 +179,7 @@ pub(crate) fn print_timings(prep: Duration, t: &Timings, t0: Instant) {
     let guest_ready = Duration::from_millis(t.guest_ready_ms);
     let qemu_start = host_to_ready.saturating_sub(guest_ready);
     // A restored guest's boot happened when it was saved.
-    let start_words = if t.restored {
+    let mut start_words = if t.restored {
         format!("restore {}ms", ms(host_to_ready))
     } else {
         format!(
@@ -182,6 +188,11 @@ pub(crate) fn print_timings(prep: Duration, t: &Timings, t0: Instant) {
             t.guest_ready_ms
         )
     };
+    // The guest's clock stood still while it was saved.
+    let saving = t.saving.unwrap_or_default();
+    if t.saving.is_some() {
+        start_words.push_str(&format!(", save {}ms", ms(saving)));
+    }
     let started = t.guest_started_ms.unwrap_or(t.guest_ready_ms);
     let exited = t.guest_exited_ms.unwrap_or(started);
     let teardown = t
@@ -190,7 +201,8 @@ pub(crate) fn print_timings(prep: Duration, t: &Timings, t0: Instant) {
         .unwrap_or_default()
         .saturating_sub(Duration::from_millis(
             exited.saturating_sub(t.guest_ready_ms),
-        ));
+        ))
+        .saturating_sub(saving);
     crate::say!(
         "vexec: timings: host prep {}ms, {start_words}, agent to command {}ms, command {}ms, teardown {}ms, total {}ms",
         ms(prep),

@@ -92,7 +92,7 @@ fn mount_share(
 /// tags are then known to `mount`).
 const VIRTIOFS_DRIVER: &str = "/sys/bus/virtio/drivers/virtiofs";
 /// How long plugged devices may take to appear.
-const PLUG_WAIT: Duration = Duration::from_secs(30);
+const PLUG_WAIT: Duration = Duration::from_secs(20);
 
 /// Waits until `count` virtio-fs devices are ready: a restored guest has
 /// its share devices plugged in by the host just before its setup, and
@@ -113,7 +113,8 @@ fn wait_for_plugged(count: u32, limit: Duration) -> Result<(), String> {
         }
         if start.elapsed() > limit {
             return Err(format!(
-                "{ready} of {count} plugged virtio-fs devices became ready within {}s (kernel needs CONFIG_HOTPLUG_PCI_PCIE)",
+                "{}: {ready} of {count} virtio-fs devices became ready within {}s (kernel needs CONFIG_HOTPLUG_PCI_ACPI)",
+                vexec_protocol::PLUG_FAILED,
                 limit.as_secs()
             ));
         }

@@ -25,6 +25,10 @@ pub const VERSION: u32 = 8;
 /// Name of the virtio-serial port carrying the protocol.
 pub const PORT_NAME: &str = "vexec.ctl";
 
+/// How the agent's error begins when share devices plugged in after a
+/// restore never appeared (nothing ran: the host may boot instead).
+pub const PLUG_FAILED: &str = "the plugged share devices did not appear";
+
 /// A persistent VM (`vexec up`) has ports named this plus a number, one
 /// per command that may run at once; each carries one command at a time
 /// (`Exec`, its input and signals; its output and `Exited`), again and

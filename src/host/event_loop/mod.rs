@@ -276,6 +276,9 @@ impl Loop<'_, '_> {
                     None => Outcome::Finished,
                 });
             }
+            GuestMsg::Error(e) if e.starts_with(crate::protocol::PLUG_FAILED) => {
+                return Some(Outcome::PlugFailed(e));
+            }
             GuestMsg::Error(e) => {
                 return Some(Outcome::Failed(format!(
                     "the guest could not start the command: {e}"
@@ -305,7 +308,9 @@ impl Loop<'_, '_> {
         if let Warm::Save(saver) = &mut self.p.warm {
             let qmp = self.cx.qmp.get(warm::QMP_WAIT);
             if let Ok(q) = qmp {
+                let t = Instant::now();
                 saver.save(q, ready, self.cx.ram);
+                self.t.saving = Some(t.elapsed());
             }
         }
         if let Some(o) = self.plug_shares() {
@@ -351,8 +356,7 @@ impl Loop<'_, '_> {
     }
 
     /// Plugs in the share devices of a machine that starts without them
-    /// (saved or restored with virtio-fs). Some when that failed: a
-    /// restored guest may be booted instead; a booted one has no files.
+    /// (saved or restored with virtio-fs). Some when that failed.
     fn plug_shares(&mut self) -> Option<Outcome> {
         if !self.p.qemu.plug_shares {
             return None;
@@ -361,14 +365,10 @@ impl Loop<'_, '_> {
         let plugged =
             (self.cx.qmp.get(warm::QMP_WAIT)).and_then(|q| crate::vm::snapshot::plug(q, &devices));
         let e = plugged.err()?;
-        let why = format!(
+        Some(Outcome::PlugFailed(format!(
             "cannot plug in the virtio-fs devices: {e}{}",
             self.details()
-        );
-        Some(match self.t.restored {
-            true => Outcome::RestoreFailed(why),
-            false => Outcome::Failed(why),
-        })
+        )))
     }
 
     /// Sends the command's setup (fresh for this run) and the command;
