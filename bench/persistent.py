@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Persistent VMs: how long `vexec up` takes (cold over virtio-fs, cold over
-9p saving a snapshot, and warm: a restored snapshot), and the overhead of
+"""Persistent VMs: how long `vexec up` takes (cold, a first run saving a
+snapshot, and warm: a restored snapshot; over virtio-fs, vexec's default
+where a virtiofsd is found), and the overhead of
 `vexec exec NAME -- true` (median of N), beside a warm plain run of the same
 command for scale. Everything under TCG.
 
@@ -51,17 +52,17 @@ def main():
     down = [vexec, "down", "--all"]
     try:
         rounds = max(3, args.runs // 5)
-        ups = {"up cold (virtio-fs)": [], "up first (9p, saves)": [], "up warm (9p)": []}
+        ups = {"up cold": [], "up first (saves)": [], "up warm": []}
         for r in range(rounds):
-            ups["up cold (virtio-fs)"].append(timed(up + ["--name", "c"], env))
+            ups["up cold"].append(timed(up + ["--cold", "--name", "c"], env))
             # A kernel argument new to this round: no snapshot yet.
-            first = up + ["--transport", "9p", "--kernel-arg", f"vexec.bench={os.getpid()}.{r}"]
-            ups["up first (9p, saves)"].append(timed(first + ["--name", "f"], env))
-            ups["up warm (9p)"].append(timed(first + ["--name", "w"], env))
+            first = up + ["--kernel-arg", f"vexec.bench={os.getpid()}.{r}"]
+            ups["up first (saves)"].append(timed(first + ["--name", "f"], env))
+            ups["up warm"].append(timed(first + ["--name", "w"], env))
             subprocess.run(down, env=env, check=True, stderr=subprocess.DEVNULL)
             log(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in ups.items()))
         subprocess.run(up + ["--name", "x"], env=env, check=True)
-        plain = [vexec, "-q", "--accel", "tcg", "--transport", "9p", "-k", image, "--", "true"]
+        plain = [vexec, "-q", "--accel", "tcg", "-k", image, "--", "true"]
         subprocess.run(plain, env=env, check=True)
         execs = {"exec -- true": [], "plain warm run -- true": [], "host: true": []}
         for _ in range(args.runs):

@@ -68,9 +68,9 @@ pub struct MachineOptions {
     pub gdb: Option<u16>,
 
     /// Boot the kernel even when a saved booted guest of this machine
-    /// could be restored instead. Warm start is the default for runs over
-    /// 9p (QEMU 7.2 cannot save virtio-fs): the first run of a machine
-    /// saves it when its agent is ready, later runs restore it.
+    /// could be restored instead. Warm start is the default: the first run
+    /// of a machine saves it when its agent is ready, later runs restore
+    /// it (over virtio-fs, the kernel needs CONFIG_HOTPLUG_PCI_ACPI).
     #[arg(long, env = "VEXEC_COLD", value_parser = clap::builder::FalseyValueParser::new())]
     pub cold: bool,
 

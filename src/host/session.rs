@@ -249,6 +249,9 @@ pub struct Timings {
     pub ended: Option<Instant>,
     /// QEMU's peak resident memory, KiB.
     pub qemu_peak_rss_kib: Option<u64>,
+    /// Guest RAM held in the session's memfd at the end, KiB (restored
+    /// pages the guest never touched count here, not in QEMU's RSS).
+    pub guest_ram_kib: Option<u64>,
     /// The guest's kernel log, when the run asked for it.
     pub kernel_log: Option<Vec<u8>>,
     /// What the guest reported about the command's end.
@@ -378,6 +381,9 @@ pub fn run(mut p: Params, relay: &SignalRelay) -> Result<(Outcome, Timings), VmE
     }
     relay.attach(None);
     t.qemu_peak_rss_kib = vm.peak_rss_kib();
+    t.guest_ram_kib = (ram.as_ref())
+        .and_then(|f| f.metadata().ok())
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) / 2);
     drop(vm);
     t.ended = Some(Instant::now());
     Ok((outcome, t))

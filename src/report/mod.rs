@@ -212,6 +212,9 @@ pub(crate) fn print_timings(prep: Duration, t: &Timings, t0: Instant) {
         ms(t0.elapsed())
     );
     if let Some(kib) = t.qemu_peak_rss_kib {
-        crate::say!("vexec: QEMU peak RSS {} MiB", kib / 1024);
+        let ram = t.guest_ram_kib.map_or(String::new(), |r| {
+            format!(" (guest RAM in vexec's memfd: {} MiB)", r / 1024)
+        });
+        crate::say!("vexec: QEMU peak RSS {} MiB{ram}", kib / 1024);
     }
 }
