@@ -12,7 +12,7 @@ pub const QMP_WAIT: Duration = Duration::from_secs(30);
 
 /// Has a machine started to restore (`-incoming defer`) load its saved
 /// state from inherited descriptor `fd` (`shared_ram`: with its RAM saved
-/// apart), and waits for it to run.
+/// apart), and waits until it has; it is left paused.
 pub fn bring_back(
     qmp: &mut LazyQmp,
     fd: i32,
@@ -23,9 +23,15 @@ pub fn bring_back(
         .get(limit)
         .map_err(|e| format!("cannot restore the saved guest: {e}"))?;
     snapshot::start_restore(q, fd, shared_ram)
-        .and_then(|()| snapshot::wait_restored(q, limit))
+        .and_then(|()| snapshot::wait_loaded(q, limit))
         .map_err(|e| format!("cannot restore the saved guest: {e}"))?;
     Ok(())
+}
+
+/// Starts a restored machine that [`bring_back`] left paused.
+pub fn start(qmp: &mut LazyQmp) -> Result<(), String> {
+    let q = qmp.get(QMP_WAIT)?;
+    snapshot::resume(q).map_err(|e| format!("cannot start the restored guest: {e}"))
 }
 
 /// Fresh entropy and the wall clock, for the guest to take before the

@@ -39,7 +39,7 @@ pub struct SaveTo<'a> {
 /// Saves the running machine and lets it run on. The machine is stopped
 /// while its memory is written (a running guest would compete with the
 /// copy for the host's CPUs and dirty what was copied), so a restored one
-/// starts paused ([`wait_restored`] starts it).
+/// starts paused ([`resume`] starts it).
 pub fn save(q: &mut Qmp, to: SaveTo, limit: Duration) -> Result<(), SaveError> {
     // QEMU 7.2 throttles migration to 32 MiB/s by default.
     q.execute(
@@ -97,7 +97,7 @@ fn wait_migrated(q: &mut Qmp, limit: Duration) -> Result<(), SaveError> {
 }
 
 /// Starts the machine again unless it runs.
-fn resume(q: &mut Qmp) -> Result<(), String> {
+pub fn resume(q: &mut Qmp) -> Result<(), String> {
     if status(q)? != "running" {
         q.execute("cont", json!({}))?;
     }
@@ -139,16 +139,14 @@ pub fn plug(q: &mut Qmp, devices: &[Value]) -> Result<(), String> {
     Ok(())
 }
 
-/// Waits until a machine started with `-incoming` has loaded its state,
-/// and starts it (QEMU exits when the state cannot be loaded).
-pub fn wait_restored(q: &mut Qmp, limit: Duration) -> Result<(), String> {
+/// Waits until a machine started with `-incoming` has loaded its state
+/// (QEMU exits when it cannot); the machine is then paused, as it was
+/// saved, for [`resume`] to start.
+pub fn wait_loaded(q: &mut Qmp, limit: Duration) -> Result<(), String> {
     let start = Instant::now();
     loop {
         match status(q)?.as_str() {
-            "running" => return Ok(()),
-            "paused" => {
-                q.execute("cont", json!({}))?;
-            }
+            "running" | "paused" => return Ok(()),
             "inmigrate" if start.elapsed() < limit => std::thread::sleep(POLL),
             "inmigrate" => {
                 return Err(format!(

@@ -313,7 +313,10 @@ impl Loop<'_, '_> {
                 self.t.saving = Some(t.elapsed());
             }
         }
-        if let Some(o) = self.plug_shares() {
+        // A restored guest has its devices already.
+        if !self.t.restored
+            && let Some(o) = self.plug_shares()
+        {
             return Some(o);
         }
         if !self.send_job() {
@@ -349,6 +352,14 @@ impl Loop<'_, '_> {
         if let Err(e) = warm::bring_back(self.cx.qmp, fd, shared, limit) {
             // QEMU's own words on why it could not load the state.
             std::thread::sleep(Duration::from_millis(200));
+            return Some(Outcome::RestoreFailed(format!("{e}{}", self.details())));
+        }
+        // Plugged in while it is still paused: the guest finds the devices
+        // as soon as it runs, while its setup is on the way.
+        if let Some(o) = self.plug_shares() {
+            return Some(o);
+        }
+        if let Err(e) = warm::start(self.cx.qmp) {
             return Some(Outcome::RestoreFailed(format!("{e}{}", self.details())));
         }
         self.t.restored = true;
