@@ -171,7 +171,7 @@ fn unsaveable(config: &QemuConfig, hotplug: bool) -> Option<&'static str> {
     // `acpi=off` leaves the guest blind to plugged devices.
     let acpi = !config.cmdline.split(' ').any(|a| a == "acpi=off");
     (has_virtiofs(config) && !(hotplug && acpi)).then_some(
-        "virtio-fs: QEMU 7.2 cannot save a machine with its device, and this kernel cannot take it plugged in later (CONFIG_HOTPLUG_PCI_ACPI); --transport 9p starts warm",
+        "virtio-fs: QEMU 7.2 cannot save a machine with its device, and this guest cannot take it plugged in later (that needs CONFIG_HOTPLUG_PCI_ACPI=y and no acpi=off); --transport 9p starts warm",
     )
 }
 
