@@ -197,8 +197,7 @@ fn in_vm(name: &str, spec: &Result<vexec::modes::spec::RunSpec, String>) -> Resu
 /// `vexec shell NAME`: the login shell in that VM, with `shell`'s options.
 fn shell_in(c: &cli::Cli, name: &str) -> i32 {
     let mut s = cli::Cli::try_parse_from(["vexec"]).expect("no arguments always parse");
-    (s.env, s.unset_env) = (c.env.clone(), c.unset_env.clone());
-    (s.sudo, s.tty, s.no_tty) = (c.sudo, c.tty, c.no_tty);
+    s.how = c.how.clone();
     s.machine.quiet = c.machine.quiet;
     failed_is_125(in_vm(name, &exec_spec(s)))
 }

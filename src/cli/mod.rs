@@ -14,7 +14,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Args, Parser};
 
 use crate::launch::transport::TransportChoice;
 
@@ -135,29 +135,8 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub virtiofsd: Option<PathBuf>,
 
-    /// Set KEY to VALUE in the command's environment (repeatable).
-    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
-    pub env: Vec<(OsString, OsString)>,
-
-    /// Remove KEY from the command's environment (repeatable).
-    #[arg(long = "unset-env", value_name = "KEY")]
-    pub unset_env: Vec<OsString>,
-
-    /// Run the command as root in the guest, keeping your environment (like
-    /// `sudo --preserve-env`). Needs no rights on the host: only the guest's
-    /// root, and host files outside rw shares stay unwritable.
-    #[arg(long)]
-    pub sudo: bool,
-
-    /// Run the command on a pseudo-terminal (stdin, stdout and stderr), as
-    /// if typed at a terminal. Default: each of them is a terminal in the
-    /// guest when it is one here.
-    #[arg(short = 't', long)]
-    pub tty: bool,
-
-    /// Never use a pseudo-terminal: plain pipes.
-    #[arg(short = 'T', long, conflicts_with = "tty")]
-    pub no_tty: bool,
+    #[command(flatten)]
+    pub how: CommandOpts,
 
     /// Give the guest a network: QEMU user-mode networking (NAT to the
     /// host's network, guest address 10.0.2.15, DNS 10.0.2.3). Loopback is
@@ -230,6 +209,35 @@ pub struct Cli {
     /// program called shell.
     #[arg(value_name = "COMMAND", allow_hyphen_values = true)]
     pub command: Vec<OsString>,
+}
+
+/// How the command runs in the guest: its environment, its user and its
+/// terminal. A plain run and `vexec exec` take the same options.
+#[derive(Debug, Clone, Args)]
+pub struct CommandOpts {
+    /// Set KEY to VALUE in the command's environment (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<(OsString, OsString)>,
+
+    /// Remove KEY from the command's environment (repeatable).
+    #[arg(long = "unset-env", value_name = "KEY")]
+    pub unset_env: Vec<OsString>,
+
+    /// Run the command as root in the guest, keeping your environment (like
+    /// `sudo --preserve-env`). Needs no rights on the host: only the guest's
+    /// root, and host files outside rw shares stay unwritable.
+    #[arg(long)]
+    pub sudo: bool,
+
+    /// Run the command on a pseudo-terminal (stdin, stdout and stderr), as
+    /// if typed at a terminal. Default: each of them is a terminal in the
+    /// guest when it is one here.
+    #[arg(short = 't', long)]
+    pub tty: bool,
+
+    /// Never use a pseudo-terminal: plain pipes.
+    #[arg(short = 'T', long, conflicts_with = "tty")]
+    pub no_tty: bool,
 }
 
 /// Accepts QEMU-style sizes: a number of MiB, or with a K/M/G/T suffix.

@@ -119,7 +119,7 @@ pub fn build(
     } else {
         cli.command.clone()
     };
-    let tty = match (cli.tty, cli.no_tty) {
+    let tty = match (cli.how.tty, cli.how.no_tty) {
         (true, _) => TtyMode::Always,
         (false, true) => TtyMode::Never,
         (false, false) => TtyMode::Auto,
@@ -138,7 +138,7 @@ pub fn build(
         env,
         tty,
         shell,
-        sudo: cli.sudo || file.and_then(|f| f.sudo).unwrap_or(false),
+        sudo: cli.how.sudo || file.and_then(|f| f.sudo).unwrap_or(false),
         setup: file.map(|f| f.setup.clone()).unwrap_or_default(),
         teardown: file.map(|f| f.teardown.clone()).unwrap_or_default(),
         cwd: host.cwd,
@@ -198,7 +198,7 @@ fn environment_for(
             .collect();
         env = environment(env, &set, &unset);
     }
-    environment(env, &cli.env, &cli.unset_env)
+    environment(env, &cli.how.env, &cli.how.unset_env)
 }
 
 /// Whether the guest gets a network, and its TCP forwards (the file's

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Arg, ArgAction, ArgMatches, Args, CommandFactory};
 
-use super::{Cli, parse_duration, parse_env};
+use super::{Cli, parse_duration};
 use crate::modes::persistent::up::UpOptions;
 
 /// The default number of commands a VM runs at once.
@@ -72,21 +72,8 @@ pub struct ExecCli {
     /// The VM (as `vexec up --name` named it, or `run-PID` from `vexec ps`).
     #[arg(value_name = "NAME")]
     pub name: String,
-    /// Set KEY to VALUE in the command's environment (repeatable).
-    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
-    pub env: Vec<(OsString, OsString)>,
-    /// Remove KEY from the command's environment (repeatable).
-    #[arg(long = "unset-env", value_name = "KEY")]
-    pub unset_env: Vec<OsString>,
-    /// Run the command as root in the guest, keeping your environment.
-    #[arg(long)]
-    pub sudo: bool,
-    /// Run the command on a pseudo-terminal.
-    #[arg(short = 't', long)]
-    pub tty: bool,
-    /// Never use a pseudo-terminal: plain pipes.
-    #[arg(short = 'T', long, conflicts_with = "tty")]
-    pub no_tty: bool,
+    #[command(flatten)]
+    pub how: super::CommandOpts,
     /// Kill the command after DURATION (exit status 124).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub timeout: Option<Duration>,
@@ -107,11 +94,7 @@ impl ExecCli {
     /// The plain run these options describe (what builds the command).
     pub fn as_run(&self) -> Cli {
         let mut cli = Cli::try_parse_from(["vexec"]).expect("no arguments always parse");
-        cli.env = self.env.clone();
-        cli.unset_env = self.unset_env.clone();
-        cli.sudo = self.sudo;
-        cli.tty = self.tty;
-        cli.no_tty = self.no_tty;
+        cli.how = self.how.clone();
         cli.machine.timeout = self.timeout;
         cli.machine.quiet = self.quiet;
         cli.command = self.command.clone();

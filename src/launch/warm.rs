@@ -149,7 +149,8 @@ impl WarmStart {
         let data = self.cache.get(KIND, key)?;
         let ready: Ready = serde_json::from_slice(&std::fs::read(data.join(READY)).ok()?).ok()?;
         let state = File::open(data.join(STATE)).ok()?;
-        let ram = match ram_apart(&data) {
+        // Kept apart only for machines with virtio-fs.
+        let ram = match data.join(RAM).exists() {
             true => Some(File::open(data.join(RAM)).ok()?),
             false => None,
         };
@@ -157,20 +158,11 @@ impl WarmStart {
     }
 }
 
-/// Whether a saved guest's RAM was kept apart from its state.
-fn ram_apart(data: &Path) -> bool {
-    data.join(RAM).exists()
-}
-
-fn has_virtiofs(config: &QemuConfig) -> bool {
-    (config.shares.iter()).any(|s| matches!(s.backend, Backend::Virtiofs { .. }))
-}
-
 /// Why a machine cannot be saved, known without asking QEMU.
 fn unsaveable(config: &QemuConfig, hotplug: bool) -> Option<&'static str> {
     // `acpi=off` leaves the guest blind to plugged devices.
     let acpi = !config.cmdline.split(' ').any(|a| a == "acpi=off");
-    (has_virtiofs(config) && !(hotplug && acpi)).then_some(
+    (config.has_virtiofs() && !(hotplug && acpi)).then_some(
         "virtio-fs: QEMU 7.2 cannot save a machine with its device, and this guest cannot take it plugged in later (that needs CONFIG_HOTPLUG_PCI_ACPI=y and no acpi=off); --transport 9p starts warm",
     )
 }
@@ -182,7 +174,7 @@ fn unsaveable(config: &QemuConfig, hotplug: bool) -> Option<&'static str> {
 /// resident; left out of the stream, only what the guest touched is).
 fn saveable(config: &QemuConfig) -> QemuConfig {
     let mut c = config.clone();
-    if has_virtiofs(config) {
+    if config.has_virtiofs() {
         c.plug_shares = true;
         c.ram_fd = Some(-1);
     }
@@ -324,39 +316,16 @@ pub fn evict(cache: &Cache, cap: u64, keep: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::image::Arch;
-    use crate::vm::accel::Accel;
-    use crate::vm::qemu::ShareDevice;
 
+    /// A machine with one share (the root), served by `backend`, and two
+    /// exec ports.
     fn machine(backend: Backend) -> QemuConfig {
-        QemuConfig {
-            binary: "/nonexistent/qemu".into(),
-            arch: Arch::X86_64,
-            firmware: None,
-            accel: Accel::Tcg,
-            tcg_single: false,
-            cpus: 2,
-            memory: "1G".into(),
-            kernel: "/nonexistent/vmlinux".into(),
-            initrd: "/nonexistent/initrd".into(),
-            cmdline: "console=ttyS0".into(),
-            shares: vec![ShareDevice {
-                tag: "vexec-root".into(),
-                path: "/".into(),
-                readonly: true,
-                backend,
-            }],
-            net: None,
-            console_fd: 5,
-            control_fd: 6,
-            qmp_fd: None,
-            exec_port_fds: vec![7, 8],
-            qga_fd: None,
-            incoming_fd: None,
-            ram_fd: None,
-            plug_shares: false,
-            extra: Vec::new(),
-        }
+        let mut c = qemu::example_config();
+        c.shares.truncate(1);
+        c.shares[0].backend = backend;
+        (c.console_fd, c.control_fd, c.exec_port_fds) = (5, 6, vec![7, 8]);
+        c.extra.clear();
+        c
     }
 
     #[test]

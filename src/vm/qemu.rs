@@ -78,6 +78,13 @@ pub struct QemuConfig {
     pub extra: Vec<OsString>,
 }
 
+impl QemuConfig {
+    /// Whether any share is served over virtio-fs (vhost-user).
+    pub fn has_virtiofs(&self) -> bool {
+        (self.shares.iter()).any(|s| matches!(s.backend, Backend::Virtiofs { .. }))
+    }
+}
+
 /// Escapes a value for QEMU's comma-separated option syntax.
 pub fn escape(value: &str) -> String {
     value.replace(',', ",,")
@@ -181,11 +188,7 @@ pub fn argv(c: &QemuConfig) -> Vec<OsString> {
             "-numa".into(),
             "node,memdev=mem".into(),
         ]);
-    } else if c
-        .shares
-        .iter()
-        .any(|s| matches!(s.backend, Backend::Virtiofs { .. }))
-    {
+    } else if c.has_virtiofs() {
         a.extend([
             "-object".into(),
             format!("memory-backend-memfd,id=mem,size={},share=on", c.memory),
@@ -362,9 +365,54 @@ fn serial_port(bus: &str, id: &str, fd: i32, name: &str) -> [String; 4] {
     ]
 }
 
+/// A machine for unit tests: two 9p shares, no descriptors set up.
+#[cfg(test)]
+pub(crate) fn example_config() -> QemuConfig {
+    QemuConfig {
+        binary: "qemu-system-x86_64".into(),
+        arch: Arch::X86_64,
+        firmware: None,
+        accel: Accel::Tcg,
+        tcg_single: false,
+        cpus: 2,
+        memory: "1G".into(),
+        kernel: "/c/vmlinux".into(),
+        initrd: "/c/initrd".into(),
+        cmdline: "console=ttyS0".into(),
+        shares: vec![
+            ShareDevice {
+                tag: "vexec-root".into(),
+                path: "/".into(),
+                readonly: true,
+                backend: Backend::NineP,
+            },
+            ShareDevice {
+                tag: "vexec-1".into(),
+                path: "/home/a,b c".into(),
+                readonly: false,
+                backend: Backend::NineP,
+            },
+        ],
+        net: None,
+        console_fd: 5,
+        control_fd: 6,
+        qmp_fd: None,
+        exec_port_fds: Vec::new(),
+        qga_fd: None,
+        incoming_fd: None,
+        ram_fd: None,
+        plug_shares: false,
+        extra: vec!["-s".into()],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config() -> QemuConfig {
+        example_config()
+    }
 
     #[test]
     fn qboot_beside_qemu_comes_first() {
@@ -418,45 +466,6 @@ mod tests {
                 ("vexec1".into(), 2)
             ]
         );
-    }
-
-    fn config() -> QemuConfig {
-        QemuConfig {
-            binary: "qemu-system-x86_64".into(),
-            arch: Arch::X86_64,
-            firmware: None,
-            accel: Accel::Tcg,
-            tcg_single: false,
-            cpus: 2,
-            memory: "1G".into(),
-            kernel: "/c/vmlinux".into(),
-            initrd: "/c/initrd".into(),
-            cmdline: "console=ttyS0".into(),
-            shares: vec![
-                ShareDevice {
-                    tag: "vexec-root".into(),
-                    path: "/".into(),
-                    readonly: true,
-                    backend: Backend::NineP,
-                },
-                ShareDevice {
-                    tag: "vexec-1".into(),
-                    path: "/home/a,b c".into(),
-                    readonly: false,
-                    backend: Backend::NineP,
-                },
-            ],
-            net: None,
-            console_fd: 5,
-            control_fd: 6,
-            qmp_fd: None,
-            exec_port_fds: Vec::new(),
-            qga_fd: None,
-            incoming_fd: None,
-            ram_fd: None,
-            plug_shares: false,
-            extra: vec!["-s".into()],
-        }
     }
 
     #[test]
