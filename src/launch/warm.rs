@@ -160,6 +160,11 @@ impl WarmStart {
 
 /// Why a machine cannot be saved, known without asking QEMU.
 fn unsaveable(config: &QemuConfig, hotplug: bool) -> Option<&'static str> {
+    // The second boot after a stall is a one-off machine: saved, it would
+    // only add a snapshot no ordinary run restores.
+    if config.tcg_single {
+        return Some("booting again with single-threaded TCG after a stall");
+    }
     // `acpi=off` leaves the guest blind to plugged devices.
     let acpi = !config.cmdline.split(' ').any(|a| a == "acpi=off");
     (config.has_virtiofs() && !(hotplug && acpi)).then_some(
@@ -338,6 +343,11 @@ mod tests {
             ..vfs.clone()
         };
         assert!(unsaveable(&no_acpi, true).is_some());
+        let retried = QemuConfig {
+            tcg_single: true,
+            ..machine(Backend::NineP)
+        };
+        assert!(unsaveable(&retried, true).is_some());
         let saved = saveable(&vfs);
         assert!(saved.plug_shares && saved.ram_fd.is_some());
         // A 9p machine is saved as it boots.
