@@ -6,11 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=""
-for tool in qemu-system-x86_64 qemu-system-aarch64 busybox aarch64-linux-gnu-gcc apt-get dpkg-deb; do
+for tool in qemu-system-x86_64 qemu-system-aarch64 busybox aarch64-linux-gnu-gcc apt-get dpkg-deb python3; do
   command -v "$tool" >/dev/null || missing="$missing $tool"
 done
 if [ -n "$missing" ]; then
-  echo "scripts/test.sh: missing:$missing (Debian/Ubuntu: sudo apt-get install qemu-system-x86 qemu-system-arm qemu-efi-aarch64 busybox-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross kmod libcap-ng-dev libseccomp-dev)" >&2
+  echo "scripts/test.sh: missing:$missing (Debian/Ubuntu: sudo apt-get install qemu-system-x86 qemu-system-arm qemu-efi-aarch64 busybox-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross kmod libcap-ng-dev libseccomp-dev python3-venv)" >&2
   exit 1
 fi
 
@@ -26,6 +26,19 @@ if [ -z "${VEXEC_TEST_VIRTIOFSD:-}" ]; then
     cargo install --quiet --locked --root "$VEXEC_TEST_KERNELS/tools" virtiofsd >&2
     chmod -R a+rX "$VEXEC_TEST_KERNELS/tools"
   fi
+fi
+
+# A Python with the protocol clients users have (QEMU's QMP library), for
+# the tests that check vexec's protocols against real clients.
+if [ -z "${VEXEC_TEST_PYTHON:-}" ]; then
+  venv="$VEXEC_TEST_KERNELS/tools/venv"
+  if ! "$venv/bin/python3" -c 'import qemu.qmp' 2>/dev/null; then
+    echo "scripts/test.sh: making a Python venv with qemu.qmp (needs python3-venv)" >&2
+    python3 -m venv "$venv" >&2
+    "$venv/bin/pip" install --quiet qemu.qmp==0.0.6 >&2
+    chmod -R a+rX "$venv"
+  fi
+  export VEXEC_TEST_PYTHON="$venv/bin/python3"
 fi
 
 # Runs that hung leave vexec's report of where they stood here (tests set

@@ -97,6 +97,27 @@ fn failing_setup_stops_the_run_with_125() {
 }
 
 #[test]
+fn a_slow_setup_is_the_users_work_and_runs_once() {
+    // The setup outlasts the boot timeout: only vexec's own mounting is
+    // under that deadline, so nothing is booted again or run twice.
+    let dir = workdir("cfg-slow-setup");
+    let file = dir.path().join("vexec.toml");
+    std::fs::write(&file, "setup = [\"echo ran >> count; sleep 12\"]\n").unwrap();
+    let mut c = vexec_saying("6.1");
+    c.current_dir(dir.path())
+        .arg("--config")
+        .arg(&file)
+        .args(["--boot-timeout", "8s", "--", "echo", "done"]);
+    let out = run(c);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(stdout(&out), "done\n");
+    assert!(!err.contains("booting again"), "{err}");
+    let count = std::fs::read_to_string(dir.path().join("count")).unwrap();
+    assert_eq!(count, "ran\n");
+}
+
+#[test]
 fn bad_config_names_file_line_and_key() {
     let dir = workdir("cfg-bad");
     let file = dir.path().join(".vexec.toml");

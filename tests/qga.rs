@@ -130,6 +130,24 @@ fn session(path: &Path) -> Vec<(String, serde_json::Value)> {
         q.ask(json!({"execute": "guest-exec", "arguments": {}})),
     );
     keep("not an object", q.ask(json!([1])));
+    // A request's id comes back in its reply, success or any error.
+    for (name, request) in [
+        ("id ping", json!({"execute": "guest-ping", "id": 5})),
+        ("id unknown", json!({"execute": "guest-nonesuch", "id": "a"})),
+        ("id missing arg", json!({"execute": "guest-sync", "id": [1]})),
+        ("id bad type", json!({"execute": "guest-exec", "arguments": {"path": 5}, "id": 6})),
+        ("id no execute", json!({"id": 7})),
+        ("id extra member", json!({"execute": "guest-ping", "id": 8, "x": 1})),
+        ("id execute type", json!({"execute": 5, "id": 9})),
+        ("id arguments type", json!({"execute": "guest-ping", "arguments": [], "id": 10})),
+        ("id no file", json!({"execute": "guest-file-open", "arguments": {"path": "/no/such", "mode": "r"}, "id": 11})),
+    ] {
+        let r = q.ask(request);
+        assert!(r.get("id").is_some(), "{name}: {r}");
+        keep(name, r);
+    }
+    let r = q.ask(json!({"execute": "guest-sync-delimited", "arguments": {"id": 3}, "id": 12}));
+    assert_eq!(r, json!({"delimited": {"return": 3, "id": 12}}));
     // Split over lines, and no newline at the end: the parser streams.
     q.send(b"{\"execute\":\n\"guest-sync\", \"arguments\": {\"id\": 9}}");
     assert_eq!(q.read(), json!({"return": 9}));
@@ -240,4 +258,64 @@ fn the_guest_agent_protocol_answers_as_qemu_ga_does() {
         .dir("qga")
         .exists()
         && !ours.exists()));
+}
+
+/// A Python with QEMU's own QMP library (PyPI `qemu.qmp`), which
+/// scripts/test.sh sets up; the test fails with how to get one.
+fn python_with_qemu_qmp() -> String {
+    let python = std::env::var("VEXEC_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has = Command::new(&python)
+        .args(["-c", "import qemu.qmp"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        has,
+        "{python} lacks qemu.qmp: run the tests through scripts/test.sh, or set VEXEC_TEST_PYTHON to a Python with `pip install qemu.qmp`"
+    );
+    python
+}
+
+#[test]
+fn a_qga_client_library_nobody_here_wrote_drives_up_qga() {
+    use std::os::unix::fs::PermissionsExt;
+    let python = python_with_qemu_qmp();
+    let work = workdir("qga-client");
+    let vms = Vms::new(work.path());
+    let sock = vms.runtime.path().join("lib.sock");
+    // A permissive umask must not make the socket reachable by others.
+    let base = vms.vexec();
+    let mut up = Command::new("sh");
+    for (k, v) in base.get_envs() {
+        match v {
+            Some(v) => up.env(k, v),
+            None => up.env_remove(k),
+        };
+    }
+    let vexec = base.get_program().to_owned();
+    up.current_dir(work.path())
+        .stdin(Stdio::null())
+        .arg("-c")
+        .arg("umask 0; exec \"$@\"")
+        .arg("sh")
+        .arg(vexec)
+        .args(["up", "-q", "--accel", "tcg", "--name", "lib", "-k"])
+        .arg(kernel("6.1"))
+        .args(["--qga", sock.to_str().unwrap()]);
+    let out = up.output().unwrap();
+    assert_ok(&out);
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/qga_client.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}{}", stderr(&out));
+    assert_eq!(
+        said,
+        "ping {}\nerror guest-no-such-command CommandNotFound\nerror guest-sync GenericError\nerror guest-file-open GenericError\nsync 42\nexec 3 from-guest\n"
+    );
 }

@@ -248,6 +248,13 @@ fn serve(writer: &exec::PortWriter, mut reader: File, pseudo: PseudoFs) -> Resul
                 }
                 let _ = sys::set_hostname(&setup.hostname);
                 step("filesystems ready");
+                exec::send(
+                    writer,
+                    &GuestMsg::Mounted {
+                        uptime_ms: sys::uptime_ms(),
+                    },
+                )
+                .map_err(|e| format!("writing to the control port: {e}"))?;
                 setup_done = Some(setup.served.clone());
             }
             HostMsg::Exec(e) if setup_done.is_some() => {

@@ -20,7 +20,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change; both ends refuse a mismatch.
-pub const VERSION: u32 = 8;
+pub const VERSION: u32 = 9;
 
 /// Name of the virtio-serial port carrying the protocol.
 pub const PORT_NAME: &str = "vexec.ctl";
@@ -291,6 +291,12 @@ pub enum GuestMsg {
     /// What the host should know about how the command ended, sent just
     /// before [`GuestMsg::Exited`].
     Aftermath(Aftermath),
+    /// vexec's own part of the setup (mounts, root switch) is done: what
+    /// follows (the user's setup commands, the command) is the user's
+    /// work, under `--timeout` only. Guest clock.
+    Mounted {
+        uptime_ms: u64,
+    },
 }
 
 /// Facts about the end of a command that its exit status does not tell.

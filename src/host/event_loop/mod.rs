@@ -242,6 +242,10 @@ impl Loop<'_, '_> {
                 if let (Some(server), Some((ports, qga))) = (server, self.cx.serve_ends.take()) {
                     server.serving(ports, qga, self.cx.vm.pid() as u32);
                 }
+            }
+            // vexec's mounting is done: the user's setup commands and the
+            // command run under --timeout alone, and never again.
+            GuestMsg::Mounted { .. } => {
                 self.setup = None;
                 if self.interrupted.is_none() && self.reporting.is_none() {
                     self.deadline = self.run_deadline;

@@ -103,6 +103,29 @@ fn free_socket_path(path: &Path) -> Result<(), VmsError> {
     Ok(())
 }
 
+/// A listening socket at `path` that only its owner can connect to (0600,
+/// like the control sockets): bound in a private 0700 directory beside
+/// it, made 0600 there, then renamed into place, so no other user can
+/// connect in between, whatever the umask.
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let private = parent.join(format!(".vexec-bind-{}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let inside = private.join("s");
+    let bound = UnixListener::bind(&inside).and_then(|l| {
+        std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&inside, path)?;
+        Ok(l)
+    });
+    let _ = std::fs::remove_file(&inside);
+    let _ = std::fs::remove_dir(&private);
+    bound
+}
+
 /// The `up` process: boots the VM and serves it until it ends.
 pub fn daemon(spec: &RunSpec, opts: &UpOptions) -> Result<i32, VmsError> {
     // Its own session: the terminal's Ctrl-C and hangup are not its own.
@@ -197,7 +220,7 @@ fn serve(spec: &RunSpec, opts: &UpOptions, entry: &Entry) -> Result<i32, VmsErro
     entry.write_info(&info).map_err(VmsError::Daemon)?;
     let listener = UnixListener::bind(entry.socket()).map_err(VmsError::Daemon)?;
     let qga = match &opts.qga {
-        Some(p) => Some(UnixListener::bind(p).map_err(|e| VmsError::Bind(p.clone(), e))?),
+        Some(p) => Some(bind_private(p).map_err(|e| VmsError::Bind(p.clone(), e))?),
         None => None,
     };
     let ready = Arc::new(Mutex::new(false));

@@ -61,7 +61,7 @@ pub fn serve(dev: &Path) {
 /// The reply to one piece of the stream, if it gets one.
 fn answer(state: &mut commands::State, piece: stream::Piece) -> Option<Reply> {
     let parse_error = |what: String| {
-        Some(error_reply(&QgaError::generic(format!(
+        Some(Reply::error(QgaError::generic(format!(
             "JSON parse error, {what}"
         ))))
     };
@@ -78,78 +78,113 @@ fn answer(state: &mut commands::State, piece: stream::Piece) -> Option<Reply> {
         stream::Piece::Stray(c) => parse_error(format!("stray '{c}'")),
         // qemu-ga's words; it then reads the rest of the request as new
         // input, where this skips it.
-        stream::Piece::TooLong => Some(error_reply(&QgaError::generic(
+        stream::Piece::TooLong => Some(Reply::error(QgaError::generic(
             "JSON token size limit exceeded",
         ))),
     }
 }
 
-/// A reply to write: an optional 0xFF before it (`guest-sync-delimited`).
+/// A reply to write: an optional 0xFF before it (`guest-sync-delimited`),
+/// and the request's `id`, which qemu-ga echoes in every reply to a
+/// request that is an object, success or error alike.
 pub struct Reply {
     delimited: bool,
-    body: Value,
+    id: Option<Value>,
+    body: Result<Value, QgaError>,
 }
 
-fn error_reply(e: &QgaError) -> Reply {
-    Reply {
-        delimited: false,
-        body: json!({"error": {"class": e.class, "desc": e.desc}}),
+impl Reply {
+    fn error(e: QgaError) -> Reply {
+        Reply {
+            delimited: false,
+            id: None,
+            body: Err(e),
+        }
+    }
+
+    /// The reply as a JSON value (keys unordered), for tests.
+    #[cfg(test)]
+    fn value(&self) -> Value {
+        let mut v = match &self.body {
+            Ok(r) => json!({ "return": r }),
+            Err(e) => json!({"error": {"class": e.class, "desc": e.desc}}),
+        };
+        if let Some(id) = &self.id {
+            v["id"] = id.clone();
+        }
+        v
     }
 }
 
 fn request(state: &mut commands::State, v: Value) -> Option<Reply> {
     let Value::Object(mut obj) = v else {
-        return Some(error_reply(&QgaError::generic(
+        return Some(Reply::error(QgaError::generic(
             "QMP input must be a JSON object",
         )));
     };
+    // Taken first: even a request refused for its shape gets its id back.
+    let id = obj.remove("id");
+    let mut reply = checked(state, obj)?;
+    reply.id = id;
+    Some(reply)
+}
+
+/// The reply to a request object (its `id` taken out).
+fn checked(state: &mut commands::State, mut obj: serde_json::Map<String, Value>) -> Option<Reply> {
+    let generic = |desc: String| Some(Reply::error(QgaError::generic(desc)));
     let name = match obj.remove("execute") {
         Some(Value::String(s)) => s,
-        Some(_) => {
-            return Some(error_reply(&QgaError::generic(
-                "QMP input member 'execute' must be a string",
-            )));
-        }
-        None => {
-            return Some(error_reply(&QgaError::generic(
-                "QMP input lacks member 'execute'",
-            )));
-        }
+        Some(_) => return generic("QMP input member 'execute' must be a string".into()),
+        None => return generic("QMP input lacks member 'execute'".into()),
     };
     let arguments = match obj.remove("arguments") {
         None => serde_json::Map::new(),
         Some(Value::Object(m)) => m,
-        Some(_) => {
-            return Some(error_reply(&QgaError::generic(
-                "QMP input member 'arguments' must be an object",
-            )));
-        }
+        Some(_) => return generic("QMP input member 'arguments' must be an object".into()),
     };
-    let id = obj.remove("id");
     if let Some(k) = obj.keys().next() {
-        return Some(error_reply(&QgaError::generic(format!(
-            "QMP input member '{k}' is unexpected"
-        ))));
+        return generic(format!("QMP input member '{k}' is unexpected"));
     }
     let answer = commands::run(state, &name, args::Args::new(arguments))?;
-    let delimited = name == "guest-sync-delimited" && answer.is_ok();
-    let mut body = match answer {
-        Ok(v) => json!({ "return": v }),
-        Err(e) => return Some(error_reply(&e)),
-    };
-    if let Some(id) = id {
-        body["id"] = id;
-    }
-    Some(Reply { delimited, body })
+    Some(Reply {
+        delimited: name == "guest-sync-delimited" && answer.is_ok(),
+        id: None,
+        body: answer,
+    })
 }
 
+/// Writes `r` with qemu-ga's key order: `{"return": R, "id": I}` and
+/// `{"id": I, "error": E}`.
 fn write_reply(port: &mut std::fs::File, r: &Reply) -> std::io::Result<()> {
     let mut out = Vec::new();
     if r.delimited {
         out.push(0xff);
     }
-    out.extend(json::to_vec(&r.body)?);
-    out.push(b'\n');
+    let id = match &r.id {
+        Some(id) => Some(json::to_vec(id)?),
+        None => None,
+    };
+    match &r.body {
+        Ok(v) => {
+            out.extend_from_slice(b"{\"return\": ");
+            out.extend(json::to_vec(v)?);
+            if let Some(id) = &id {
+                out.extend_from_slice(b", \"id\": ");
+                out.extend_from_slice(id);
+            }
+        }
+        Err(e) => {
+            out.push(b'{');
+            if let Some(id) = &id {
+                out.extend_from_slice(b"\"id\": ");
+                out.extend_from_slice(id);
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(b"\"error\": ");
+            out.extend(json::to_vec(&json!({"class": e.class, "desc": e.desc}))?);
+        }
+    }
+    out.extend_from_slice(b"}\n");
     port.write_all(&out)?;
     port.flush()
 }
@@ -164,7 +199,7 @@ mod tests {
         let mut splitter = stream::Splitter::default();
         splitter.feed(line.as_bytes(), &mut |p| got.extend(answer(&mut s, p)));
         splitter.feed(b"\n", &mut |p| got.extend(answer(&mut s, p)));
-        got.into_iter().map(|r| r.body).collect()
+        got.into_iter().map(|r| r.value()).collect()
     }
 
     #[test]
@@ -201,6 +236,23 @@ mod tests {
             ask(r#"{"execute":"guest-ping"}{"execute":"guest-ping"}"#).len(),
             2
         );
+    }
+
+    #[test]
+    fn every_reply_to_an_object_carries_its_id() {
+        for req in [
+            r#"{"execute":"guest-ping","id":5}"#,
+            r#"{"execute":"guest-nonesuch","id":5}"#,
+            r#"{"execute":"guest-sync","id":5}"#,
+            r#"{"id":5}"#,
+            r#"{"execute":"guest-ping","id":5,"x":1}"#,
+            r#"{"execute":5,"id":5}"#,
+            r#"{"execute":"guest-ping","arguments":[],"id":5}"#,
+        ] {
+            assert_eq!(ask(req)[0]["id"], 5, "{req}");
+        }
+        assert_eq!(ask(r#"{"execute":"guest-ping","id":[1,"a"]}"#)[0]["id"], json!([1, "a"]));
+        assert!(ask(r#"{"execute":"guest-ping"}"#)[0].get("id").is_none());
     }
 
     #[test]
