@@ -241,7 +241,45 @@ fn host_facts() -> Result<settings::Host, String> {
             .ok()
             .map(|s| s.trim().to_string()),
         path_var: std::env::var_os("PATH"),
+        limits: caller_limits(),
     })
+}
+
+/// The caller's resource limits (soft and hard), every one Linux has.
+fn caller_limits() -> Vec<vexec::protocol::Rlimit> {
+    use libc::*;
+    [
+        RLIMIT_CPU,
+        RLIMIT_FSIZE,
+        RLIMIT_DATA,
+        RLIMIT_STACK,
+        RLIMIT_CORE,
+        RLIMIT_RSS,
+        RLIMIT_NPROC,
+        RLIMIT_NOFILE,
+        RLIMIT_MEMLOCK,
+        RLIMIT_AS,
+        RLIMIT_LOCKS,
+        RLIMIT_SIGPENDING,
+        RLIMIT_MSGQUEUE,
+        RLIMIT_NICE,
+        RLIMIT_RTPRIO,
+        RLIMIT_RTTIME,
+    ]
+    .into_iter()
+    .filter_map(|r| {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into `l`.
+        (unsafe { libc::getrlimit(r as _, &mut l) } == 0).then_some(vexec::protocol::Rlimit {
+            resource: r as u32,
+            soft: l.rlim_cur,
+            hard: l.rlim_max,
+        })
+    })
+    .collect()
 }
 
 /// The kernels asked for (flags, else the config's `kernels`), with sets

@@ -104,10 +104,13 @@ fn a_slow_setup_is_the_users_work_and_runs_once() {
     let file = dir.path().join("vexec.toml");
     std::fs::write(&file, "setup = [\"echo ran >> count; sleep 12\"]\n").unwrap();
     let mut c = vexec_saying("6.1");
-    c.current_dir(dir.path())
-        .arg("--config")
-        .arg(&file)
-        .args(["--boot-timeout", "8s", "--", "echo", "done"]);
+    c.current_dir(dir.path()).arg("--config").arg(&file).args([
+        "--boot-timeout",
+        "8s",
+        "--",
+        "echo",
+        "done",
+    ]);
     let out = run(c);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");

@@ -429,3 +429,126 @@ fn the_agent_refuses_to_run_on_the_host() {
     assert!(err.contains("runs only as PID 1"), "{err}");
     assert!(err.contains("run `vexec` instead"), "{err}");
 }
+
+/// Fields 1 (pid), 5 (pgrp), 6 (session) and 8 (tpgid) of a
+/// `/proc/PID/stat` line.
+fn session_fields(stat: &str) -> (i64, i64, i64, i64) {
+    let (pid, rest) = stat.trim().split_once(' ').unwrap();
+    let after = rest.rsplit_once(") ").unwrap().1;
+    let f: Vec<i64> = after
+        .split_whitespace()
+        .skip(1)
+        .take(5)
+        .map(|w| w.parse().unwrap())
+        .collect();
+    (pid.parse().unwrap(), f[1], f[2], f[4])
+}
+
+#[test]
+fn the_command_leads_its_own_session_and_process_group() {
+    // On a host, a process belongs to a session above 0 (a login, sshd
+    // or systemd made it); PID 1's is 0.
+    let mut c = vexec(K);
+    c.args(["-T", "--", "cat", "/proc/self/stat"]);
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(0));
+    let (pid, pgrp, sid, tpgid) = session_fields(&stdout(&out));
+    assert!(sid > 0, "session {sid}");
+    assert_eq!(pgrp, pid, "its own process group");
+    // No terminal: no foreground group, as on the host.
+    let host = std::process::Command::new("cat")
+        .arg("/proc/self/stat")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let host = session_fields(&String::from_utf8_lossy(&host.stdout));
+    assert!(host.2 > 0);
+    assert_eq!(tpgid, host.3);
+    // With a terminal, the command's group is its foreground group.
+    let mut c = vexec(K);
+    c.args(["-t", "--", "cat", "/proc/self/stat"]);
+    let out = run(c);
+    let (pid, pgrp, sid, tpgid) = session_fields(&stdout(&out));
+    assert!(sid > 0 && pgrp == pid && tpgid == pgrp, "{pid} {pgrp} {sid} {tpgid}");
+}
+
+/// Runs `cmd` with RLIMIT_NOFILE, RLIMIT_MEMLOCK and RLIMIT_CORE set to
+/// values of their own (lowered only: anyone may lower a limit).
+fn with_raised_limits(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            for (r, soft, hard) in [
+                (libc::RLIMIT_NOFILE, 4321, 5000),
+                (libc::RLIMIT_MEMLOCK, 1234567, 2345678),
+                (libc::RLIMIT_CORE, 0, libc::RLIM_INFINITY),
+            ] {
+                let mut now = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                libc::getrlimit(r, &mut now);
+                let hard = hard.min(now.rlim_max);
+                let l = libc::rlimit {
+                    rlim_cur: soft.min(hard),
+                    rlim_max: hard,
+                };
+                if libc::setrlimit(r, &l) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn the_command_has_the_callers_resource_limits() {
+    let mut host = std::process::Command::new("cat");
+    host.arg("/proc/self/limits").stdin(Stdio::null());
+    with_raised_limits(&mut host);
+    let host = String::from_utf8(host.output().unwrap().stdout).unwrap();
+    assert!(host.contains("4321"), "{host}");
+    let mut c = vexec(K);
+    c.args(["--", "cat", "/proc/self/limits"]);
+    with_raised_limits(&mut c);
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(stdout(&out), host);
+}
+
+#[test]
+fn module_device_nodes_exist_as_on_a_host_and_load_their_module() {
+    // The nodes a host makes from modules.devname; opening one loads its
+    // module (tun and loop are modules in Debian's 6.1).
+    let mut c = vexec(K);
+    c.args([
+        "--sudo",
+        "--",
+        "sh",
+        "-c",
+        "stat -c '%n %F %t:%T' /dev/net/tun /dev/loop-control /dev/fuse && ip tuntap add dev t0 mode tun && ip -o link show t0 | cut -d' ' -f2 && losetup -f",
+    ]);
+    let out = run(c);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(
+        stdout(&out),
+        "/dev/net/tun character special file a:c8\n/dev/loop-control character special file a:ed\n/dev/fuse character special file a:e5\nt0:\n/dev/loop0\n"
+    );
+    // The host's modes where the host has the node.
+    for node in ["/dev/net/tun", "/dev/loop-control"] {
+        let Ok(meta) = std::fs::metadata(node) else {
+            continue;
+        };
+        use std::os::unix::fs::MetadataExt;
+        let mut c = vexec(K);
+        c.args(["--", "stat", "-c", "%a %u %g", node]);
+        let out = run(c);
+        assert_eq!(
+            stdout(&out),
+            format!("{:o} {} {}\n", meta.mode() & 0o7777, meta.uid(), meta.gid())
+        );
+    }
+}

@@ -133,14 +133,32 @@ fn session(path: &Path) -> Vec<(String, serde_json::Value)> {
     // A request's id comes back in its reply, success or any error.
     for (name, request) in [
         ("id ping", json!({"execute": "guest-ping", "id": 5})),
-        ("id unknown", json!({"execute": "guest-nonesuch", "id": "a"})),
-        ("id missing arg", json!({"execute": "guest-sync", "id": [1]})),
-        ("id bad type", json!({"execute": "guest-exec", "arguments": {"path": 5}, "id": 6})),
+        (
+            "id unknown",
+            json!({"execute": "guest-nonesuch", "id": "a"}),
+        ),
+        (
+            "id missing arg",
+            json!({"execute": "guest-sync", "id": [1]}),
+        ),
+        (
+            "id bad type",
+            json!({"execute": "guest-exec", "arguments": {"path": 5}, "id": 6}),
+        ),
         ("id no execute", json!({"id": 7})),
-        ("id extra member", json!({"execute": "guest-ping", "id": 8, "x": 1})),
+        (
+            "id extra member",
+            json!({"execute": "guest-ping", "id": 8, "x": 1}),
+        ),
         ("id execute type", json!({"execute": 5, "id": 9})),
-        ("id arguments type", json!({"execute": "guest-ping", "arguments": [], "id": 10})),
-        ("id no file", json!({"execute": "guest-file-open", "arguments": {"path": "/no/such", "mode": "r"}, "id": 11})),
+        (
+            "id arguments type",
+            json!({"execute": "guest-ping", "arguments": [], "id": 10}),
+        ),
+        (
+            "id no file",
+            json!({"execute": "guest-file-open", "arguments": {"path": "/no/such", "mode": "r"}, "id": 11}),
+        ),
     ] {
         let r = q.ask(request);
         assert!(r.get("id").is_some(), "{name}: {r}");
@@ -314,8 +332,17 @@ fn a_qga_client_library_nobody_here_wrote_drives_up_qga() {
         .unwrap();
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{said}{}", stderr(&out));
+    let mut nofile = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into `nofile`.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile) };
     assert_eq!(
         said,
-        "ping {}\nerror guest-no-such-command CommandNotFound\nerror guest-sync GenericError\nerror guest-file-open GenericError\nsync 42\nexec 3 from-guest\n"
+        format!(
+            "ping {{}}\nerror guest-no-such-command CommandNotFound\nerror guest-sync GenericError\nerror guest-file-open GenericError\nsync 42\nexec 3 from-guest\nlimits {} session above 0\n",
+            nofile.rlim_cur
+        )
     );
 }

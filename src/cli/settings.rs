@@ -32,6 +32,8 @@ pub struct Host {
     pub cache_dir: PathBuf,
     pub running_release: Option<String>,
     pub path_var: Option<OsString>,
+    /// The caller's resource limits.
+    pub limits: Vec<crate::protocol::Rlimit>,
 }
 
 fn invalid(config: &Loaded, key: &str, message: String) -> ConfigError {
@@ -145,6 +147,7 @@ pub fn build(
         uid: host.uid,
         gid: host.gid,
         groups: host.groups,
+        limits: host.limits,
         hostname: host.hostname,
         share_cwd,
         shares,
@@ -348,6 +351,7 @@ mod tests {
             cache_dir: "/c".into(),
             running_release: None,
             path_var: None,
+            limits: vec![],
         }
     }
 

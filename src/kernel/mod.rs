@@ -3,6 +3,7 @@
 
 pub mod build;
 pub mod decompress;
+pub mod devnames;
 pub mod image;
 pub mod kconfig;
 pub mod modules;

@@ -397,6 +397,13 @@ fn setup_for(spec: &RunSpec, chosen: &Chosen, plan: &BootPlan, art: &BootArtifac
         // Filled in as it is sent, from the machine's ports and devices.
         served: Default::default(),
         plugged: 0,
+        limits: spec.limits.clone(),
+        device_nodes: if host_root {
+            let dirs = [art.module_index.as_deref(), art.modules.as_deref()];
+            kernel::devnames::nodes(&dirs.into_iter().flatten().collect::<Vec<_>>())
+        } else {
+            Vec::new()
+        },
     }
 }
 
@@ -561,6 +568,7 @@ pub fn exec_for(spec: &RunSpec) -> Exec {
         tty: tty_for(spec),
         kernel_log: false,
         output_grace_ms: spec.output_grace.as_millis() as u64,
+        limits: spec.limits.clone(),
     }
 }
 

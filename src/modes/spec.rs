@@ -32,6 +32,8 @@ pub struct RunSpec {
     pub uid: u32,
     pub gid: u32,
     pub groups: Vec<u32>,
+    /// The caller's resource limits, given to the command.
+    pub limits: Vec<crate::protocol::Rlimit>,
     pub tty: TtyMode,
     /// No command was given: run the login shell.
     pub shell: bool,

@@ -46,6 +46,13 @@ async def main(path: str) -> None:
         await asyncio.sleep(0.05)
     out = base64.b64decode(st["out-data"]).decode()
     print("exec", st["exitcode"], out.strip())
+    # A session of its own and the limits of whoever started the VM.
+    script = "ulimit -Sn; cut -d' ' -f6 /proc/self/stat"
+    pid = (await qga.execute("guest-exec", {"path": "/bin/sh", "arg": ["-c", script], "capture-output": True}))["pid"]
+    while not (st := await qga.execute("guest-exec-status", {"pid": pid}))["exited"]:
+        await asyncio.sleep(0.05)
+    nofile, sid = base64.b64decode(st["out-data"]).decode().split()
+    print("limits", nofile, "session", "above 0" if int(sid) > 0 else sid)
     await qga.disconnect()
 
 

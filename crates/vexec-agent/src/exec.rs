@@ -16,7 +16,7 @@ use std::time::Duration;
 use vexec_protocol::{self as protocol, Aftermath, Exec, Exit, GuestMsg, HostMsg, Stream};
 
 use super::report::{Phase, STATE};
-use super::{pump, reaper, sys};
+use super::{limits, pump, reaper, sys};
 
 /// How long output pipes may stay open after a program exited (a
 /// background child holding them) when the host does not say.
@@ -347,19 +347,18 @@ fn spawn(exec: &Exec) -> Result<(i32, Stdio3), Exit> {
     ))
 }
 
-/// Between fork and exec: its own process group (or session with a
-/// controlling terminal), the caller's groups, gid and uid.
+/// Between fork and exec: a session of its own (so a process group, as
+/// under a shell; with a terminal, that terminal controlling it), the
+/// caller's resource limits, groups, gid and uid.
 fn become_caller(cmd: &mut Command, exec: &Exec, ctty: Option<i32>) {
     let (uid, gid, groups) = (exec.uid, exec.gid, exec.groups.clone());
+    let limits = limits::fit(&exec.limits);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            let grouped = match ctty {
-                Some(fd) => libc::setsid() >= 0 && libc::ioctl(fd, libc::TIOCSCTTY, 0) >= 0,
-                None => libc::setpgid(0, 0) >= 0,
-            };
-            if !grouped
-                || libc::setgroups(groups.len(), groups.as_ptr()) < 0
+            sys::new_session(ctty)?;
+            limits::apply(&limits)?;
+            if libc::setgroups(groups.len(), groups.as_ptr()) < 0
                 || libc::setgid(gid) < 0
                 || libc::setuid(uid) < 0
             {
@@ -500,6 +499,7 @@ mod tests {
             tty: None,
             kernel_log: false,
             output_grace_ms: 0,
+            limits: vec![],
         }
     }
 

@@ -3,9 +3,11 @@
 //! filesystem the host describes, runs the command, reports, powers off.
 
 mod batch;
+mod devnodes;
 mod exec;
 mod fresh;
 mod inodes;
+mod limits;
 mod modules;
 mod mounts;
 mod pump;
@@ -240,6 +242,8 @@ fn serve(writer: &exec::PortWriter, mut reader: File, pseudo: PseudoFs) -> Resul
                 }
                 mounts::build_root(&setup, || pseudo.take().map_or(Ok(()), joined))?;
                 step("root switched");
+                devnodes::make(&setup.device_nodes);
+                limits::set_default(&setup.limits);
                 if let Some(budget) = setup.virtiofs_fd_budget {
                     inodes::watch(budget);
                 }

@@ -17,6 +17,20 @@ fn check(rc: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// Makes the calling process the leader of a new session and process
+/// group, as a login or a service manager does for what it starts (PID 1's
+/// session id is 0, which no program on a host sees); with `ctty`, that
+/// descriptor's terminal becomes the session's controlling terminal.
+/// Async-signal-safe: for use between fork and exec.
+pub fn new_session(ctty: Option<i32>) -> io::Result<()> {
+    // SAFETY: setsid and ioctl(TIOCSCTTY) take no pointers.
+    check(unsafe { libc::setsid() })?;
+    if let Some(fd) = ctty {
+        check(unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) })?;
+    }
+    Ok(())
+}
+
 /// mount(2); `data` is the comma-separated option string.
 pub fn mount(
     source: &str,

@@ -132,6 +132,43 @@ pub struct Setup {
     /// devices are plugged in after the guest runs, so the agent waits
     /// until this many virtio-fs devices are bound before mounting.
     pub plugged: u32,
+    /// The resource limits of whoever started the VM: those of programs
+    /// started through the QEMU guest agent's `guest-exec`.
+    pub limits: Vec<Rlimit>,
+    /// Device nodes a host makes at boot for the kernel's modules
+    /// (`modules.devname`: opening one loads its module), with the host's
+    /// modes.
+    pub device_nodes: Vec<DeviceNode>,
+}
+
+/// One resource limit of the caller, given to the guest command as its
+/// own: `resource` is Linux's `RLIMIT_*` number, [`Rlimit::INFINITY`] is
+/// unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    pub resource: u32,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+impl Rlimit {
+    /// No limit (`RLIM_INFINITY`).
+    pub const INFINITY: u64 = u64::MAX;
+}
+
+/// A device node to make in the guest's /dev.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceNode {
+    /// Path under /dev, such as `net/tun`.
+    pub path: String,
+    /// A character device (else a block device).
+    pub char: bool,
+    pub major: u32,
+    pub minor: u32,
+    /// Permission bits.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// Ports a guest serves beside its command or instead of one: exec ports
@@ -193,6 +230,9 @@ pub struct Exec {
     /// How long output pipes may stay open after the command exited (a
     /// background process holding them) before the end is reported.
     pub output_grace_ms: u64,
+    /// The caller's resource limits, the command's own (clamped where the
+    /// guest kernel allows less).
+    pub limits: Vec<Rlimit>,
 }
 
 /// One of the command's output streams.

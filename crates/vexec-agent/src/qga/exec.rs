@@ -12,7 +12,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Map, Value, json};
 use vexec_protocol::Exit;
 
-use super::super::{reaper, sys};
+use super::super::{limits, reaper, sys};
 use super::args::{Answer, Args, QgaError};
 
 /// qemu-ga's cap on each captured stream.
@@ -130,9 +130,20 @@ impl Jobs {
 }
 
 /// The program as qemu-ga starts it: looked up along PATH, in `/`, with
-/// exactly the environment given (or a PATH alone).
+/// exactly the environment given (or a PATH alone); in a session of its
+/// own (qemu-ga's own, as a service, is one) with the limits of whoever
+/// started the VM.
 fn command(path: &str, args: &[String], env: &[String]) -> Command {
+    use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(path);
+    let limits = limits::default();
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            sys::new_session(None)?;
+            limits::apply(&limits)
+        });
+    }
     cmd.args(args).current_dir("/").env_clear();
     if env.is_empty() {
         cmd.env("PATH", DEFAULT_PATH);

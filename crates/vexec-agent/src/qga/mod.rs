@@ -251,7 +251,10 @@ mod tests {
         ] {
             assert_eq!(ask(req)[0]["id"], 5, "{req}");
         }
-        assert_eq!(ask(r#"{"execute":"guest-ping","id":[1,"a"]}"#)[0]["id"], json!([1, "a"]));
+        assert_eq!(
+            ask(r#"{"execute":"guest-ping","id":[1,"a"]}"#)[0]["id"],
+            json!([1, "a"])
+        );
         assert!(ask(r#"{"execute":"guest-ping"}"#)[0].get("id").is_none());
     }
 
