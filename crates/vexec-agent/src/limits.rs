@@ -37,7 +37,7 @@ pub fn fit(limits: &[Rlimit]) -> Vec<Fitted> {
         .iter()
         .map(|l| {
             let (mut soft, mut hard) = (l.soft, l.hard.max(l.soft));
-            if l.resource == libc::RLIMIT_NOFILE as u32
+            if l.resource == libc::RLIMIT_NOFILE
                 && let Some(max) = nr_open
                 && hard > max
             {
@@ -87,7 +87,7 @@ mod tests {
     #[test]
     fn a_hard_limit_below_the_soft_one_is_raised_to_it() {
         let f = fit(&[Rlimit {
-            resource: libc::RLIMIT_CORE as u32,
+            resource: libc::RLIMIT_CORE,
             soft: 10,
             hard: 5,
         }]);
@@ -101,7 +101,7 @@ mod tests {
         };
         let max: u64 = max.trim().parse().unwrap();
         let f = fit(&[Rlimit {
-            resource: libc::RLIMIT_NOFILE as u32,
+            resource: libc::RLIMIT_NOFILE,
             soft: 1024,
             hard: Rlimit::INFINITY,
         }]);
