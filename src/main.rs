@@ -274,7 +274,7 @@ fn caller_limits() -> Vec<vexec::protocol::Rlimit> {
         };
         // SAFETY: getrlimit writes into `l`.
         (unsafe { libc::getrlimit(r as _, &mut l) } == 0).then_some(vexec::protocol::Rlimit {
-            resource: r as u32,
+            resource: r,
             soft: l.rlim_cur,
             hard: l.rlim_max,
         })
