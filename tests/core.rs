@@ -469,7 +469,10 @@ fn the_command_leads_its_own_session_and_process_group() {
     c.args(["-t", "--", "cat", "/proc/self/stat"]);
     let out = run(c);
     let (pid, pgrp, sid, tpgid) = session_fields(&stdout(&out));
-    assert!(sid > 0 && pgrp == pid && tpgid == pgrp, "{pid} {pgrp} {sid} {tpgid}");
+    assert!(
+        sid > 0 && pgrp == pid && tpgid == pgrp,
+        "{pid} {pgrp} {sid} {tpgid}"
+    );
 }
 
 /// Runs `cmd` with RLIMIT_NOFILE, RLIMIT_MEMLOCK and RLIMIT_CORE set to

@@ -4,6 +4,8 @@
 mod common;
 use common::*;
 
+use std::process::{Command, Stdio};
+
 fn boots(name: &str, release_prefix: &str) {
     let mut c = vexec(name);
     c.args([
@@ -98,4 +100,35 @@ fn host_with_a_module_symlink_for_the_same_release() {
     let out = run(c);
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(stdout(&out), "ok\n");
+}
+
+#[test]
+fn an_image_without_its_modules_is_refused_before_booting() {
+    // Debian's vmlinuz copied alone: no config, no module tree beside it
+    // or in /lib/modules, its virtio drivers modules.
+    let image = kernel("6.1");
+    let rel = release_of(&image);
+    if std::path::Path::new("/lib/modules").join(&rel).exists() {
+        eprintln!("skipped: the host has modules for {rel}");
+        return;
+    }
+    let dir = workdir("lone-image");
+    let lone = dir.path().join("vmlinuz");
+    std::fs::copy(&image, &lone).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vexec"))
+        .env("XDG_CACHE_HOME", cache_dir())
+        .args(["--accel", "tcg", "-k"])
+        .arg(&lone)
+        .args(["--", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("its module tree was not found"), "{err}");
+    assert!(err.contains(&format!("/lib/modules/{rel}")), "{err}");
+    assert!(err.contains("--modules DIR"), "{err}");
+    // Said before booting: nothing about the guest or its control port.
+    assert!(!err.contains("control port"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
 }

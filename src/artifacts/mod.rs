@@ -65,6 +65,10 @@ pub enum PrepareError {
         modules: String,
         searched: String,
     },
+    #[error(
+        "kernel {release} has its virtio drivers as modules (its image has no virtio console built in), and its module tree was not found: looked in {searched}; pass --modules DIR (the kernel's lib/modules/{release}), or keep the image in its unpacked package (boot/ beside lib/modules/)"
+    )]
+    ModulesNotFound { release: String, searched: String },
 }
 
 /// A cheap identity for a file: path, size, mtime, inode.
@@ -222,6 +226,9 @@ fn find_support(
 ) -> Result<Support, PrepareError> {
     let tree = scan_tree(kernel)?;
     let config = load_config(kernel, vmlinux, boot_kernel, pvh);
+    if config.is_none() && tree.is_none() {
+        modules_needed_but_missing(kernel, vmlinux, boot_kernel, pvh)?;
+    }
     let base = caps::check(kernel, config.as_ref(), tree.as_ref(), caps::BASE)?;
     let why_not = |t| {
         caps::check(
@@ -268,10 +275,7 @@ fn load_order(
         (None, false) => Err(PrepareError::NoModuleTree {
             release: kernel.release().to_string(),
             modules: wanted.join(", "),
-            searched: format!(
-                "lib/modules/{0} beside the image, /lib/modules/{0}, /usr/lib/modules/{0}",
-                kernel.release()
-            ),
+            searched: searched_for_modules(kernel),
         }),
     }
 }
@@ -418,16 +422,62 @@ fn load_config(
     {
         return Some(KernelConfig::parse(&text));
     }
-    let owned;
-    let elf = match vmlinux {
-        Some(v) => v,
-        None if pvh => {
-            owned = std::fs::read(boot_kernel).ok()?;
-            &owned
-        }
-        None => return None,
+    image::embedded_config(&elf_of(vmlinux, boot_kernel, pvh)?).map(|t| KernelConfig::parse(&t))
+}
+
+/// The uncompressed kernel: extracted just now, or the ELF booted through
+/// PVH; None when only a bzImage is at hand.
+fn elf_of<'a>(
+    vmlinux: Option<&'a [u8]>,
+    boot_kernel: &Path,
+    pvh: bool,
+) -> Option<std::borrow::Cow<'a, [u8]>> {
+    match vmlinux {
+        Some(v) => Some(v.into()),
+        None if pvh => std::fs::read(boot_kernel).ok().map(Into::into),
+        None => None,
+    }
+}
+
+/// With neither a config nor a module tree to ask, the image itself tells
+/// whether the guest's control channel needs a module: a built-in driver
+/// leaves its name in the image. Such a kernel would boot and wait in
+/// vain for the channel; say so before booting.
+fn modules_needed_but_missing(
+    kernel: &Kernel,
+    vmlinux: Option<&[u8]>,
+    boot_kernel: &Path,
+    pvh: bool,
+) -> Result<(), PrepareError> {
+    let Some(elf) = elf_of(vmlinux, boot_kernel, pvh) else {
+        return Ok(());
     };
-    image::embedded_config(elf).map(|t| KernelConfig::parse(&t))
+    if image::has_builtin_driver(&elf, "virtio_console") {
+        return Ok(());
+    }
+    Err(PrepareError::ModulesNotFound {
+        release: kernel.release().to_string(),
+        searched: searched_for_modules(kernel),
+    })
+}
+
+/// Where vexec looks for a kernel's module tree, for messages.
+fn searched_for_modules(kernel: &Kernel) -> String {
+    let beside = kernel
+        .image
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| {
+            p.join("lib/modules")
+                .join(kernel.release())
+                .display()
+                .to_string()
+        })
+        .unwrap_or_else(|| format!("lib/modules/{} beside the image", kernel.release()));
+    format!(
+        "{beside}, /lib/modules/{0}, /usr/lib/modules/{0}",
+        kernel.release()
+    )
 }
 
 /// The modules a batch run's guest must load (virtio PCI and the console

@@ -5,6 +5,15 @@
 use super::decompress::{self, Format};
 use object::Object;
 
+/// Whether the driver `name` is built into the uncompressed kernel `elf`:
+/// a driver registers under its module name (KBUILD_MODNAME), so a
+/// built-in one leaves that string in the image; a modular one does not.
+pub fn has_builtin_driver(elf: &[u8], name: &str) -> bool {
+    let mut needle = name.as_bytes().to_vec();
+    needle.push(0);
+    memchr::memmem::find(elf, &needle).is_some()
+}
+
 /// What kind of image a file holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageKind {

@@ -519,7 +519,10 @@ impl Loop<'_, '_> {
         // A daemon's complaints after QEMU went away are only its reaction.
         if self.qemu_status.is_none() || self.daemon_died.is_some() {
             for e in self.cx.vm.daemon_errors() {
-                msg.push_str(&format!("\n{e}"));
+                msg.push_str(&format!(
+                    "\n{}",
+                    daemon_words(&e, self.daemon_died.is_some() || self.p.verbose)
+                ));
             }
         }
         // The console tail explains a panic or a silent death; an agent
@@ -543,5 +546,35 @@ impl Loop<'_, '_> {
             "virtiofsd serving {what} ended ({}) while the guest ran; the guest can no longer reach those files",
             crate::vm::child::describe_status(status)
         )
+    }
+}
+
+/// What a daemon printed, for a failed run's message: whole when it
+/// explains the failure (the daemon died) or with `-v`; otherwise its own
+/// noise (a daemon complains when the guest goes away under it) in one
+/// line that says how to see it.
+fn daemon_words(said: &str, whole: bool) -> String {
+    let (who, text) = said.split_once(": ").unwrap_or(("a daemon", said));
+    let lines = text.lines().filter(|l| !l.trim().is_empty()).count();
+    if whole || lines == 0 {
+        return said.to_string();
+    }
+    format!(
+        "({who} logged {lines} line{} of its own; -v shows {})",
+        if lines == 1 { "" } else { "s" },
+        if lines == 1 { "it" } else { "them" }
+    )
+}
+
+#[cfg(test)]
+mod daemon_words_tests {
+    #[test]
+    fn a_daemons_noise_is_one_line_unless_it_explains() {
+        let said = "virtiofsd for /: virtio_loop: Unexpected poll revents 11\nvirtio_loop: Unexpected poll revents 11";
+        assert_eq!(
+            super::daemon_words(said, false),
+            "(virtiofsd for / logged 2 lines of its own; -v shows them)"
+        );
+        assert_eq!(super::daemon_words(said, true), said);
     }
 }
