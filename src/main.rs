@@ -130,12 +130,9 @@ fn verb(args: &[OsString]) -> i32 {
         Verb::Bisect(_) => {
             failed_is_125(bisect::parse(&args[2..]).and_then(|b| bisect::bisect(&b)))
         }
-        Verb::Exec(e) => {
-            let spec = exec_spec(e.as_run());
-            failed_is_125(in_vm(&e.name, &spec))
-        }
+        Verb::Exec(e) => failed_is_125(in_vm(&e.name, e.as_run())),
         Verb::Ps => failed_is_125(persistent::ps()),
-        Verb::Down(d) => failed_is_125(persistent::down(&d.names, d.all)),
+        Verb::Down(d) => failed_is_125(persistent::down(&d.names, d.all, d.runs)),
         Verb::Completions { shell } => {
             let mut out = std::io::stdout().lock();
             clap_complete::generate(shell, &mut cli::verbs::everything(), "vexec", &mut out);
@@ -160,6 +157,10 @@ fn up(args: &[OsString], daemon: bool) -> i32 {
         &matches,
     ));
     opts.quiet = c.machine.quiet;
+    if let Some(refused) = cli::vms::refused_by_up(&matches) {
+        vexec::say!("vexec: error: {refused}");
+        return run::STATUS_FAILED;
+    }
     if !c.command.is_empty() {
         vexec::say!(
             "vexec: error: `vexec up` takes run options only; run commands with `vexec exec NAME -- COMMAND` once it is up"
@@ -178,20 +179,37 @@ fn up(args: &[OsString], daemon: bool) -> i32 {
     )
 }
 
-/// The run a command in a VM describes (its environment, user, terminal).
-fn exec_spec(c: cli::Cli) -> Result<vexec::modes::spec::RunSpec, String> {
-    let host = host_facts()?;
-    settings::build(c, None, host, true).map_err(|e| e.to_string())
+/// The run a command in VM `entry` describes: the caller's environment
+/// with the VM's defaults (`up`'s `-e`, `--sudo`, `--timeout`...), then
+/// the config file found from here and the command's own options over
+/// them. The file's setup and teardown are the VM's (run by `up` and
+/// `down`), not each command's.
+fn exec_spec(
+    entry: &persistent::registry::Entry,
+    c: cli::Cli,
+) -> Result<vexec::modes::spec::RunSpec, String> {
+    let defaults = entry.info().map(|i| i.defaults).unwrap_or_default();
+    let mut host = host_facts()?;
+    host.env = defaults.env_changes().apply(host.env);
+    let config = load_config(&c, &host.cwd).map_err(|e| e.to_string())?;
+    let mut spec = settings::build(c, config.as_ref(), host, true).map_err(|e| e.to_string())?;
+    spec.sudo |= defaults.sudo;
+    spec.timeout = spec
+        .timeout
+        .or(defaults.timeout_ms.map(std::time::Duration::from_millis));
+    spec.setup.clear();
+    spec.teardown.clear();
+    Ok(spec)
 }
 
-/// Runs the spec's command in the VM `name`.
-fn in_vm(name: &str, spec: &Result<vexec::modes::spec::RunSpec, String>) -> Result<i32, String> {
-    let spec = spec.as_ref().map_err(Clone::clone)?;
+/// Runs the command `c` describes in the VM `name`.
+fn in_vm(name: &str, c: cli::Cli) -> Result<i32, String> {
+    let entry = persistent::attach::find(name).map_err(|e| e.to_string())?;
+    let spec = exec_spec(&entry, c)?;
     let relay = host::session::SignalRelay::install()
         .map_err(|e| format!("installing signal handlers: {e}"))?;
-    let entry = persistent::attach::find(name).map_err(|e| e.to_string())?;
-    persistent::attach::warn_unshared_cwd(&entry, spec);
-    persistent::attach::exec(&entry, spec, run::exec_for(spec), &relay).map_err(|e| e.to_string())
+    persistent::attach::warn_unshared_cwd(&entry, &spec);
+    persistent::attach::exec(&entry, &spec, run::exec_for(&spec), &relay).map_err(|e| e.to_string())
 }
 
 /// `vexec shell NAME`: the login shell in that VM, with `shell`'s options.
@@ -199,7 +217,7 @@ fn shell_in(c: &cli::Cli, name: &str) -> i32 {
     let mut s = cli::Cli::try_parse_from(["vexec"]).expect("no arguments always parse");
     s.how = c.how.clone();
     s.machine.quiet = c.machine.quiet;
-    failed_is_125(in_vm(name, &exec_spec(s)))
+    failed_is_125(in_vm(name, s))
 }
 
 /// The only place that reads the process environment and host facts.

@@ -61,6 +61,7 @@ fn guest_msg() -> impl Strategy<Value = GuestMsg> {
         }),
         ".{0,80}".prop_map(GuestMsg::Error),
         Just(GuestMsg::InputClosed),
+        any::<u64>().prop_map(|uptime_ms| GuestMsg::Mounted { uptime_ms }),
         (prop::collection::vec(".{0,60}", 0..4), any::<bool>()).prop_map(
             |(oom_kills, output_cut)| GuestMsg::Aftermath(Aftermath {
                 oom_kills,
@@ -77,7 +78,15 @@ fn host_msg() -> impl Strategy<Value = HostMsg> {
         any::<i32>().prop_map(HostMsg::Signal),
         Just(HostMsg::OutputClosed(Stream::Stdout)),
         Just(HostMsg::OutputClosed(Stream::Stderr)),
-        Just(HostMsg::Serve),
+        (
+            prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 0..3),
+            ".{0,20}"
+        )
+            .prop_map(|(setup, cwd)| HostMsg::Serve(protocol::Hooks {
+                setup,
+                cwd: cwd.into_bytes(),
+                ..Default::default()
+            })),
     ]
 }
 

@@ -322,10 +322,111 @@ fn a_second_shell_reaches_a_one_shot_run_while_it_runs() {
         "{}",
         stderr(&o)
     );
+    // From the run's own directory (shared writable): no warning.
+    let o = vms
+        .vexec()
+        .args(["exec", &name, "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), Some(0));
+    assert!(
+        !stderr(&o).contains("not shared writable"),
+        "{}",
+        stderr(&o)
+    );
+    // `down --all` stops VMs made with `up`, not another terminal's run.
+    assert_ok(&vms.vexec().args(["down", "--all"]).output().unwrap());
+    assert!(run.try_wait().unwrap().is_none());
     // `vexec down` stops it as Ctrl-C would; then it is gone from `ps`.
     assert_ok(&vms.vexec().args(["down", &name]).output().unwrap());
     assert_eq!(run.wait().unwrap().code(), Some(143));
     assert!(!stdout(&vms.vexec().arg("ps").output().unwrap()).contains(&name));
     let o = vms.exec(&name, &["true"]);
     assert_eq!(code(&o), Some(125));
+}
+
+#[test]
+fn up_gives_its_options_and_config_to_every_exec_and_runs_the_vms_hooks() {
+    let work = workdir("persist-opts");
+    std::fs::write(
+        work.path().join(".vexec.toml"),
+        "setup = [\"echo set > /run/vm-setup; echo setup-said\"]\nteardown = [\"echo down > $PWD/torn\"]\n[env]\nset = { FROM_FILE = \"file\" }\n",
+    )
+    .unwrap();
+    let vms = Vms::new(work.path());
+    vms.up("opts", &["-e", "X=1", "--sudo", "--timeout", "20s"]);
+    let o = vms.exec(
+        "opts",
+        &["sh", "-c", "echo $X $FROM_FILE; id -u; cat /run/vm-setup"],
+    );
+    assert_eq!(
+        (code(&o), stdout(&o)),
+        (Some(0), "1 file\n0\nset\n".into()),
+        "{}",
+        stderr(&o)
+    );
+    // The exec's own options win.
+    let o = vms
+        .vexec()
+        .args([
+            "exec", "-q", "-e", "X=2", "opts", "--", "sh", "-c", "echo $X",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&o), "2\n");
+    // up's --timeout is every exec's, unless the exec sets its own.
+    let o = vms
+        .vexec()
+        .args(["exec", "-q", "--timeout", "2s", "opts", "--", "sleep", "60"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), Some(124));
+    // The setup ran once (at up), not per exec; the teardown runs at down.
+    assert!(!work.path().join("torn").exists());
+    assert_ok(&vms.vexec().args(["down", "opts"]).output().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(work.path().join("torn")).unwrap(),
+        "down\n"
+    );
+}
+
+#[test]
+fn up_refuses_what_means_nothing_for_a_vm_that_stays_up() {
+    let work = workdir("persist-refuse");
+    let vms = Vms::new(work.path());
+    for (args, says) in [
+        (&["--junit", "x.xml"][..], "does not take --junit"),
+        (&["--fail-on-oops"][..], "does not take --fail-on-oops"),
+        (&["-t"][..], "give -t to `vexec exec`"),
+        (&["-k", "6.1", "-k", "6.12"][..], "boots one kernel"),
+    ] {
+        let o = vms
+            .vexec()
+            .args(["up", "--name", "no"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(code(&o), Some(125), "{args:?}");
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+        assert!(!vms.dir("no").exists());
+    }
+    // A failing setup command: the VM does not come up, and says why.
+    std::fs::write(
+        work.path().join(".vexec.toml"),
+        "setup = [\"echo nope >&2; exit 3\"]\n",
+    )
+    .unwrap();
+    let o = vms
+        .vexec()
+        .args(["up", "--accel", "tcg", "--name", "bad", "-k"])
+        .arg(kernel("6.1"))
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), Some(125));
+    assert!(
+        stderr(&o).contains("setup command `echo nope >&2; exit 3` failed"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains("nope"), "{}", stderr(&o));
 }

@@ -12,7 +12,7 @@ use clap::ValueEnum;
 use crate::cli::config::{ConfigError, Loaded};
 use crate::cli::{self, Cli};
 use crate::launch::shares::ShareRequest;
-use crate::modes::spec::{RunSpec, TtyMode};
+use crate::modes::spec::{EnvChanges, RunSpec, TtyMode};
 use crate::protocol::ShareMode;
 
 /// How long output may still arrive after the command exited, by default.
@@ -101,7 +101,8 @@ pub fn build(
         .map_or_else(|| file_choice(config, "transport", |f| &f.transport), Ok)?
         .unwrap_or(TransportChoice::Auto);
     let (timeout, boot_timeout, output_grace) = timeouts(&cli, config)?;
-    let env = environment_for(host.env.clone(), file, &cli);
+    let env_changes = env_changes(file, &cli);
+    let env = env_changes.apply(host.env.clone());
     let shares = share_requests(&cli, config);
     let share_cwd = match (cli.cwd, cli.no_cwd) {
         (true, _) => true,
@@ -138,6 +139,7 @@ pub fn build(
             .or_else(|| config.and_then(|c| c.config.modules.as_deref().map(|m| c.path(m)))),
         argv,
         env,
+        env_changes,
         tty,
         shell,
         sudo: cli.how.sudo || file.and_then(|f| f.sudo).unwrap_or(false),
@@ -187,21 +189,22 @@ pub fn build(
     })
 }
 
-/// The caller's environment, then the file's `[env]`, then `--env`.
-fn environment_for(
-    host: Vec<(OsString, OsString)>,
-    file: Option<&crate::cli::config::Config>,
-    cli: &Cli,
-) -> Vec<(OsString, OsString)> {
-    let mut env = host;
+/// What the file's `[env]`, then `--unset-env` and `--env`, change of the
+/// caller's environment (each stage's removals before its settings).
+fn env_changes(file: Option<&crate::cli::config::Config>, cli: &Cli) -> EnvChanges {
+    let mut steps: Vec<(OsString, Option<OsString>)> = Vec::new();
     if let Some(f) = file {
-        let unset: Vec<OsString> = f.env.unset.iter().map(OsString::from).collect();
-        let set: Vec<(OsString, OsString)> = (f.env.set.iter())
-            .map(|(k, v)| (k.into(), v.into()))
-            .collect();
-        env = environment(env, &set, &unset);
+        steps.extend(f.env.unset.iter().map(|k| (k.into(), None)));
+        steps.extend(f.env.set.iter().map(|(k, v)| (k.into(), Some(v.into()))));
     }
-    environment(env, &cli.how.env, &cli.how.unset_env)
+    steps.extend(cli.how.unset_env.iter().map(|k| (k.clone(), None)));
+    steps.extend(
+        cli.how
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), Some(v.clone()))),
+    );
+    EnvChanges(steps)
 }
 
 /// Whether the guest gets a network, and its TCP forwards (the file's
@@ -319,17 +322,6 @@ fn resolve_program(c: &Loaded, p: &Path) -> PathBuf {
     } else {
         p.to_path_buf()
     }
-}
-
-/// `env` with `set` applied and `unset` removed.
-pub fn environment(
-    mut env: Vec<(OsString, OsString)>,
-    set: &[(OsString, OsString)],
-    unset: &[OsString],
-) -> Vec<(OsString, OsString)> {
-    env.retain(|(k, _)| !unset.contains(k) && !set.iter().any(|(s, _)| s == k));
-    env.extend(set.iter().cloned());
-    env
 }
 
 #[cfg(test)]

@@ -53,6 +53,57 @@ pub fn up_command() -> clap::Command {
         .after_help("Examples:\n  vexec up --name dev -k 6.12.57+deb13-amd64\n  vexec exec dev -- modprobe -v veth\n  vexec up --name ga --qga ./qga.sock --idle 30m")
 }
 
+/// Run options that mean nothing for a VM that stays up (they shape one
+/// command's run or report), with what to do instead.
+const NOT_FOR_UP: &[(&str, &str)] = &[
+    ("jobs", "a matrix runs one VM per kernel: use a plain run"),
+    (
+        "matrix_output",
+        "a matrix runs one VM per kernel: use a plain run",
+    ),
+    ("junit", "reports are a run's: use a plain run"),
+    ("json", "reports are a run's: use a plain run"),
+    ("shard", "a matrix runs one VM per kernel: use a plain run"),
+    ("fail_on_oops", "give it to a plain run"),
+    ("results", "give it to a plain run"),
+    ("output", "give it to a plain run"),
+    ("output_grace", "give it to a plain run"),
+    ("root", "`up` serves the host's root; use a plain run"),
+    ("busybox", "`up` serves the host's root; use a plain run"),
+    ("dump_on_panic", "give it to a plain run"),
+    (
+        "console_log",
+        "the VM's console is kept as console.log in its directory (`vexec ps` shows where)",
+    ),
+    (
+        "dry_run",
+        "use `vexec --dry-run` for a plain run's QEMU command line",
+    ),
+    ("tty", "give -t to `vexec exec`"),
+    ("no_tty", "give -T to `vexec exec`"),
+];
+
+/// Why `up` refuses the options in `m`, if it does: one named on the
+/// command line that means nothing for a VM that stays up, or more than
+/// one kernel.
+pub fn refused_by_up(m: &ArgMatches) -> Option<String> {
+    let given = |id: &str| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+    if m.get_many::<String>("kernel").is_some_and(|k| k.len() > 1) {
+        return Some("`vexec up` boots one kernel: give one -k (start one VM per kernel, each with its --name)".into());
+    }
+    let (id, instead) = NOT_FOR_UP.iter().find(|(id, _)| given(id))?;
+    let flag = Cli::command()
+        .get_arguments()
+        .find(|a| a.get_id() == *id)
+        .map(|a| match (a.get_long(), a.get_short()) {
+            (Some(l), _) => format!("--{l}"),
+            (None, Some(s)) => format!("-{s}"),
+            (None, None) => id.to_string(),
+        })
+        .unwrap_or_else(|| id.to_string());
+    Some(format!("`vexec up` does not take {flag}: {instead}"))
+}
+
 /// `up`'s own options from its parsed words.
 pub fn up_options(m: &ArgMatches) -> UpOptions {
     UpOptions {
@@ -108,9 +159,13 @@ pub struct DownCli {
     /// The VMs to shut down.
     #[arg(value_name = "NAME", required_unless_present = "all")]
     pub names: Vec<String>,
-    /// Every VM of yours, and what dead ones left.
+    /// Every VM of yours made with `vexec up`, and what dead ones left.
     #[arg(long, action = ArgAction::SetTrue, conflicts_with = "names")]
     pub all: bool,
+    /// With --all: also stop plain runs still going (`run-PID` in
+    /// `vexec ps`), which other terminals wait on.
+    #[arg(long, requires = "all")]
+    pub runs: bool,
 }
 
 use clap::Parser as _;

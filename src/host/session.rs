@@ -156,6 +156,8 @@ pub enum Job {
     /// on the exec ports until stopped (a signal, or `vexec down`).
     Serve {
         setup: Box<Setup>,
+        /// The VM's own setup and teardown commands.
+        hooks: Box<crate::protocol::Hooks>,
         server: Arc<dyn Server>,
     },
 }

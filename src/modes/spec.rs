@@ -21,6 +21,25 @@ pub enum TtyMode {
     Never,
 }
 
+/// Changes to the caller's environment, applied in order: `Some` sets
+/// the key, `None` removes it (the config file's `[env]`, then `-e` and
+/// `--unset-env`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EnvChanges(pub Vec<(OsString, Option<OsString>)>);
+
+impl EnvChanges {
+    /// `env` with the changes applied.
+    pub fn apply(&self, mut env: Vec<(OsString, OsString)>) -> Vec<(OsString, OsString)> {
+        for (k, v) in &self.0 {
+            env.retain(|(e, _)| e != k);
+            if let Some(v) = v {
+                env.push((k.clone(), v.clone()));
+            }
+        }
+        env
+    }
+}
+
 /// One run, fully described.
 #[derive(Debug, Clone)]
 pub struct RunSpec {
@@ -28,6 +47,8 @@ pub struct RunSpec {
     pub modules: Option<PathBuf>,
     pub argv: Vec<OsString>,
     pub env: Vec<(OsString, OsString)>,
+    /// What the run changed of the caller's environment to make `env`.
+    pub env_changes: EnvChanges,
     pub cwd: PathBuf,
     pub uid: u32,
     pub gid: u32,

@@ -72,7 +72,7 @@ impl Vms {
 
 impl Drop for Vms {
     fn drop(&mut self) {
-        let _ = self.vexec().args(["down", "--all"]).output();
+        let _ = self.vexec().args(["down", "--all", "--runs"]).output();
     }
 }
 

@@ -73,14 +73,14 @@ pub fn from_port(port: &PortWriter, mut reader: File) -> Inbox {
 
 /// Runs the setup commands, the command and the teardown commands.
 pub fn run(port: &PortWriter, inbox: Inbox, exec: &Exec) -> Exit {
-    if let Err(message) = hooks(port, exec, &exec.setup, "setup") {
+    if let Err(message) = hooks(port, &exec.env, &exec.cwd, &exec.setup, "setup") {
         return Exit::NotStarted {
             status: 125,
             message,
         };
     }
     let (exit, aftermath) = command(port, inbox, exec);
-    if let Err(message) = hooks(port, exec, &exec.teardown, "teardown") {
+    if let Err(message) = hooks(port, &exec.env, &exec.cwd, &exec.teardown, "teardown") {
         let _ = send(port, &GuestMsg::Stderr(format!("{message}\n").into_bytes()));
     }
     if exec.kernel_log {
@@ -92,17 +92,23 @@ pub fn run(port: &PortWriter, inbox: Inbox, exec: &Exec) -> Exit {
     exit
 }
 
-/// Runs `cmds` one by one with `/bin/sh -c` as root, in the command's
-/// environment and directory; their output goes to the host's stderr
-/// (stdout belongs to the command under test).
-fn hooks(port: &PortWriter, exec: &Exec, cmds: &[Vec<u8>], what: &str) -> Result<(), String> {
+/// Runs `cmds` one by one with `/bin/sh -c` as root, with `env` in `cwd`
+/// (the command's); their output goes to the host's stderr (stdout
+/// belongs to the command under test).
+pub fn hooks(
+    port: &PortWriter,
+    env: &[(Vec<u8>, Vec<u8>)],
+    cwd: &[u8],
+    cmds: &[Vec<u8>],
+    what: &str,
+) -> Result<(), String> {
     for c in cmds {
         let mut cmd = Command::new("/bin/sh");
         cmd.arg("-c")
             .arg(os(c))
             .env_clear()
-            .envs(exec.env.iter().map(|(k, v)| (os(k), os(v))))
-            .current_dir(os(&exec.cwd))
+            .envs(env.iter().map(|(k, v)| (os(k), os(v))))
+            .current_dir(os(cwd))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -442,7 +448,7 @@ impl Control {
                     c.close();
                 }
             }
-            other @ (HostMsg::Setup(_) | HostMsg::Exec(_) | HostMsg::Serve) => {
+            other @ (HostMsg::Setup(_) | HostMsg::Exec(_) | HostMsg::Serve(_)) => {
                 eprintln!(
                     "vexec-init: error: unexpected {} while the command runs; ignored",
                     other.name()

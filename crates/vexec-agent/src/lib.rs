@@ -275,8 +275,8 @@ fn serve(writer: &exec::PortWriter, mut reader: File, pseudo: PseudoFs) -> Resul
                 );
                 return Ok(());
             }
-            HostMsg::Serve => match setup_done {
-                Some(served) => return serve::run(writer, reader, &served),
+            HostMsg::Serve(hooks) => match setup_done {
+                Some(served) => return serve::run(writer, reader, &served, &hooks),
                 None => return Err("the host sent Serve before the setup; vexec and vexec-agent from different builds? reinstall both".into()),
             },
             other => {

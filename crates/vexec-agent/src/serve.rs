@@ -8,15 +8,22 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vexec_protocol::{
-    self as protocol, EXEC_PORT_PREFIX, Exec, GuestMsg, HostMsg, QGA_PORT_NAME, ServedPorts,
+    self as protocol, EXEC_PORT_PREFIX, Exec, GuestMsg, Hooks, HostMsg, QGA_PORT_NAME, ServedPorts,
 };
 
 use super::exec::{self, Control, PortWriter, send};
 use super::{qga, sys};
 
-/// Serves until the control port says stop (a signal) or closes; then
-/// every process is killed, the disks synced and `Exited` sent.
-pub fn run(writer: &PortWriter, mut reader: File, served: &ServedPorts) -> Result<(), String> {
+/// Runs the VM's setup commands, then serves until the control port says
+/// stop (a signal) or closes; then the teardown commands run, every
+/// process is killed, the disks synced and `Exited` sent.
+pub fn run(
+    writer: &PortWriter,
+    mut reader: File,
+    served: &ServedPorts,
+    hooks: &Hooks,
+) -> Result<(), String> {
+    exec::hooks(writer, &hooks.env, &hooks.cwd, &hooks.setup, "setup")?;
     let (exec_ports, qga_port) = served_ports(served, Duration::from_secs(10));
     let count = exec_ports.len();
     for dev in exec_ports {
@@ -38,6 +45,12 @@ pub fn run(writer: &PortWriter, mut reader: File, served: &ServedPorts) -> Resul
             Ok(Some(HostMsg::Signal(_))) | Ok(None) | Err(_) => break,
             Ok(Some(_)) => {}
         }
+    }
+    if let Err(message) = exec::hooks(writer, &hooks.env, &hooks.cwd, &hooks.teardown, "teardown") {
+        let _ = send(
+            writer,
+            &GuestMsg::Stderr(format!("{message}\n").into_bytes()),
+        );
     }
     shut_down(writer);
     Ok(())

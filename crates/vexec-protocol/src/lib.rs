@@ -52,7 +52,7 @@ pub const REPORT_END: &str = "end";
 /// more is not a message (checked against the encoding by a unit test).
 pub const HOST_MSG_COUNT: usize = 8;
 /// How many kinds of [`GuestMsg`] there are.
-pub const GUEST_MSG_COUNT: usize = 12;
+pub const GUEST_MSG_COUNT: usize = 13;
 
 /// Frames larger than this are refused as corrupt.
 pub const MAX_FRAME: usize = 16 << 20;
@@ -235,6 +235,17 @@ pub struct Exec {
     pub limits: Vec<Rlimit>,
 }
 
+/// A persistent VM's own shell commands, run as root with `env` in `cwd`:
+/// `setup` once before it serves (a failure ends it), `teardown` when it
+/// stops.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hooks {
+    pub setup: Vec<Vec<u8>>,
+    pub teardown: Vec<Vec<u8>>,
+    pub env: Vec<(Vec<u8>, Vec<u8>)>,
+    pub cwd: Vec<u8>,
+}
+
 /// One of the command's output streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Stream {
@@ -260,9 +271,10 @@ pub enum HostMsg {
     OutputClosed(Stream),
     /// Instead of one command: stay up and serve the exec ports (and the
     /// QEMU guest agent's port when there is one), answering `Started`
-    /// once they are served. A `Signal` or the end of the control port
-    /// then ends every command, syncs, sends `Exited` and powers off.
-    Serve,
+    /// once they are served, after the VM's setup commands. A `Signal` or
+    /// the end of the control port then runs its teardown commands, ends
+    /// every command, syncs, sends `Exited` and powers off.
+    Serve(Hooks),
 }
 
 impl HostMsg {
@@ -276,7 +288,7 @@ impl HostMsg {
             HostMsg::Signal(_) => "Signal",
             HostMsg::WindowSize { .. } => "WindowSize",
             HostMsg::OutputClosed(_) => "OutputClosed",
-            HostMsg::Serve => "Serve",
+            HostMsg::Serve(_) => "Serve",
         }
     }
 }
@@ -432,9 +444,9 @@ mod tests {
     #[test]
     fn message_counts_match_the_encoding() {
         // postcard writes the variant index as the body's first byte.
-        let last_host = postcard::to_stdvec(&HostMsg::Serve).unwrap();
+        let last_host = postcard::to_stdvec(&HostMsg::Serve(Hooks::default())).unwrap();
         assert_eq!(last_host[0] as usize, HOST_MSG_COUNT - 1);
-        let last_guest = postcard::to_stdvec(&GuestMsg::Aftermath(Aftermath::default())).unwrap();
+        let last_guest = postcard::to_stdvec(&GuestMsg::Mounted { uptime_ms: 0 }).unwrap();
         assert_eq!(last_guest[0] as usize, GUEST_MSG_COUNT - 1);
         assert!(postcard::from_bytes::<HostMsg>(&[HOST_MSG_COUNT as u8]).is_err());
         assert!(postcard::from_bytes::<GuestMsg>(&[GUEST_MSG_COUNT as u8]).is_err());

@@ -391,7 +391,7 @@ impl Loop<'_, '_> {
     fn send_job(&mut self) -> bool {
         let (setup, then) = match &self.p.job {
             Job::Command { setup, exec, .. } => (setup, HostMsg::Exec((**exec).clone())),
-            Job::Serve { setup, .. } => (setup, HostMsg::Serve),
+            Job::Serve { setup, hooks, .. } => (setup, HostMsg::Serve((**hooks).clone())),
             Job::Batch(_) => return true,
         };
         let mut setup = (**setup).clone();

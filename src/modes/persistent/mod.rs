@@ -143,10 +143,14 @@ fn rss_mib(pid: u32) -> Option<u64> {
 
 /// `vexec down NAME...` / `--all`: each VM shut down and waited for; a
 /// dead VM's leftovers removed.
-pub fn down(names: &[String], all: bool) -> Result<i32, VmsError> {
+pub fn down(names: &[String], all: bool, runs: bool) -> Result<i32, VmsError> {
     let root = registry::root()?;
     let entries: Vec<Entry> = if all {
+        // A plain run is another terminal's command: stopped only when asked.
         registry::all(&root)
+            .into_iter()
+            .filter(|e| runs || e.info().is_none_or(|i| i.command.is_none()))
+            .collect()
     } else {
         let mut v = Vec::new();
         for n in names {
@@ -174,6 +178,9 @@ fn stop(e: &Entry) {
     let qga = e.info().and_then(|i| i.qga);
     if e.alive() {
         if let Ok(mut c) = std::os::unix::net::UnixStream::connect(e.socket()) {
+            // A VM still booting answers once it serves, or never: the
+            // wait below bounds it either way.
+            let _ = c.set_read_timeout(Some(Duration::from_secs(20)));
             let _ = protocol::write_frame(&mut c, &wire::Request::Down);
             let _ = protocol::read_frame::<wire::Reply>(&mut c);
         }

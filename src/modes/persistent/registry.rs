@@ -40,6 +40,46 @@ pub struct Info {
     /// A one-shot run's command (a VM of `vexec up` has none).
     #[serde(default)]
     pub command: Option<String>,
+    /// What every `vexec exec` in it starts from.
+    #[serde(default)]
+    pub defaults: ExecDefaults,
+}
+
+/// What `up` was told for the VM's commands (`-e`, `--unset-env`,
+/// `--sudo`, `--timeout` and the config file's `[env]` and `sudo`): the
+/// defaults of each `vexec exec` in it, which its own options override.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecDefaults {
+    /// Environment changes in order: a value sets the key, none removes it.
+    pub env: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    pub sudo: bool,
+    pub timeout_ms: Option<u64>,
+}
+
+impl ExecDefaults {
+    /// The defaults `spec` (an `up`'s) sets.
+    pub fn of(spec: &RunSpec) -> ExecDefaults {
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = |s: &std::ffi::OsStr| s.as_bytes().to_vec();
+        ExecDefaults {
+            env: (spec.env_changes.0.iter())
+                .map(|(k, v)| (bytes(k), v.as_deref().map(bytes)))
+                .collect(),
+            sudo: spec.sudo,
+            timeout_ms: spec.timeout.map(|d| d.as_millis() as u64),
+        }
+    }
+
+    /// The environment changes, to apply before the exec's own.
+    pub fn env_changes(&self) -> crate::modes::spec::EnvChanges {
+        use std::os::unix::ffi::OsStrExt;
+        let os = |b: &[u8]| std::ffi::OsStr::from_bytes(b).to_os_string();
+        crate::modes::spec::EnvChanges(
+            (self.env.iter())
+                .map(|(k, v)| (os(k), v.as_deref().map(os)))
+                .collect(),
+        )
+    }
 }
 
 impl Info {
@@ -61,6 +101,7 @@ impl Info {
             qga: None,
             ports: 0,
             command: None,
+            defaults: ExecDefaults::default(),
         }
     }
 }

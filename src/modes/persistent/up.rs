@@ -210,6 +210,7 @@ fn serve(spec: &RunSpec, opts: &UpOptions, entry: &Entry) -> Result<i32, VmsErro
     let info = Info {
         qga: opts.qga.clone(),
         ports: opts.ports,
+        defaults: registry::ExecDefaults::of(spec),
         ..Info::starting(
             opts.name.clone(),
             m.kernel.info.release.clone(),
@@ -245,8 +246,10 @@ fn serve(spec: &RunSpec, opts: &UpOptions, entry: &Entry) -> Result<i32, VmsErro
         spec.quiet,
     );
     let setup = m.setup.clone();
+    let hooks = hooks_of(spec);
     let launched = launch::launch(&m.start, m.plan, &watch, &warm, &relay, || Job::Serve {
         setup: Box::new(setup.clone()),
+        hooks: Box::new(hooks.clone()),
         server: server.clone(),
     })?;
     let words = crate::report::outcome_words(&launched.outcome);
@@ -261,6 +264,18 @@ fn serve(spec: &RunSpec, opts: &UpOptions, entry: &Entry) -> Result<i32, VmsErro
     );
     crate::say!("vexec: VM {} ended: {words}", opts.name);
     Ok(if ended_well { 0 } else { run::STATUS_FAILED })
+}
+
+/// The VM's setup (run once it is up) and teardown (run at `down`)
+/// commands from the config file, with the environment `up` was given.
+fn hooks_of(spec: &RunSpec) -> crate::protocol::Hooks {
+    let exec = run::exec_for(spec);
+    crate::protocol::Hooks {
+        setup: exec.setup,
+        teardown: exec.teardown,
+        env: exec.env,
+        cwd: exec.cwd,
+    }
 }
 
 /// Once the guest serves: the VM is marked ready, and the `up` process's
