@@ -645,3 +645,71 @@ fn a_kernel_that_stalls_while_booting_is_booted_again_once_single_threaded() {
         "{err}"
     );
 }
+
+#[test]
+fn a_stuck_cpu_while_the_command_runs_is_said_at_once_and_kept() {
+    // The kernel's own lockup line, as it would print it (the guest's
+    // root writes it to the kernel log, which reaches the console).
+    let reports = workdir("stall-reports");
+    let mut c = vexec_saying(K);
+    c.env("VEXEC_HANG_REPORTS", reports.path()).args([
+        "--sudo",
+        "--",
+        "sh",
+        "-c",
+        "echo '<0>watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [link.test:95]' > /dev/kmsg; sleep 1; echo done",
+    ]);
+    let out = run(c);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(stdout(&out), "done\n");
+    assert!(
+        err.contains("the guest kernel reports a stuck CPU while the command runs: ")
+            && err.contains("soft lockup - CPU#0 stuck for 22s"),
+        "{err}"
+    );
+    let kept: Vec<_> = std::fs::read_dir(reports.path())
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(kept.len(), 1, "{err}");
+    let text = std::fs::read_to_string(kept[0].path()).unwrap();
+    assert!(text.contains("stuck CPU"), "{text}");
+}
+
+#[test]
+fn sigquit_says_where_a_run_stands_and_the_run_goes_on() {
+    let mut c = vexec(K);
+    c.env_remove("VEXEC_HANG_REPORTS")
+        .args(["--", "sh", "-c", "echo started; sleep 6; echo finished"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "started\n");
+    // SAFETY: signalling the vexec this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGQUIT) };
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(
+        wait_for(&mut child, Duration::from_secs(60)),
+        Some(0),
+        "{err}"
+    );
+    assert_eq!(rest, "finished\n");
+    assert!(
+        err.contains("where the run stands (SIGQUIT; the run goes on)"),
+        "{err}"
+    );
+    assert!(err.contains("guest: agent: running the command"), "{err}");
+    assert!(err.contains("(sleep)"), "{err}");
+}

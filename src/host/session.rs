@@ -42,12 +42,15 @@ pub struct SignalRelay {
 }
 
 impl SignalRelay {
-    /// Installs handlers for SIGINT, SIGTERM, SIGHUP and SIGWINCH. Without
-    /// a session, a signal other than SIGWINCH ends vexec at once with 128+N.
+    /// Installs handlers for SIGINT, SIGTERM, SIGHUP, SIGQUIT (a report of
+    /// where a run stands, as Go and the JVM answer it) and SIGWINCH.
+    /// Without a session, a signal other than SIGWINCH ends vexec at once
+    /// with 128+N.
     pub fn install() -> std::io::Result<Self> {
-        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGWINCH};
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGWINCH};
         let relay = SignalRelay::default();
-        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGWINCH])?;
+        let mut signals =
+            signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGWINCH])?;
         let slot = Arc::clone(&relay.slot);
         std::thread::spawn(move || {
             for sig in signals.forever() {
@@ -260,6 +263,9 @@ pub struct Timings {
     pub aftermath: Aftermath,
     /// Where the run stood when it was stopped while the guest still ran.
     pub hang: Option<HangReport>,
+    /// The kernel reported a stuck CPU while the command ran (said at
+    /// once; kept with `--hang-reports` even if the run then ended well).
+    pub stall: Option<HangReport>,
 }
 
 /// Where a run stood when it was stopped (timeout, an ignored Ctrl-C).

@@ -447,6 +447,9 @@ impl Ended {
             if let Some(dir) = &spec.hang_reports {
                 keep_hang_report(dir, h, spec, &kernel.image);
             }
+        } else if let (Some(s), Some(dir)) = (&timings.stall, &spec.hang_reports) {
+            // Said when it happened; kept even though the run ended.
+            keep_hang_report(dir, s, spec, &kernel.image);
         }
         if !splats.is_empty() {
             report_splats(&splats, spec.fail_on_oops && status == 0);

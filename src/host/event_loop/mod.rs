@@ -21,6 +21,7 @@ use super::terminal;
 use super::warm;
 
 mod deadlines;
+mod reports;
 
 /// How long vexec waits after QEMU exits for the rest of the guest's
 /// messages (and vice versa).
@@ -79,6 +80,8 @@ struct Loop<'a, 'p> {
     daemon_status: Option<i32>,
     /// The outcome waiting for the agent's report.
     reporting: Option<Outcome>,
+    /// A report was asked for with SIGQUIT (the run goes on).
+    report_asked: Option<Instant>,
     /// Raw mode on the host terminal while an interactive command runs.
     raw: Option<terminal::RawMode>,
     /// Until the command has started: when its setup (the mounts) counts
@@ -106,6 +109,7 @@ pub fn run(p: &mut Params, t: &mut Timings, cx: Context<'_>, rx: &Receiver<Event
         daemon_died: None,
         daemon_status: None,
         reporting: None,
+        report_asked: None,
         raw: None,
         setup: None,
         run_deadline: None,
@@ -198,7 +202,16 @@ impl Loop<'_, '_> {
                     self.cx.tail.last(25).join("\n")
                 )))
             }
-            Event::Console(ConsoleEvent::Stall(_)) => None,
+            Event::Console(ConsoleEvent::Stall(line)) => {
+                self.stalled_while_running(&line);
+                None
+            }
+            Event::Console(ConsoleEvent::Report(text)) if self.reporting.is_none() => {
+                if self.report_asked.take().is_some() {
+                    self.print_guest_report(&text);
+                }
+                None
+            }
             Event::Console(ConsoleEvent::Report(text)) => {
                 let o = self.reporting.take()?;
                 self.t.hang = Some(HangReport {
@@ -424,6 +437,10 @@ impl Loop<'_, '_> {
     }
 
     fn on_signal(&mut self, sig: i32) -> Option<Outcome> {
+        if sig == libc::SIGQUIT {
+            self.report_on_demand();
+            return None;
+        }
         if sig == libc::SIGWINCH {
             if let Job::Command { exec, .. } = &self.p.job
                 && exec.tty.is_some()
