@@ -711,5 +711,5 @@ fn sigquit_says_where_a_run_stands_and_the_run_goes_on() {
         "{err}"
     );
     assert!(err.contains("guest: agent: running the command"), "{err}");
-    assert!(err.contains("(sleep)"), "{err}");
+    assert!(err.contains("(sh)"), "{err}");
 }
