@@ -269,6 +269,16 @@ fn cache_clean_then_a_run_works() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stdout(&out), "hi\n", "{err}");
     assert!(err.contains("saved the booted guest"), "{err}");
+    // A plain clean leaves nothing vexec made (locks and scratch too).
+    let clean = with_cache(&["cache", "clean"]);
+    assert_eq!(clean.status.code(), Some(0));
+    let left: Vec<_> = std::fs::read_dir(cache.path().join("vexec"))
+        .unwrap()
+        .flatten()
+        .filter(|kind| std::fs::read_dir(kind.path()).is_ok_and(|mut d| d.next().is_some()))
+        .map(|kind| kind.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[test]

@@ -112,6 +112,34 @@ impl Cache {
         remove_entry(&self.root.join(kind).join(key));
     }
 
+    /// Removes what vexec keeps beside its entries: lock files nobody
+    /// holds (`*-locks/`) and empty scratch directories (`tmp/`).
+    pub fn remove_leftovers(&self) {
+        let Ok(kinds) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for kind in kinds.flatten() {
+            let name = kind.file_name().to_string_lossy().into_owned();
+            if name.ends_with("-locks") {
+                for f in std::fs::read_dir(kind.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    let Ok(file) = std::fs::File::open(f.path()) else {
+                        continue;
+                    };
+                    if file.try_lock().is_ok() {
+                        let _ = std::fs::remove_file(f.path());
+                    }
+                }
+                let _ = std::fs::remove_dir(kind.path());
+            } else if name == "tmp" {
+                let _ = std::fs::remove_dir(kind.path());
+            }
+        }
+    }
+
     /// Records that entry `kind/key` was used now (for [`Cache::entries`]'s
     /// last use, which eviction goes by).
     pub fn touch(&self, kind: &str, key: &str) {
@@ -186,10 +214,14 @@ impl Cache {
         let seal = serde_json::to_vec(&seal_of(&data).map_err(err)?)
             .map_err(|e| err(std::io::Error::other(e)))?;
         std::fs::write(tmp.path().join(SEAL), seal).map_err(err)?;
+        // On disk before the rename publishes it: after a crash an entry
+        // is whole or absent, never sealed over data that was not written.
+        sync_tree(tmp.path()).map_err(err)?;
         match std::fs::rename(tmp.path(), &final_dir) {
             Ok(()) => {
                 // Renamed away: nothing left for the TempDir to remove.
                 let _ = tmp.keep();
+                let _ = std::fs::File::open(&parent).and_then(|d| d.sync_all());
             }
             // Another run stored it first (ENOTEMPTY/EEXIST): keep theirs.
             Err(_) if final_dir.join(SEAL).exists() => {}
@@ -197,6 +229,19 @@ impl Cache {
         }
         Ok(final_dir.join(DATA))
     }
+}
+
+/// fsyncs every file and directory under `dir`, `dir` included.
+fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            sync_tree(&e.path())?;
+        } else if e.file_type()?.is_file() {
+            std::fs::File::open(e.path())?.sync_all()?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Whether the entry in `dir` still matches its seal; why not otherwise.

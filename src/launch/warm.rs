@@ -88,9 +88,17 @@ impl WarmStart {
             return Warm::Restore(r);
         }
         if let Some(path) = self.cache.get(REFUSED, &key) {
-            let why = std::fs::read_to_string(path).unwrap_or_default();
-            self.note(&format!("cold boot (this machine cannot be saved: {why})"));
-            return Warm::Cold;
+            match Refusal::read(&path) {
+                Some(r) if r.stands() => {
+                    self.note(&format!(
+                        "cold boot (this machine cannot be saved: {})",
+                        r.why
+                    ));
+                    return Warm::Cold;
+                }
+                // Load or a slow host, not the machine: try saving again.
+                _ => self.cache.remove(REFUSED, &key),
+            }
         }
         let Some(lock) = lock(self.cache.root(), &key) else {
             self.note("cold boot (another vexec is saving this machine now)");
@@ -125,10 +133,11 @@ impl WarmStart {
         let first = why.lines().next().unwrap_or(why);
         let key = shape_key(config);
         self.cache.remove(KIND, &key);
-        let _ = self.cache.put(REFUSED, &key, first.as_bytes());
+        Refusal::keep(&self.cache, &key, first, false);
         if !self.quiet {
             crate::say!(
-                "vexec: warning: {first}; booting with the devices instead (warm start is off for this machine)"
+                "vexec: warning: {first}; booting with the devices instead (warm start is off for this machine for {} minutes)",
+                REFUSAL_TTL.as_secs() / 60
             );
         }
     }
@@ -226,7 +235,7 @@ impl Saver for SaveJob {
                 evict(&w.cache, w.cap, &self.key);
             }
             (Err(_), Some(why)) => {
-                let _ = w.cache.put(REFUSED, &self.key, why.as_bytes());
+                Refusal::keep(&w.cache, &self.key, &why, true);
                 if !w.quiet {
                     crate::say!(
                         "vexec: warm start is not possible for this machine ({why}); it boots cold (said once)"
@@ -297,6 +306,52 @@ fn lock(root: &Path, key: &str) -> Option<File> {
     held.then_some(f)
 }
 
+/// How long a machine that could not be saved for a passing cause (its
+/// guest did not see its plugged devices in time, as on a loaded host)
+/// boots cold before vexec tries saving it again.
+const REFUSAL_TTL: Duration = Duration::from_secs(30 * 60);
+
+/// Why a machine is not saved: `structural` when QEMU itself refuses to
+/// migrate it (that holds until the machine changes), else a passing
+/// cause that expires after [`REFUSAL_TTL`].
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Refusal {
+    why: String,
+    structural: bool,
+    /// Seconds since the Unix epoch.
+    at: u64,
+}
+
+impl Refusal {
+    fn keep(cache: &Cache, key: &str, why: &str, structural: bool) {
+        let r = Refusal {
+            why: why.to_string(),
+            structural,
+            at: now_secs(),
+        };
+        if let Ok(bytes) = serde_json::to_vec(&r) {
+            let _ = cache.put(REFUSED, key, &bytes);
+        }
+    }
+
+    /// The record at `path`; None when unreadable (an older vexec's plain
+    /// text: tried again).
+    fn read(path: &Path) -> Option<Refusal> {
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    }
+
+    /// Whether it still keeps the machine cold.
+    fn stands(&self) -> bool {
+        self.structural || now_secs().saturating_sub(self.at) < REFUSAL_TTL.as_secs()
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Removes the least recently used saved guests until they fit in `cap`
 /// bytes, never `keep` (the one just saved).
 pub fn evict(cache: &Cache, cap: u64, keep: &str) {
@@ -321,6 +376,19 @@ pub fn evict(cache: &Cache, cap: u64, keep: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passing_refusals_expire_and_structural_ones_stand() {
+        let at = now_secs();
+        let r = |structural, at| Refusal {
+            why: "x".into(),
+            structural,
+            at,
+        };
+        assert!(r(false, at).stands());
+        assert!(!r(false, at - REFUSAL_TTL.as_secs() - 1).stands());
+        assert!(r(true, 0).stands());
+    }
 
     /// A machine with one share (the root), served by `backend`, and two
     /// exec ports.

@@ -55,6 +55,9 @@ fn clean(cache: &Cache, kind: Option<&str>) {
             bytes += e.bytes;
         }
     }
+    if kind.is_none() {
+        cache.remove_leftovers();
+    }
     crate::say!(
         "vexec: removed {n} cache entr{} ({})",
         if n == 1 { "y" } else { "ies" },

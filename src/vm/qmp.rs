@@ -11,6 +11,10 @@ use serde_json::{Value, json};
 pub struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    /// The id of the next command: each reply is matched to its command
+    /// by id, so a late reply to one that timed out is never read as the
+    /// answer to the next.
+    next_id: u64,
 }
 
 impl Qmp {
@@ -23,6 +27,7 @@ impl Qmp {
         let mut q = Qmp {
             reader: BufReader::new(stream),
             writer,
+            next_id: 1,
         };
         let greeting = q.read()?;
         if greeting.get("QMP").is_none() {
@@ -43,24 +48,35 @@ impl Qmp {
         }
     }
 
-    /// Runs `command` and returns its `return` value; events are skipped.
+    /// Runs `command` and returns its `return` value; events, and late
+    /// replies to earlier commands, are skipped.
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
-        let msg = json!({ "execute": command, "arguments": arguments });
+        let id = self.next_id;
+        self.next_id += 1;
+        let msg = json!({ "execute": command, "arguments": arguments, "id": id });
         writeln!(self.writer, "{msg}").map_err(|e| format!("QMP: {e}"))?;
         loop {
-            let v = self.read()?;
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
+            if let Some(answer) = answer_to(id, command, &self.read()?) {
+                return answer;
             }
-            if let Some(e) = v.get("error") {
-                return Err(format!(
-                    "QMP {command}: {}",
-                    e.get("desc").and_then(Value::as_str).unwrap_or("failed")
-                ));
-            }
-            // An asynchronous event: keep reading.
         }
     }
+}
+
+/// `v` read as the answer to command `id` (`command`), or None when it is
+/// something else: an event, or a reply to another command.
+fn answer_to(id: u64, command: &str, v: &Value) -> Option<Result<Value, String>> {
+    if v.get("id") != Some(&json!(id)) {
+        return None;
+    }
+    if let Some(r) = v.get("return") {
+        return Some(Ok(r.clone()));
+    }
+    let desc = (v.get("error"))
+        .and_then(|e| e.get("desc"))
+        .and_then(Value::as_str)
+        .unwrap_or("failed");
+    Some(Err(format!("QMP {command}: {desc}")))
 }
 
 /// Writes the guest's memory to `path` as an ELF core file (what drgn and
@@ -106,5 +122,25 @@ impl LazyQmp {
             .set_read_timeout(Some(timeout))
             .map_err(|e| format!("QMP: {e}"))?;
         Ok(q)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_are_matched_by_id() {
+        // A late reply to a command that timed out, and an event: skipped.
+        assert!(answer_to(2, "cont", &json!({"return": {}, "id": 1})).is_none());
+        assert!(answer_to(2, "cont", &json!({"event": "RESUME"})).is_none());
+        assert_eq!(
+            answer_to(2, "cont", &json!({"return": {"a": 1}, "id": 2})),
+            Some(Ok(json!({"a": 1})))
+        );
+        assert_eq!(
+            answer_to(3, "migrate", &json!({"error": {"desc": "no"}, "id": 3})),
+            Some(Err("QMP migrate: no".into()))
+        );
     }
 }
