@@ -40,6 +40,15 @@ pub fn fresh() -> Fresh {
     let mut entropy = vec![0u8; 64];
     // SAFETY: the buffer is valid for its length.
     let n = unsafe { libc::getrandom(entropy.as_mut_ptr().cast(), entropy.len(), 0) };
+    if n < entropy.len() as isize {
+        // Said on the host: the guest's own warning goes to its console.
+        crate::say!(
+            "vexec: warning: the host's getrandom gave {} of {} bytes ({}); a restored guest's random pool may repeat another run's",
+            n.max(0),
+            entropy.len(),
+            std::io::Error::last_os_error()
+        );
+    }
     entropy.truncate(n.max(0) as usize);
     let wall_clock_ns = SystemTime::now()
         .duration_since(UNIX_EPOCH)

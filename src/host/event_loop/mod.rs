@@ -323,11 +323,15 @@ impl Loop<'_, '_> {
             )));
         }
         if let Warm::Save(saver) = &mut self.p.warm {
-            let qmp = self.cx.qmp.get(warm::QMP_WAIT);
-            if let Ok(q) = qmp {
-                let t = Instant::now();
-                saver.save(q, ready, self.cx.ram);
-                self.t.saving = Some(t.elapsed());
+            match self.cx.qmp.get(warm::QMP_WAIT) {
+                Ok(q) => {
+                    let t = Instant::now();
+                    saver.save(q, ready, self.cx.ram);
+                    self.t.saving = Some(t.elapsed());
+                }
+                Err(e) => crate::say!(
+                    "vexec: warning: the booted guest was not saved for warm starts: {e}; the run goes on"
+                ),
             }
         }
         // A restored guest has its devices already.

@@ -243,7 +243,15 @@ fn run_one(m: &Matrix, r: &str, out_lock: &Mutex<()>) -> KernelResult {
     let started = Instant::now();
     // The run's own cases, the kernel log's included (stdout alone lacks
     // those): written to a file of ours.
-    let cases_file = m.results.and_then(|_| tempfile::NamedTempFile::new().ok());
+    let cases_file = m.results.and_then(|_| match tempfile::NamedTempFile::new() {
+        Ok(f) => Some(f),
+        Err(e) => {
+            crate::say!(
+                "vexec: warning: no file for {name}'s test cases ({e}): its cases are not in the reports"
+            );
+            None
+        }
+    });
     let mut cmd = Command::new(me);
     cmd.arg("-k").arg(r).args(&m.options);
     if let Some(f) = &cases_file {
