@@ -8,7 +8,7 @@ use std::ffi::OsString;
 use vexec::artifacts::cache;
 use vexec::cli::{self, config, settings};
 use vexec::kernel::build as kbuild;
-use vexec::modes::{bisect, matrix, persistent, run, rundir};
+use vexec::modes::{bisect, command, matrix, persistent, run, rundir};
 use vexec::{host, store};
 
 use clap::Parser;
@@ -209,7 +209,8 @@ fn in_vm(name: &str, c: cli::Cli) -> Result<i32, String> {
     let relay = host::session::SignalRelay::install()
         .map_err(|e| format!("installing signal handlers: {e}"))?;
     persistent::attach::warn_unshared_cwd(&entry, &spec);
-    persistent::attach::exec(&entry, &spec, run::exec_for(&spec), &relay).map_err(|e| e.to_string())
+    persistent::attach::exec(&entry, &spec, command::exec_for(&spec), &relay)
+        .map_err(|e| e.to_string())
 }
 
 /// `vexec shell NAME`: the login shell in that VM, with `shell`'s options.

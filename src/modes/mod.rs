@@ -3,6 +3,7 @@
 
 pub mod bisect;
 pub mod cache;
+pub mod command;
 pub mod matrix;
 pub mod persistent;
 pub mod run;

@@ -17,10 +17,11 @@ use crate::launch::shares::{self, NotARoot, ResolvedShare, ShareError, ShareRequ
 use crate::launch::transport::{self, Chosen, TransportError};
 use crate::launch::warm::WarmStart;
 use crate::launch::{self, LaunchError, Launched, Watch};
+use crate::modes::command::exec_for;
 use crate::modes::persistent::reach::{self, Reach};
 use crate::modes::rundir::RunDirError;
-use crate::modes::spec::{RunSpec, TtyMode};
-use crate::protocol::{Exec, Exit, Setup, ShareMode, Transport, Tty};
+use crate::modes::spec::RunSpec;
+use crate::protocol::{Exec, Exit, Setup, ShareMode, Transport};
 use crate::report::oops::{self, Splat};
 use crate::report::record::{self, OutputDir, RecordError, RunRecord};
 use crate::report::results::{self, Collector};
@@ -526,77 +527,4 @@ fn keep_record(
     if let Err(e) = o.finish(timings.kernel_log.as_deref(), &record) {
         crate::say!("vexec: warning: {e}");
     }
-}
-
-/// The command as the guest runs it: as the caller, or with `--sudo` as
-/// root with the caller's environment plus what sudo adds.
-pub fn exec_for(spec: &RunSpec) -> Exec {
-    let mut env: Vec<(Vec<u8>, Vec<u8>)> = spec
-        .env
-        .iter()
-        .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
-        .collect();
-    let (uid, gid, groups) = if spec.sudo {
-        let user = env
-            .iter()
-            .find(|(k, _)| k == b"USER")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| spec.uid.to_string().into_bytes());
-        let set: [(&[u8], Vec<u8>); 5] = [
-            (b"SUDO_USER", user),
-            (b"SUDO_UID", spec.uid.to_string().into_bytes()),
-            (b"SUDO_GID", spec.gid.to_string().into_bytes()),
-            (b"USER", b"root".to_vec()),
-            (b"LOGNAME", b"root".to_vec()),
-        ];
-        env.retain(|(k, _)| !set.iter().any(|(s, _)| k == s));
-        env.extend(set.into_iter().map(|(k, v)| (k.to_vec(), v)));
-        (0, 0, vec![0])
-    } else {
-        (spec.uid, spec.gid, spec.groups.clone())
-    };
-    Exec {
-        argv: spec.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
-        env,
-        cwd: bytes(&spec.cwd),
-        uid,
-        gid,
-        groups,
-        setup: spec.setup.iter().map(|c| c.as_bytes().to_vec()).collect(),
-        teardown: spec
-            .teardown
-            .iter()
-            .map(|c| c.as_bytes().to_vec())
-            .collect(),
-        tty: tty_for(spec),
-        kernel_log: false,
-        output_grace_ms: spec.output_grace.as_millis() as u64,
-        limits: spec.limits.clone(),
-    }
-}
-
-/// Which of the command's descriptors are a terminal in the guest.
-fn tty_for(spec: &RunSpec) -> Option<Tty> {
-    let (stdin, stdout, stderr) = match spec.tty {
-        TtyMode::Never => return None,
-        TtyMode::Always => (true, true, true),
-        TtyMode::Auto => (
-            terminal::is_tty(0),
-            terminal::is_tty(1),
-            terminal::is_tty(2),
-        ),
-    };
-    if !(stdin || stdout || stderr) {
-        return None;
-    }
-    let (rows, cols) = terminal::window_size(&[0, 1, 2]).unwrap_or((24, 80));
-    Some(Tty {
-        stdin,
-        stdout,
-        stderr,
-        rows,
-        cols,
-        job_control: spec.shell,
-        host_raw: stdin && terminal::is_tty(0),
-    })
 }

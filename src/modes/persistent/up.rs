@@ -17,8 +17,8 @@ use crate::artifacts::cache::Cache;
 use crate::host::session::{Job, Outcome, SignalRelay};
 use crate::kernel::image::Arch;
 use crate::launch::{self, Watch, warm::WarmStart};
-use crate::modes::run;
 use crate::modes::spec::RunSpec;
+use crate::modes::{command, run};
 
 use super::VmsError;
 use super::registry::{self, Entry, Info};
@@ -269,7 +269,7 @@ fn serve(spec: &RunSpec, opts: &UpOptions, entry: &Entry) -> Result<i32, VmsErro
 /// The VM's setup (run once it is up) and teardown (run at `down`)
 /// commands from the config file, with the environment `up` was given.
 fn hooks_of(spec: &RunSpec) -> crate::protocol::Hooks {
-    let exec = run::exec_for(spec);
+    let exec = command::exec_for(spec);
     crate::protocol::Hooks {
         setup: exec.setup,
         teardown: exec.teardown,
