@@ -80,9 +80,7 @@ pub fn run(port: &PortWriter, inbox: Inbox, exec: &Exec) -> Exit {
         };
     }
     let (exit, aftermath) = command(port, inbox, exec);
-    if let Err(message) = hooks(port, &exec.env, &exec.cwd, &exec.teardown, "teardown") {
-        let _ = send(port, &GuestMsg::Stderr(format!("{message}\n").into_bytes()));
-    }
+    teardown(port, &exec.env, &exec.cwd, &exec.teardown);
     if exec.kernel_log {
         let _ = send(port, &GuestMsg::KernelLog(sys::kernel_log()));
     }
@@ -90,6 +88,14 @@ pub fn run(port: &PortWriter, inbox: Inbox, exec: &Exec) -> Exit {
         let _ = send(port, &GuestMsg::Aftermath(aftermath));
     }
     exit
+}
+
+/// Runs teardown commands as [`hooks`] does; a failure is told on the
+/// host's stderr, and what was torn down stays torn down.
+pub fn teardown(port: &PortWriter, env: &[(Vec<u8>, Vec<u8>)], cwd: &[u8], cmds: &[Vec<u8>]) {
+    if let Err(message) = hooks(port, env, cwd, cmds, "teardown") {
+        let _ = send(port, &GuestMsg::Stderr(format!("{message}\n").into_bytes()));
+    }
 }
 
 /// Runs `cmds` one by one with `/bin/sh -c` as root, with `env` in `cwd`

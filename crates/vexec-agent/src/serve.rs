@@ -46,12 +46,7 @@ pub fn run(
             Ok(Some(_)) => {}
         }
     }
-    if let Err(message) = exec::hooks(writer, &hooks.env, &hooks.cwd, &hooks.teardown, "teardown") {
-        let _ = send(
-            writer,
-            &GuestMsg::Stderr(format!("{message}\n").into_bytes()),
-        );
-    }
+    exec::teardown(writer, &hooks.env, &hooks.cwd, &hooks.teardown);
     shut_down(writer);
     Ok(())
 }

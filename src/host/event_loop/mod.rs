@@ -82,7 +82,7 @@ struct Loop<'a, 'p> {
     /// The outcome waiting for the agent's report.
     reporting: Option<Outcome>,
     /// A report was asked for with SIGQUIT (the run goes on).
-    report_asked: Option<Instant>,
+    report_asked: bool,
     /// Raw mode on the host terminal while an interactive command runs.
     raw: Option<terminal::RawMode>,
     /// Until the command has started: when its setup (the mounts) counts
@@ -110,7 +110,7 @@ pub fn run(p: &mut Params, t: &mut Timings, cx: Context<'_>, rx: &Receiver<Event
         daemon_died: None,
         daemon_status: None,
         reporting: None,
-        report_asked: None,
+        report_asked: false,
         raw: None,
         setup: None,
         run_deadline: None,
@@ -208,7 +208,7 @@ impl Loop<'_, '_> {
                 None
             }
             Event::Console(ConsoleEvent::Report(text)) if self.reporting.is_none() => {
-                if self.report_asked.take().is_some() {
+                if std::mem::take(&mut self.report_asked) {
                     self.print_guest_report(&text);
                 }
                 None

@@ -1,8 +1,6 @@
 //! What the loop says while a run goes on: a stuck CPU reported by the
 //! guest kernel, and where the run stands when asked (SIGQUIT).
 
-use std::time::Instant;
-
 use super::super::console;
 use super::super::session::{HangReport, Job};
 use super::{HANG_CONSOLE_LINES, Loop, Phase};
@@ -54,7 +52,7 @@ impl Loop<'_, '_> {
             && self.reporting.is_none();
         if answers {
             console::request_report(&mut self.cx.console);
-            self.report_asked = Some(Instant::now());
+            self.report_asked = true;
         }
     }
 
