@@ -2,7 +2,7 @@
 //! daemon's death, with what QEMU, the daemons and the console said.
 
 use super::super::session::Outcome;
-use super::{Loop, Phase};
+use super::Loop;
 
 impl Loop<'_, '_> {
     /// QEMU exited and the channel is drained.
@@ -16,13 +16,17 @@ impl Loop<'_, '_> {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let status = self.qemu_status.unwrap_or_default();
-        // Under a KVM probe, QEMU dying before init reports in (an
-        // assertion on MSRs, an emulation failure) condemns KVM, not the
-        // kernel; a panic is the kernel's own doing.
-        if self.phase == Phase::Booting && self.cx.vm.daemon_errors().is_empty() {
+        // Under a KVM probe, QEMU dying before anything of the user's ran
+        // (an assertion on MSRs, an emulation failure; seen too when the
+        // first run's save resumed the guest) condemns KVM, not the
+        // kernel, and the run goes on under TCG; a panic is the kernel's
+        // own doing.
+        // A daemon's complaints as QEMU dies under it are its reaction,
+        // not a cause: only a daemon that died first speaks against KVM.
+        if !self.user_work_began && self.daemon_died.is_none() {
             let last = errs.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
             return Outcome::KvmBroken(format!(
-                "QEMU exited (status {status}) while booting: {last}"
+                "QEMU exited (status {status}) before the command started: {last}"
             ));
         }
         // KVM that boots Linux may still abort QEMU later (seen: an MSR

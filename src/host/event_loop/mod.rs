@@ -83,6 +83,9 @@ struct Loop<'a, 'p> {
     reporting: Option<Outcome>,
     /// A report was asked for with SIGQUIT (the run goes on).
     report_asked: bool,
+    /// The guest said `Mounted`: from then on the user's setup commands or
+    /// command may run, so this attempt is never booted again.
+    user_work_began: bool,
     /// Raw mode on the host terminal while an interactive command runs.
     raw: Option<terminal::RawMode>,
     /// Until the command has started: when its setup (the mounts) counts
@@ -111,6 +114,7 @@ pub fn run(p: &mut Params, t: &mut Timings, cx: Context<'_>, rx: &Receiver<Event
         daemon_status: None,
         reporting: None,
         report_asked: false,
+        user_work_began: false,
         raw: None,
         setup: None,
         run_deadline: None,
@@ -225,7 +229,7 @@ impl Loop<'_, '_> {
             }
             Event::KvmError(line) => {
                 // Outside a probe, QEMU exits next and its stderr explains.
-                (self.p.kvm_probe.is_some() && self.phase == Phase::Booting)
+                (self.p.kvm_probe.is_some() && !self.user_work_began)
                     .then_some(Outcome::KvmBroken(line))
             }
             Event::Signal(sig) => self.on_signal(sig),
@@ -256,10 +260,15 @@ impl Loop<'_, '_> {
                 if let (Some(server), Some((ports, qga))) = (server, self.cx.serve_ends.take()) {
                     server.serving(ports, qga, self.cx.vm.pid() as u32);
                 }
+                // Only now: an attempt booted again (a stall, devices not
+                // seen) never started its command, so no input read for it
+                // is lost; the one attempt that runs the command reads it.
+                self.start_input();
             }
             // vexec's mounting is done: the user's setup commands and the
             // command run under --timeout alone, and never again.
             GuestMsg::Mounted { .. } => {
+                self.user_work_began = true;
                 self.setup = None;
                 if self.interrupted.is_none() && self.reporting.is_none() {
                     self.deadline = self.run_deadline;
@@ -357,7 +366,6 @@ impl Loop<'_, '_> {
                     .map_or(setup_until, |d| d.min(setup_until)),
             );
         }
-        self.start_input();
         None
     }
 
@@ -430,7 +438,7 @@ impl Loop<'_, '_> {
     }
 
     /// Starts forwarding stdin (and keys, raw, to an interactive command)
-    /// once the command is known to run.
+    /// once the command runs: one reader of vexec's stdin per run.
     fn start_input(&mut self) {
         let Job::Command { exec, .. } = &self.p.job else {
             return;
