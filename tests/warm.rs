@@ -316,3 +316,32 @@ fn a_guest_that_never_sees_its_plugged_devices_is_booted_with_them() {
         "{err}"
     );
 }
+
+#[test]
+fn a_warm_run_reports_what_a_cold_run_reports() {
+    // The rule (docs/warm-start.md): a run counts the whole kernel log its
+    // guest holds. A restored guest holds the saved boot's log as a booted
+    // one holds its own, so splats (--fail-on-oops) and KTAP cases read
+    // from the kernel log come out the same either way.
+    let script = "for l in 'KTAP version 1' '1..2' 'ok 1 first' 'not ok 2 second'; do echo \"$l\" > /dev/kmsg; done; echo 'WARNING: CPU: 0 PID: 1 at drivers/x.c:1 f+0x1/0x2' > /dev/kmsg; echo out";
+    let said = |mode: &[&str]| {
+        let mut c = vexec_saying(K);
+        c.args(mode)
+            .args(["--fail-on-oops", "--results", "ktap", "--sudo", "--"])
+            .args(["sh", "-c", script]);
+        let out = run(c);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        let lines: Vec<String> = err
+            .lines()
+            .filter(|l| l.contains("results:") || l.contains("the kernel logged"))
+            .map(str::to_string)
+            .collect();
+        (out.status.code(), stdout(&out), lines)
+    };
+    let cold = said(&["--cold"]);
+    assert_eq!(cold.0, Some(1), "{cold:?}");
+    assert_eq!(cold.2.len(), 2, "{cold:?}");
+    // Twice warm: the first may be the one that saves the machine.
+    said(&[]);
+    assert_eq!(said(&[]), cold);
+}
