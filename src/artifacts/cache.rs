@@ -65,10 +65,19 @@ const TMP_PREFIX: &str = ".tmp-";
 impl Cache {
     /// Opens (creating) the cache at `root`.
     pub fn open(root: PathBuf) -> Result<Self, CacheError> {
-        std::fs::create_dir_all(&root).map_err(|source| CacheError {
+        let err = |source| CacheError {
             path: root.clone(),
             source,
-        })?;
+        };
+        // The shared temp dir's fallback: another user could have made it
+        // first and planted an initramfs or a snapshot there.
+        let fallback = shared_fallback();
+        if root == fallback.join("vexec") {
+            for d in [&fallback, &root] {
+                private_dir(d, uid()).map_err(err)?;
+            }
+        }
+        std::fs::create_dir_all(&root).map_err(err)?;
         Ok(Cache { root })
     }
 
@@ -77,7 +86,7 @@ impl Cache {
         xdg_cache_home
             .filter(|p| p.is_absolute())
             .or_else(|| home.map(|h| h.join(".cache")))
-            .unwrap_or_else(|| std::env::temp_dir().join(format!("vexec-{}", uid())))
+            .unwrap_or_else(shared_fallback)
             .join("vexec")
     }
 
@@ -387,6 +396,34 @@ fn uid() -> u32 {
     unsafe { libc::getuid() }
 }
 
+/// The user's private directory in the shared temp dir, for a user with
+/// neither `XDG_CACHE_HOME` nor `HOME` (the cache) or `XDG_RUNTIME_DIR`
+/// (the VM registry).
+pub fn shared_fallback() -> PathBuf {
+    std::env::temp_dir().join(format!("vexec-{}", uid()))
+}
+
+/// Makes `d` (mode 0700), or checks that it is `uid`'s own directory and
+/// makes it private; an error says why it cannot be used.
+pub fn private_dir(d: &Path, uid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(d) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let m = std::fs::symlink_metadata(d)?;
+    if !m.is_dir() || m.uid() != uid {
+        return Err(std::io::Error::other(format!(
+            "it is not a directory owned by uid {uid} (another user made it?); remove it, or set XDG_CACHE_HOME and XDG_RUNTIME_DIR"
+        )));
+    }
+    if m.mode() & 0o077 != 0 {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 /// A hex content hash of several parts (lengths included, so parts cannot
 /// run into each other).
 pub fn hash_parts(parts: &[&[u8]]) -> String {
@@ -401,6 +438,20 @@ pub fn hash_parts(parts: &[&[u8]]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_private_dir_of_another_user_is_refused() {
+        let base = tempfile::tempdir().unwrap();
+        let d = base.path().join("vexec-x");
+        private_dir(&d, uid()).unwrap();
+        assert_eq!(std::fs::metadata(&d).unwrap().mode() & 0o777, 0o700);
+        // Made by "another user": its owner is not the uid asked for.
+        let e = private_dir(&d, uid() + 1).unwrap_err();
+        assert!(
+            e.to_string().contains("not a directory owned by uid"),
+            "{e}"
+        );
+    }
     use std::fs::OpenOptions;
 
     fn cache() -> (tempfile::TempDir, Cache) {

@@ -6,13 +6,14 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::artifacts::cache;
 use crate::modes::spec::RunSpec;
 
 use super::VmsError;
@@ -114,9 +115,7 @@ pub fn root() -> Result<PathBuf, VmsError> {
     let uid = unsafe { libc::getuid() };
     let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         Some(d) => PathBuf::from(d).join("vexec").join("vms"),
-        None => std::env::temp_dir()
-            .join(format!("vexec-{uid}"))
-            .join("vms"),
+        None => cache::shared_fallback().join("vms"),
     };
     for d in [dir.parent().unwrap_or(&dir), &dir] {
         private_dir(d, uid)?;
@@ -124,26 +123,12 @@ pub fn root() -> Result<PathBuf, VmsError> {
     Ok(dir)
 }
 
-/// Makes `d` (mode 0700) or checks that it is `uid`'s own and private.
+/// Makes `d` private to `uid` (see [`cache::private_dir`]).
 fn private_dir(d: &Path, uid: u32) -> Result<(), VmsError> {
-    let err = |why: String| VmsError::RuntimeDir {
+    cache::private_dir(d, uid).map_err(|e| VmsError::RuntimeDir {
         path: d.to_path_buf(),
-        why,
-    };
-    match std::fs::DirBuilder::new().mode(0o700).create(d) {
-        Ok(()) => return Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(err(e.to_string())),
-    }
-    let m = std::fs::symlink_metadata(d).map_err(|e| err(e.to_string()))?;
-    if !m.is_dir() || m.uid() != uid {
-        return Err(err(format!("it is not a directory owned by uid {uid}")));
-    }
-    if m.mode() & 0o077 != 0 {
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| err(e.to_string()))?;
-    }
-    Ok(())
+        why: e.to_string(),
+    })
 }
 
 /// Checks a VM name: it becomes a directory name.
