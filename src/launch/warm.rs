@@ -116,14 +116,47 @@ impl WarmStart {
 
     /// A restore of `config`'s snapshot failed (`config` as [`Self::mode`]
     /// gave it): it is removed, so the next launch boots and saves it again.
+    /// After [`FAILED_LOADS_LIMIT`] failed restores of one machine within
+    /// [`FAILED_LOADS_WINDOW`], the machine boots cold from then on (until
+    /// it changes, or `vexec cache clean`), said once.
     pub fn discard(&self, config: &QemuConfig, why: &str) {
         let first = why.lines().next().unwrap_or(why);
-        if !self.quiet {
+        let key = shape_key(config);
+        self.cache.remove(KIND, &key);
+        let failures = self.failed_load(&key);
+        if failures >= FAILED_LOADS_LIMIT {
+            self.cache.remove(FAILED_LOADS, &key);
+            let why = format!(
+                "its saved guest could not be restored {failures} times within a day; the last time: {first}"
+            );
+            Refusal::keep(&self.cache, &key, &why, true);
+            if !self.quiet {
+                crate::say!(
+                    "vexec: warning: {why}; booting instead, and warm start is off for this machine (`vexec cache clean` turns it back on)"
+                );
+            }
+        } else if !self.quiet {
             crate::say!(
                 "vexec: warning: the saved guest could not be restored ({first}); booting instead, and saving it again"
             );
         }
-        self.cache.remove(KIND, &shape_key(config));
+    }
+
+    /// Records a failed restore of machine `key`; how many there were
+    /// within [`FAILED_LOADS_WINDOW`], this one included.
+    fn failed_load(&self, key: &str) -> usize {
+        let now = now_secs();
+        let mut times: Vec<u64> = (self.cache.get(FAILED_LOADS, key))
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        times.retain(|t| now.saturating_sub(*t) < FAILED_LOADS_WINDOW.as_secs());
+        times.push(now);
+        self.cache.remove(FAILED_LOADS, key);
+        if let Ok(bytes) = serde_json::to_vec(&times) {
+            let _ = self.cache.put(FAILED_LOADS, key, &bytes);
+        }
+        times.len()
     }
 
     /// Plugging in `config`'s share devices failed (`config` as
@@ -306,6 +339,13 @@ fn lock(root: &Path, key: &str) -> Option<File> {
     held.then_some(f)
 }
 
+/// The cache kind counting a machine's failed restores.
+const FAILED_LOADS: &str = "snapshot-failed-loads";
+/// How many failed restores of one machine, within
+/// [`FAILED_LOADS_WINDOW`], turn its warm start off.
+const FAILED_LOADS_LIMIT: usize = 3;
+const FAILED_LOADS_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
 /// How long a machine that could not be saved for a passing cause (its
 /// guest did not see its plugged devices in time, as on a loaded host)
 /// boots cold before vexec tries saving it again.
@@ -388,6 +428,20 @@ mod tests {
         assert!(r(false, at).stands());
         assert!(!r(false, at - REFUSAL_TTL.as_secs() - 1).stands());
         assert!(r(true, 0).stands());
+    }
+
+    #[test]
+    fn a_machine_whose_snapshots_will_not_load_ends_up_booting_cold() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path().join("vexec")).unwrap();
+        let warm = WarmStart::new(None, cache, DEFAULT_CAP, false, true);
+        let m = machine(Backend::NineP);
+        for _ in 1..FAILED_LOADS_LIMIT {
+            warm.discard(&m, "QEMU: load failed");
+            assert!(!matches!(warm.mode(&m, true).0, Warm::Cold));
+        }
+        warm.discard(&m, "QEMU: load failed");
+        assert!(matches!(warm.mode(&m, true).0, Warm::Cold));
     }
 
     /// A machine with one share (the root), served by `backend`, and two
