@@ -6,7 +6,6 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -168,7 +167,7 @@ impl Entry {
     }
 
     fn lock_path(&self) -> PathBuf {
-        self.dir.join("lock")
+        self.dir.join(LOCK)
     }
 
     /// Whether a live `up` process holds this VM's lock.
@@ -203,32 +202,39 @@ impl Entry {
 
     /// Takes the directory for a new VM: a dead VM's is cleared first; a
     /// live one's is refused. The lock is held while the file stays open.
+    /// The directory is made and locked under a private name, then renamed
+    /// into place: a VM directory is never seen unlocked while it starts,
+    /// so a racing `up` or `down` cannot take it for a dead one's.
     pub fn claim(&self) -> Result<File, VmsError> {
         let name = self.name();
+        let dir_err = |e: std::io::Error| VmsError::RuntimeDir {
+            path: self.dir.clone(),
+            why: e.to_string(),
+        };
         if self.dir.exists() && !self.alive() {
             self.remove();
         }
-        match std::fs::DirBuilder::new().mode(0o700).create(&self.dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(VmsError::NameInUse(name));
+        let parent = self.dir.parent().unwrap_or(Path::new("."));
+        sweep_stale_claims(parent);
+        // 0700, a unique name, removed if anything below fails.
+        let making = tempfile::Builder::new()
+            .prefix(&format!("{CLAIMING}{name}-"))
+            .tempdir_in(parent)
+            .map_err(dir_err)?;
+        let lock = File::create(making.path().join(LOCK)).map_err(dir_err)?;
+        lock.try_lock()
+            .map_err(|e| dir_err(std::io::Error::other(e)))?;
+        match std::fs::rename(making.path(), &self.dir) {
+            Ok(()) => {
+                // Renamed away: nothing left for the TempDir to remove.
+                let _ = making.keep();
+                Ok(lock)
             }
-            Err(e) => {
-                return Err(VmsError::RuntimeDir {
-                    path: self.dir.clone(),
-                    why: e.to_string(),
-                });
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EEXIST | libc::ENOTEMPTY)) => {
+                Err(VmsError::NameInUse(name))
             }
+            Err(e) => Err(dir_err(e)),
         }
-        let lock = File::create(self.lock_path()).map_err(|e| VmsError::RuntimeDir {
-            path: self.dir.clone(),
-            why: e.to_string(),
-        })?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(VmsError::NameInUse(name));
-        }
-        Ok(lock)
     }
 
     /// Removes the directory (sockets, info, log).
@@ -240,6 +246,28 @@ impl Entry {
         (self.dir.file_name())
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
+    }
+}
+
+/// The lock file in a VM's directory.
+const LOCK: &str = "lock";
+/// The prefix of a directory being claimed (not a VM yet; VM names never
+/// start with a dot).
+const CLAIMING: &str = ".claim-";
+
+/// Removes directories that a process killed while claiming one left
+/// (old enough that no claim can still be under way in them).
+fn sweep_stale_claims(root: &Path) {
+    let stale = |e: &std::fs::DirEntry| {
+        e.file_name().to_string_lossy().starts_with(CLAIMING)
+            && e.metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|a| a.as_secs() > 60))
+    };
+    for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        if stale(&e) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
 
@@ -258,7 +286,8 @@ pub fn all(root: &Path) -> Vec<Entry> {
     let mut v: Vec<Entry> = std::fs::read_dir(root)
         .map(|d| {
             d.flatten()
-                .filter(|e| e.path().is_dir())
+                // Not a VM (yet): a directory being claimed.
+                .filter(|e| e.path().is_dir() && !e.file_name().to_string_lossy().starts_with('.'))
                 .map(|e| Entry { dir: e.path() })
                 .collect()
         })
@@ -270,6 +299,27 @@ pub fn all(root: &Path) -> Vec<Entry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn racing_claims_of_one_name_give_it_to_one_and_leave_no_half_made_directory() {
+        let root = tempfile::tempdir().unwrap();
+        let won: Vec<bool> = std::thread::scope(|s| {
+            let tries: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| Entry::new(root.path(), "vm").claim()))
+                .collect();
+            let results: Vec<_> = tries.into_iter().map(|t| t.join().unwrap()).collect();
+            // Every winner still holds its lock here.
+            assert!(Entry::new(root.path(), "vm").alive());
+            results.iter().map(Result::is_ok).collect()
+        });
+        assert_eq!(won.iter().filter(|w| **w).count(), 1, "{won:?}");
+        let names: Vec<String> = std::fs::read_dir(root.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["vm"]);
+    }
 
     #[test]
     fn names_are_plain_directory_names() {
