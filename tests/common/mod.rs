@@ -293,3 +293,18 @@ pub fn wrapped(c: &Command, prefix: &[&str]) -> Command {
     }
     w
 }
+
+/// Waits for `child` at most `limit`; its exit code (None: a signal).
+pub fn wait_for(child: &mut std::process::Child, limit: std::time::Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("vexec did not end within {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
