@@ -430,3 +430,29 @@ fn up_refuses_what_means_nothing_for_a_vm_that_stays_up() {
     );
     assert!(stderr(&o).contains("nope"), "{}", stderr(&o));
 }
+
+#[test]
+fn a_guest_out_of_threads_refuses_an_exec_and_stays_up() {
+    let work = workdir("persist");
+    let vms = Vms::new(work.path());
+    vms.up("full", &["--sudo"]);
+    // No process may fork or start a thread now, the agent included
+    // (threads-max has no exemption for root).
+    let o = vms.exec(
+        "full",
+        &["sh", "-c", "echo 20 > /proc/sys/kernel/threads-max"],
+    );
+    assert_ok(&o);
+    let o = vms.exec("full", &["true"]);
+    let err = stderr(&o);
+    assert_eq!(code(&o), Some(125), "{err}");
+    assert!(
+        err.contains("cannot start the agent's exec thread") && err.contains("-m"),
+        "{err}"
+    );
+    // The agent still answers: the VM goes down cleanly.
+    let pid = vms.up_pid("full");
+    let o = vms.vexec().args(["down", "full"]).output().unwrap();
+    assert_ok(&o);
+    assert!(eventually(Duration::from_secs(10), || !alive(pid)));
+}

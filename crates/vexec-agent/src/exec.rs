@@ -51,8 +51,9 @@ pub type Inbox = Box<dyn FnOnce(Control) + Send>;
 /// An inbox fed by `reader` until it closes.
 pub fn from_port(port: &PortWriter, mut reader: File) -> Inbox {
     let port = Arc::clone(port);
+    let said = Arc::clone(&port);
     Box::new(move |control: Control| {
-        sys::thread("host-reader", move || {
+        let started = sys::thread("host-reader", move || {
             loop {
                 let msg = match protocol::read_frame::<HostMsg>(&mut reader) {
                     Ok(Some(m)) => m,
@@ -68,6 +69,11 @@ pub fn from_port(port: &PortWriter, mut reader: File) -> Inbox {
                 control.handle(msg);
             }
         });
+        if let Err(e) = started {
+            // Without it no signal or input reaches the command: the host
+            // ends the run on Error.
+            let _ = send(&said, &GuestMsg::Error(e.to_string()));
+        }
     })
 }
 
@@ -139,13 +145,21 @@ pub fn output_of(cmd: &mut Command) -> std::io::Result<(Exit, Vec<u8>)> {
     use std::io::Read;
     let mut child = reaper::spawn(cmd)?;
     let err = child.stderr.take();
-    let err = std::thread::spawn(move || {
+    let err = sys::thread("hook-stderr", move || {
         let mut b = Vec::new();
         if let Some(mut e) = err {
             let _ = e.read_to_end(&mut b);
         }
         b
     });
+    let err = match err {
+        Ok(e) => e,
+        Err(e) => {
+            sys::kill_group_of(child.id() as i32);
+            reaper::wait(child.id() as i32);
+            return Err(e);
+        }
+    };
     let mut out = Vec::new();
     if let Some(mut o) = child.stdout.take() {
         let _ = o.read_to_end(&mut out);
@@ -206,21 +220,24 @@ fn command(port: &PortWriter, inbox: Inbox, exec: &Exec) -> (Exit, Aftermath) {
             uptime_ms: sys::uptime_ms(),
         },
     );
-    let stdin = stdin_writer(port, stdio.stdin);
     let (done_tx, done_rx) = mpsc::channel::<()>();
-    let mut closers: Vec<(Stream, pump::Closer)> = Vec::new();
-    let mut pumps = 0;
-    for (stream, fd) in stdio.outputs {
-        let wrap = match stream {
-            Stream::Stdout => GuestMsg::Stdout,
-            Stream::Stderr => GuestMsg::Stderr,
-        };
-        if let Ok(closer) = pump::spawn(port, fd, wrap, done_tx.clone()) {
-            closers.push((stream, closer));
-            pumps += 1;
-        }
-    }
+    let carried = carriers(port, stdio.stdin, stdio.outputs, &done_tx);
     drop(done_tx);
+    let (stdin, closers) = match carried {
+        Ok(c) => c,
+        Err(e) => {
+            // Its input or output would be lost without a word: end it.
+            sys::kill_group_of(pid);
+            reaper::wait(pid);
+            let message = format!("vexec: the command was stopped: {e}");
+            let exit = Exit::NotStarted {
+                status: 125,
+                message,
+            };
+            return (exit, Aftermath::default());
+        }
+    };
+    let pumps = closers.len();
     let winsize_fd = stdio.master.as_ref().map(|m| m.as_raw_fd());
     inbox(Control {
         pid,
@@ -247,6 +264,26 @@ fn command(port: &PortWriter, inbox: Inbox, exec: &Exec) -> (Exit, Aftermath) {
             output_cut,
         },
     )
+}
+
+/// The threads that carry the command's input and output: the input's
+/// feed and a closer per output stream.
+fn carriers(
+    port: &PortWriter,
+    stdin: Option<File>,
+    outputs: Vec<(Stream, OwnedFd)>,
+    done: &mpsc::Sender<()>,
+) -> std::io::Result<(StdinFeed, Vec<(Stream, pump::Closer)>)> {
+    let stdin = stdin_writer(port, stdin)?;
+    let mut closers = Vec::new();
+    for (stream, fd) in outputs {
+        let wrap = match stream {
+            Stream::Stdout => GuestMsg::Stdout,
+            Stream::Stderr => GuestMsg::Stderr,
+        };
+        closers.push((stream, pump::spawn(port, fd, wrap, done.clone())?));
+    }
+    Ok((stdin, closers))
 }
 
 /// The command's ends of its standard streams as the agent holds them.
@@ -387,7 +424,7 @@ type StdinFeed = mpsc::Sender<Option<Vec<u8>>>;
 /// Feeds the command's input on a thread of its own, so a command that
 /// never reads does not stall signals. When the command closes its input,
 /// the host is told once, so it stops reading its own.
-fn stdin_writer(port: &PortWriter, stdin: Option<File>) -> StdinFeed {
+fn stdin_writer(port: &PortWriter, stdin: Option<File>) -> std::io::Result<StdinFeed> {
     let (tx, rx) = mpsc::channel::<Option<Vec<u8>>>();
     let port = Arc::clone(port);
     let is_tty = stdin
@@ -409,8 +446,8 @@ fn stdin_writer(port: &PortWriter, stdin: Option<File>) -> StdinFeed {
                 let _ = send(&port, &GuestMsg::InputClosed);
             }
         }
-    });
-    tx
+    })?;
+    Ok(tx)
 }
 
 /// The error for a host message that cannot be read.

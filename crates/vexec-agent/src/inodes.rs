@@ -32,7 +32,7 @@ pub fn watch(budget: u64) {
     // 4: no kernel log line for each drop.
     let _ = std::fs::write(DROP_CACHES, "4");
     let grown = move || count().map(|n| n.saturating_sub(base));
-    super::sys::thread("inode-watch", move || {
+    let watching = super::sys::thread("inode-watch", move || {
         let mut trigger = budget / 2;
         loop {
             std::thread::sleep(PERIOD);
@@ -47,6 +47,9 @@ pub fn watch(budget: u64) {
             }
         }
     });
+    if let Err(e) = watching {
+        eprintln!("vexec-init: warning: cached virtio-fs inodes are not bounded: {e}");
+    }
 }
 
 /// When to drop again, given the inodes a drop could not free (open files,

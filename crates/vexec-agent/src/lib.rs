@@ -77,14 +77,16 @@ fn ensure_stdio() {
     }
 }
 
-/// Mounting the pseudo filesystems, under way beside the boot.
-type PseudoFs = std::thread::JoinHandle<()>;
+/// Mounting the pseudo filesystems, under way beside the boot (None: done
+/// already, when no thread could be had for it).
+type PseudoFs = Option<std::thread::JoinHandle<()>>;
 
 /// Waits for the pseudo filesystems to be mounted.
 fn joined(pseudo: PseudoFs) -> Result<(), String> {
-    pseudo
-        .join()
-        .map_err(|_| "setting up the pseudo filesystems panicked".to_string())
+    pseudo.map_or(Ok(()), |p| {
+        p.join()
+            .map_err(|_| "setting up the pseudo filesystems panicked".to_string())
+    })
 }
 
 /// Everything up to an open control port, and the pseudo filesystems being
@@ -106,7 +108,13 @@ fn boot() -> Result<(File, PseudoFs), String> {
     // need no module: set them up while the modules load and the host
     // answers (bringing lo up alone waits ~50 ms on the kernel under TCG).
     // They move with /dev and /sys when the root is switched.
-    let pseudo = sys::thread("pseudo-fs", mounts::pseudo_filesystems);
+    let pseudo = match sys::thread("pseudo-fs", mounts::pseudo_filesystems) {
+        Ok(p) => Some(p),
+        Err(_) => {
+            mounts::pseudo_filesystems();
+            None
+        }
+    };
     let n = modules::load_all(Path::new("/"))?;
     step(&format!("{n} modules loaded"));
     // Long enough for a guest starved of CPU on a loaded host (seen taking

@@ -59,7 +59,7 @@ pub fn spawn(
     super::sys::thread(name, move || {
         drain_into(&port, File::from(from), wrap, &stop);
         let _ = done.send(());
-    });
+    })?;
     Ok(closer)
 }
 

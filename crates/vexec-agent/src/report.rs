@@ -132,7 +132,7 @@ impl State {
 /// lives. Echo is turned off so requests do not show in the console log.
 pub fn listen() {
     sys::console_no_echo(0);
-    sys::thread("console", || {
+    let listening = sys::thread("console", || {
         let stdin = std::io::stdin();
         for line in stdin.lock().lines() {
             match line {
@@ -142,6 +142,9 @@ pub fn listen() {
             }
         }
     });
+    if let Err(e) = listening {
+        eprintln!("vexec-init: warning: hang reports will not be answered: {e}");
+    }
 }
 
 /// Writes the report to the console, one prefixed line at a time.

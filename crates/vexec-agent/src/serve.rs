@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vexec_protocol::{
-    self as protocol, EXEC_PORT_PREFIX, Exec, GuestMsg, Hooks, HostMsg, QGA_PORT_NAME, ServedPorts,
+    self as protocol, EXEC_PORT_PREFIX, Exec, Exit, GuestMsg, Hooks, HostMsg, QGA_PORT_NAME,
+    ServedPorts,
 };
 
 use super::exec::{self, Control, PortWriter, send};
@@ -29,8 +30,10 @@ pub fn run(
     for dev in exec_ports {
         serve_in_background(dev);
     }
-    if let Some(dev) = qga_port {
-        sys::thread("qga", move || qga::serve(&dev));
+    if let Some(dev) = qga_port
+        && let Err(e) = sys::thread("qga", move || qga::serve(&dev))
+    {
+        eprintln!("vexec-init: error: the guest agent protocol is not served: {e}");
     }
     super::step(&format!("serving {count} exec ports"));
     send(
@@ -57,18 +60,25 @@ pub fn beside_command(served: ServedPorts) {
     if served.exec == 0 {
         return;
     }
-    sys::thread("exec-ports", move || {
+    let serving = sys::thread("exec-ports", move || {
         let (exec_ports, _) = served_ports(&served, Duration::from_secs(10));
         exec_ports.into_iter().for_each(serve_in_background);
     });
+    if let Err(e) = serving {
+        eprintln!("vexec-init: error: exec ports are not served: {e}");
+    }
 }
 
 fn serve_in_background(dev: PathBuf) {
-    sys::thread("exec-port", move || {
+    let shown = dev.display().to_string();
+    let serving = sys::thread("exec-port", move || {
         if let Err(e) = serve_port(&dev) {
             eprintln!("vexec-init: error: {}: {e}", dev.display());
         }
     });
+    if let Err(e) = serving {
+        eprintln!("vexec-init: error: {shown} is not served: {e}");
+    }
 }
 
 /// Ends every process but this one, and says so once the disks are synced.
@@ -192,7 +202,8 @@ fn serve_port(dev: &std::path::Path) -> Result<(), String> {
 /// port is free again before `Exited` is sent.
 fn start(writer: &PortWriter, slot: &SharedSlot, e: Exec) {
     let (writer, slot) = (Arc::clone(writer), Arc::clone(slot));
-    sys::thread("exec", move || {
+    let (writer_if_not, slot_if_not) = (Arc::clone(&writer), Arc::clone(&slot));
+    let started = sys::thread("exec", move || {
         let keep = Arc::clone(&slot);
         let inbox: exec::Inbox = Box::new(move |control: Control| {
             let mut s = lock(&keep);
@@ -205,13 +216,27 @@ fn start(writer: &PortWriter, slot: &SharedSlot, e: Exec) {
         // Writes to shared directories reach the host before the caller
         // hears the command ended, as in a one-shot run.
         sys::sync();
-        *lock(&slot) = Slot::default();
-        let _ = send(
-            &writer,
-            &GuestMsg::Exited {
-                exit,
-                uptime_ms: sys::uptime_ms(),
-            },
-        );
+        finish(&writer, &slot, exit);
     });
+    if let Err(e) = started {
+        let message = format!("vexec: the command was not started: {e}");
+        let exit = Exit::NotStarted {
+            status: 125,
+            message,
+        };
+        finish(&writer_if_not, &slot_if_not, exit);
+    }
+}
+
+/// Frees the port for the next command and tells the caller how this one
+/// ended.
+fn finish(writer: &PortWriter, slot: &SharedSlot, exit: Exit) {
+    *lock(slot) = Slot::default();
+    let _ = send(
+        writer,
+        &GuestMsg::Exited {
+            exit,
+            uptime_ms: sys::uptime_ms(),
+        },
+    );
 }

@@ -261,15 +261,35 @@ pub fn kernel_log() -> Vec<u8> {
 }
 
 /// Starts `f` on a thread named `name` (shown as its comm in /proc and in
-/// the hang report).
+/// the hang report). It fails when the guest kernel refuses a thread (out
+/// of memory, or `kernel.threads-max` reached by the command's own
+/// processes); the error names the thread and says what to do.
 pub fn thread<T: Send + 'static>(
     name: &str,
     f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<T> {
+) -> io::Result<std::thread::JoinHandle<T>> {
     std::thread::Builder::new()
         .name(name.into())
         .spawn(f)
-        .unwrap_or_else(|e| panic!("cannot start the {name} thread: {e}"))
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot start the agent's {name} thread: {e} (the guest is out of memory or threads; give it more with -m)"
+                ),
+            )
+        })
+}
+
+/// Ends `pid` and the process group it leads, if it leads one, with
+/// SIGKILL: for a child the agent cannot serve and must not leave behind.
+pub fn kill_group_of(pid: i32) {
+    // SAFETY: kill(2) with a plain signal number; a group that does not
+    // exist is ESRCH, nothing more.
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
+        libc::kill(pid, libc::SIGKILL);
+    }
 }
 
 /// The calling thread's id.

@@ -75,23 +75,14 @@ impl Jobs {
             captured: capture,
             ..Job::default()
         }));
-        if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
-            sys::thread("qga-input", move || {
-                let _ = stdin.write_all(&data);
-            });
+        if let Err(e) = watch(&mut child, input, &job) {
+            // A program whose status could never be collected: end it.
+            sys::kill_group_of(pid);
+            reaper::wait(pid);
+            return Err(QgaError::generic(format!(
+                "Guest agent command failed, error was '{e}'"
+            )));
         }
-        let readers = [
-            child.stdout.take().map(|o| drain(Box::new(o), &job, true)),
-            child.stderr.take().map(|e| drain(Box::new(e), &job, false)),
-        ];
-        let waited = Arc::clone(&job);
-        sys::thread("qga-exec", move || {
-            let exit = reaper::wait(pid);
-            for r in readers.into_iter().flatten() {
-                let _ = r.join();
-            }
-            lock(&waited).exit = Some(exit);
-        });
         self.jobs.insert(pid as i64, job);
         Ok(json!({ "pid": pid }))
     }
@@ -157,13 +148,43 @@ fn command(path: &str, args: &[String], env: &[String]) -> Command {
     cmd
 }
 
+/// Starts the threads that feed `child` its input, keep its output and
+/// record its exit in `job`.
+fn watch(
+    child: &mut std::process::Child,
+    input: Option<Vec<u8>>,
+    job: &Arc<Mutex<Job>>,
+) -> std::io::Result<()> {
+    if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
+        sys::thread("qga-input", move || {
+            let _ = stdin.write_all(&data);
+        })?;
+    }
+    let mut readers = Vec::new();
+    if let Some(o) = child.stdout.take() {
+        readers.push(drain(Box::new(o), job, true)?);
+    }
+    if let Some(e) = child.stderr.take() {
+        readers.push(drain(Box::new(e), job, false)?);
+    }
+    let (waited, pid) = (Arc::clone(job), child.id() as i32);
+    sys::thread("qga-exec", move || {
+        let exit = reaper::wait(pid);
+        for r in readers {
+            let _ = r.join();
+        }
+        lock(&waited).exit = Some(exit);
+    })?;
+    Ok(())
+}
+
 /// Reads one output stream to its end on a thread, keeping the first
 /// [`MAX_OUTPUT`] bytes.
 fn drain(
     mut from: Box<dyn Read + Send>,
     job: &Arc<Mutex<Job>>,
     stdout: bool,
-) -> std::thread::JoinHandle<()> {
+) -> std::io::Result<std::thread::JoinHandle<()>> {
     let job = Arc::clone(job);
     sys::thread("qga-output", move || {
         let mut buf = vec![0u8; 64 * 1024];
