@@ -78,7 +78,7 @@ fn plain_run(args: &[OsString]) -> Result<i32, String> {
     // Where the command starts in argv (for the matrix's per-kernel runs):
     // it is always the trailing words.
     let command_at = (!cli.command.is_empty()).then(|| args.len() - cli.command.len());
-    let relay = host::session::SignalRelay::install()
+    let relay = host::events::SignalRelay::install()
         .map_err(|e| format!("installing signal handlers: {e}"))?;
     let host = host_facts()?;
     let config = load_config(&cli, &host.cwd).map_err(|e| e.to_string())?;
@@ -206,7 +206,7 @@ fn exec_spec(
 fn in_vm(name: &str, c: cli::Cli) -> Result<i32, String> {
     let entry = persistent::attach::find(name).map_err(|e| e.to_string())?;
     let spec = exec_spec(&entry, c)?;
-    let relay = host::session::SignalRelay::install()
+    let relay = host::events::SignalRelay::install()
         .map_err(|e| format!("installing signal handlers: {e}"))?;
     persistent::attach::warn_unshared_cwd(&entry, &spec);
     persistent::attach::exec(&entry, &spec, command::exec_for(&spec), &relay)

@@ -2,7 +2,11 @@
 
 pub mod console;
 pub mod event_loop;
+pub mod events;
+pub mod input;
+pub mod outcome;
 pub mod output;
+pub mod params;
 pub mod programs;
 pub mod session;
 pub mod terminal;

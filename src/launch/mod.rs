@@ -14,7 +14,13 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::host::session::{self, Job, Outcome, Params, SignalRelay, Timings};
+use crate::host::session;
+
+use crate::host::params::{Job, Params};
+
+use crate::host::outcome::{Outcome, Timings};
+
+use crate::host::events::SignalRelay;
 use crate::kernel::image::Arch;
 use crate::vm::VmError;
 use crate::vm::accel::{self, Accel, AccelChoice};

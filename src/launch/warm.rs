@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::artifacts::cache::{self, Cache};
-use crate::host::session::{Ready, Restore, Saver, Warm};
+use crate::host::params::{Ready, Restore, Saver, Warm};
 use crate::protocol::VERSION;
 use crate::vm::qemu::{self, Backend, QemuConfig};
 use crate::vm::qmp::Qmp;

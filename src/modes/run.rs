@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use crate::artifacts::cache::{Cache, CacheError};
 use crate::artifacts::{self, BootArtifacts, PrepareError};
-use crate::host::session::{Job, Outcome, SignalRelay};
+use crate::host::events::SignalRelay;
+use crate::host::outcome::Outcome;
+use crate::host::params::Job;
 use crate::host::terminal;
 use crate::kernel::image::Arch;
 use crate::kernel::{self, Kernel, ResolveError, resolve::Defaults};

@@ -10,7 +10,9 @@ pub mod tap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::host::session::{self, Outcome, Timings};
+use crate::host::outcome;
+
+use crate::host::outcome::{Outcome, Timings};
 use crate::modes::run::{STATUS_FAILED, STATUS_TIMEOUT};
 use crate::modes::spec::RunSpec;
 use crate::protocol::Exit;
@@ -60,7 +62,7 @@ pub(crate) fn report_aftermath(a: &crate::protocol::Aftermath, outcome: &Outcome
 
 /// Says where a stopped run stood, host and guest, so a hang can be told
 /// apart from a slow command.
-pub(crate) fn report_hang(h: &session::HangReport) {
+pub(crate) fn report_hang(h: &outcome::HangReport) {
     if h.booting {
         return;
     }
@@ -84,7 +86,7 @@ pub(crate) fn report_hang(h: &session::HangReport) {
 }
 
 /// Writes the report into a new file in `dir` (`--hang-reports`).
-pub(crate) fn keep_hang_report(dir: &Path, h: &session::HangReport, spec: &RunSpec, kernel: &Path) {
+pub(crate) fn keep_hang_report(dir: &Path, h: &outcome::HangReport, spec: &RunSpec, kernel: &Path) {
     let text = format!(
         "command: {}\nkernel: {}\nhost: {}\nguest:\n{}\nconsole (last lines):\n{}\n",
         spec.argv

@@ -14,7 +14,8 @@ use vexec_protocol::{Exit, GuestMsg, VERSION};
 
 use std::os::fd::OwnedFd;
 
-use super::exec::{self, PortWriter, send};
+use super::exec;
+use super::port::{PortWriter, send};
 use super::sys;
 use super::{pump, reaper};
 

@@ -9,34 +9,19 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vexec_protocol::{self as protocol, Aftermath, Exec, Exit, GuestMsg, HostMsg, Stream};
 
+use super::port::{PortWriter, send};
 use super::report::{Phase, STATE};
 use super::{limits, pump, reaper, sys};
 
 /// How long output pipes may stay open after a program exited (a
 /// background child holding them) when the host does not say.
 pub const DEFAULT_OUTPUT_GRACE: Duration = Duration::from_secs(2);
-
-/// The agent's handle on the control port, shared by the output pumps.
-pub type PortWriter = Arc<Mutex<File>>;
-
-/// Sends one message to the host; failures mean the host is gone.
-pub fn send(port: &PortWriter, msg: &GuestMsg) -> std::io::Result<()> {
-    let mut w = port.lock().unwrap_or_else(|p| p.into_inner());
-    let len = match msg {
-        GuestMsg::Stdout(d) | GuestMsg::Stderr(d) => d.len(),
-        _ => 0,
-    };
-    STATE.sending(Some(len));
-    let r = protocol::write_frame(&mut *w, msg);
-    STATE.sending(None);
-    r
-}
 
 fn os(b: &[u8]) -> &OsStr {
     OsStr::from_bytes(b)
@@ -518,7 +503,7 @@ mod tests {
     fn an_unknown_host_message_is_answered_with_an_error_not_dropped() {
         let (port, mut host_in) = UnixStream::pair().unwrap();
         let (mut host_out, reader) = UnixStream::pair().unwrap();
-        let port: PortWriter = Arc::new(Mutex::new(File::from(OwnedFd::from(port))));
+        let port: PortWriter = Arc::new(std::sync::Mutex::new(File::from(OwnedFd::from(port))));
         let (stdin, _rx) = mpsc::channel();
         from_port(&port, File::from(OwnedFd::from(reader)))(Control {
             pid: 0,

@@ -10,6 +10,7 @@ mod inodes;
 mod limits;
 mod modules;
 mod mounts;
+mod port;
 mod pump;
 mod qga;
 mod reaper;
@@ -32,7 +33,7 @@ pub fn run() -> ! {
         Ok(p) => p,
         Err(e) => fail_console(&e),
     };
-    let writer: exec::PortWriter =
+    let writer: port::PortWriter =
         Arc::new(Mutex::new(port.try_clone().unwrap_or_else(|e| {
             fail_console(&format!("duplicating the control port: {e}"))
         })));
@@ -43,7 +44,7 @@ pub fn run() -> ! {
     };
     if let Err(e) = served {
         eprintln!("vexec-init: error: {e}");
-        let _ = exec::send(&writer, &GuestMsg::Error(e));
+        let _ = port::send(&writer, &GuestMsg::Error(e));
     }
     sys::power_off()
 }
@@ -220,10 +221,10 @@ fn find_port(wait: Duration) -> Result<PathBuf, String> {
     }
 }
 
-fn serve(writer: &exec::PortWriter, mut reader: File, pseudo: PseudoFs) -> Result<(), String> {
+fn serve(writer: &port::PortWriter, mut reader: File, pseudo: PseudoFs) -> Result<(), String> {
     let mut pseudo = Some(pseudo);
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    exec::send(
+    port::send(
         writer,
         &GuestMsg::Ready {
             version: VERSION,
@@ -260,7 +261,7 @@ fn serve(writer: &exec::PortWriter, mut reader: File, pseudo: PseudoFs) -> Resul
                 }
                 let _ = sys::set_hostname(&setup.hostname);
                 step("filesystems ready");
-                exec::send(
+                port::send(
                     writer,
                     &GuestMsg::Mounted {
                         uptime_ms: sys::uptime_ms(),
@@ -274,7 +275,7 @@ fn serve(writer: &exec::PortWriter, mut reader: File, pseudo: PseudoFs) -> Resul
                 let exit = exec::run(writer, exec::from_port(writer, reader), &e);
                 report::STATE.phase(report::Phase::Ending);
                 sys::sync();
-                let _ = exec::send(
+                let _ = port::send(
                     writer,
                     &GuestMsg::Exited {
                         exit,

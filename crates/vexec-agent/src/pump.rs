@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use vexec_protocol::GuestMsg;
 
-use super::exec::{PortWriter, send};
+use super::port::{PortWriter, send};
 use super::report::STATE;
 
 /// Tells one pump to stop and close its read end.

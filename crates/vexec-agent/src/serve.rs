@@ -12,7 +12,8 @@ use vexec_protocol::{
     ServedPorts,
 };
 
-use super::exec::{self, Control, PortWriter, send};
+use super::exec::{self, Control};
+use super::port::{PortWriter, send};
 use super::{qga, sys};
 
 /// Runs the VM's setup commands, then serves until the control port says

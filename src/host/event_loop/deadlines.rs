@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use super::super::console;
-use super::super::session::{HangReport, Job, Outcome};
+use super::super::outcome::{HangReport, Outcome};
+use super::super::params::Job;
 use super::{HANG_CONSOLE_LINES, Loop, Phase, REPORT_WAIT, STARVATION_CAP};
 
 impl Loop<'_, '_> {

@@ -1,7 +1,7 @@
 //! How a run failed, in words: QEMU's exit, a panic, an agent error, a
 //! daemon's death, with what QEMU, the daemons and the console said.
 
-use super::super::session::Outcome;
+use super::super::outcome::Outcome;
 use super::Loop;
 
 impl Loop<'_, '_> {

@@ -15,8 +15,10 @@ use crate::vm::Vm;
 use crate::vm::qmp::LazyQmp;
 
 use super::console::{ConsoleEvent, ConsoleTail};
+use super::events::Event;
+use super::outcome::{HangReport, Outcome, Timings};
 use super::output::{self, Progress, send};
-use super::session::{Event, HangReport, Job, Outcome, Params, Timings, Warm};
+use super::params::{Job, Params, Warm};
 use super::terminal;
 use super::warm;
 
@@ -58,7 +60,7 @@ pub struct Context<'a> {
     /// The machine's monitor (saving, restoring, adding devices).
     pub qmp: &'a mut LazyQmp,
     /// A persistent VM's ports, handed to its server once the guest serves.
-    pub serve_ends: Option<super::session::ServeEnds>,
+    pub serve_ends: Option<super::params::ServeEnds>,
     /// The guest's RAM, when it is shared memory of the session's.
     pub ram: Option<&'a std::fs::File>,
 }
@@ -243,7 +245,7 @@ impl Loop<'_, '_> {
                 release,
                 uptime_ms,
             } => {
-                let ready = super::session::Ready {
+                let ready = super::params::Ready {
                     version,
                     release,
                     uptime_ms,
@@ -317,13 +319,13 @@ impl Loop<'_, '_> {
 
     /// Hands a batch message to the sink (a command's output never gets
     /// here: the control reader writes it).
-    fn batch(&mut self, f: impl FnOnce(&mut dyn super::session::BatchSink)) {
+    fn batch(&mut self, f: impl FnOnce(&mut dyn super::params::BatchSink)) {
         if let Job::Batch(sink) = &mut self.p.job {
             f(sink.as_mut());
         }
     }
 
-    fn on_ready(&mut self, ready: &super::session::Ready) -> Option<Outcome> {
+    fn on_ready(&mut self, ready: &super::params::Ready) -> Option<Outcome> {
         self.t.ready = Some(Instant::now());
         self.t.guest_ready_ms = ready.uptime_ms;
         if ready.version != VERSION {
@@ -446,7 +448,7 @@ impl Loop<'_, '_> {
         if exec.tty.as_ref().is_some_and(|t| t.stdin) && terminal::is_tty(0) {
             self.raw = terminal::RawMode::enter();
         }
-        super::session::pump_stdin(Arc::clone(self.cx.ctl));
+        super::input::pump_stdin(Arc::clone(self.cx.ctl));
     }
 
     fn on_signal(&mut self, sig: i32) -> Option<Outcome> {

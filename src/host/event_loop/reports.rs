@@ -2,7 +2,8 @@
 //! guest kernel, and where the run stands when asked (SIGQUIT).
 
 use super::super::console;
-use super::super::session::{HangReport, Job};
+use super::super::outcome::HangReport;
+use super::super::params::Job;
 use super::{HANG_CONSOLE_LINES, Loop, Phase};
 
 /// Console lines shown with a stall warning.

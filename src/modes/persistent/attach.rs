@@ -8,9 +8,11 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::host::events::{Event, SignalRelay};
+use crate::host::outcome::Outcome;
 use crate::host::output::{self, Outputs, Progress, send};
-use crate::host::session::{self, Event, Outcome, SignalRelay};
 use crate::host::terminal;
+use crate::host::{events, input};
 use crate::modes::spec::RunSpec;
 use crate::protocol::{self, Aftermath, Exec, GuestMsg, HostMsg};
 use crate::report;
@@ -86,10 +88,10 @@ pub fn exec(
             .map_err(|e| VmsError::Gone(entry.name(), e.to_string()))?,
     ));
     let outputs = Outputs::new(Progress::new(), Arc::clone(&ctl), None);
-    session::read_control(conn, tx.clone(), Some(outputs), Progress::new());
+    events::read_control(conn, tx.clone(), Some(outputs), Progress::new());
     relay.attach(Some(tx));
     let _raw = (tty_in && terminal::is_tty(0)).then(terminal::RawMode::enter);
-    session::pump_stdin(Arc::clone(&ctl));
+    input::pump_stdin(Arc::clone(&ctl));
     let ended = wait(&rx, &ctl, spec.timeout, has_tty);
     relay.attach(None);
     drop(_raw);

@@ -10,7 +10,9 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::host::session::{Server, SignalRelay};
+use crate::host::params::Server;
+
+use crate::host::events::SignalRelay;
 use crate::modes::spec::RunSpec;
 
 use super::VmsError;

@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::host::session::{Server, SignalRelay};
+use crate::host::params::Server;
+
+use crate::host::events::SignalRelay;
 use crate::protocol::{self, GuestMsg, HostMsg};
 
 use super::wire::{Reply, Request};

@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::artifacts::cache::Cache;
-use crate::host::session::{Job, Outcome, SignalRelay};
+use crate::host::events::SignalRelay;
+use crate::host::outcome::Outcome;
+use crate::host::params::Job;
 use crate::kernel::image::Arch;
 use crate::launch::{self, Watch, warm::WarmStart};
 use crate::modes::spec::RunSpec;

@@ -18,7 +18,9 @@ use std::time::Instant;
 
 use crate::artifacts::cache::{Cache, CacheError};
 use crate::artifacts::{self, PrepareError};
-use crate::host::session::{Job, Outcome, SignalRelay};
+use crate::host::events::SignalRelay;
+use crate::host::outcome::Outcome;
+use crate::host::params::Job;
 use crate::kernel::image::Arch;
 use crate::kernel::{self, Kernel, ResolveError, resolve::Defaults};
 use crate::launch::plan::{self, BootRequest, Found, ROOT_TAG};

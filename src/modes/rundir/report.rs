@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::host::output::write_fd;
-use crate::host::session::BatchSink;
+use crate::host::params::BatchSink;
 use crate::protocol::Exit;
 
 /// One program's result.

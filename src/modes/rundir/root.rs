@@ -8,8 +8,8 @@ use std::path::Path;
 
 use super::{RunDirError, cli::RunDirCli, run};
 use crate::cli::MachineOptions;
+use crate::host::events::SignalRelay;
 use crate::host::programs::quote;
-use crate::host::session::SignalRelay;
 use crate::kernel::Kernel;
 use crate::modes::spec::RunSpec;
 use crate::vm::accel::AccelChoice;
