@@ -12,7 +12,9 @@ pub mod kernel;
 pub mod launch;
 pub mod modes;
 pub mod report;
+pub mod status;
 pub mod store;
+pub mod sys;
 pub mod vm;
 
 pub use vexec_protocol as protocol;

@@ -67,7 +67,7 @@ fn main() {
 fn failed_is_125<E: std::fmt::Display>(r: Result<i32, E>) -> i32 {
     r.unwrap_or_else(|e| {
         vexec::say!("vexec: error: {e}");
-        run::STATUS_FAILED
+        vexec::status::STATUS_FAILED
     })
 }
 
@@ -99,7 +99,7 @@ fn parsed<T>(r: Result<T, clap::Error>) -> T {
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
             let _ = e.print();
-            std::process::exit(run::STATUS_FAILED);
+            std::process::exit(vexec::status::STATUS_FAILED);
         }
     }
 }
@@ -121,11 +121,13 @@ fn verb(args: &[OsString]) -> i32 {
         )
     };
     match parsed(VerbCli::try_parse_from(args)).verb {
-        Verb::Kernel(action) => failed_is_125(store::main(&action, cache_root())),
-        Verb::Cache(action) => failed_is_125(vexec::modes::cache::main(&action, cache_root())),
-        Verb::RunDir(c) => rundir::main(&c),
-        Verb::Kconfig(a) => failed_is_125(kbuild::kconfig(&a).map(|_| 0)),
-        Verb::Build(a) => failed_is_125(kbuild::build(&a).map(|_| 0)),
+        Verb::Kernel(action) => failed_is_125(store::main(&action.plain(), cache_root())),
+        Verb::Cache(action) => {
+            failed_is_125(vexec::modes::cache::main(&action.plain(), cache_root()))
+        }
+        Verb::RunDir(c) => rundir::main(&c.options()),
+        Verb::Kconfig(a) => failed_is_125(kbuild::kconfig(&a.plain()).map(|_| 0)),
+        Verb::Build(a) => failed_is_125(kbuild::build(&a.plain()).map(|_| 0)),
         // Reached only when clap answered nothing itself (see main).
         Verb::Bisect(_) => {
             failed_is_125(bisect::parse(&args[2..]).and_then(|b| bisect::bisect(&b)))
@@ -159,13 +161,13 @@ fn up(args: &[OsString], daemon: bool) -> i32 {
     opts.quiet = c.machine.quiet;
     if let Some(refused) = cli::vms::refused_by_up(&matches) {
         vexec::say!("vexec: error: {refused}");
-        return run::STATUS_FAILED;
+        return vexec::status::STATUS_FAILED;
     }
     if !c.command.is_empty() {
         vexec::say!(
             "vexec: error: `vexec up` takes run options only; run commands with `vexec exec NAME -- COMMAND` once it is up"
         );
-        return run::STATUS_FAILED;
+        return vexec::status::STATUS_FAILED;
     }
     if !daemon {
         return failed_is_125(persistent::up::up(&args[2..], &opts));
@@ -341,7 +343,7 @@ fn run_matrix(
         vexec::say!(
             "vexec: error: a run on several kernels needs a command: vexec -k A,B -- COMMAND"
         );
-        return run::STATUS_FAILED;
+        return vexec::status::STATUS_FAILED;
     };
     let mut sorted = kernels;
     if let Some(s) = cli.shard {
@@ -373,7 +375,7 @@ fn run_matrix(
         Ok(code) => code,
         Err(e) => {
             vexec::say!("vexec: error: {e}");
-            run::STATUS_FAILED
+            vexec::status::STATUS_FAILED
         }
     }
 }

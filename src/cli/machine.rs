@@ -6,12 +6,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{parse_duration, parse_memory};
+use crate::modes::spec::Machine;
 use crate::vm::accel::AccelChoice;
 
-/// Guest memory when nothing says otherwise (QEMU's syntax).
-pub const DEFAULT_MEMORY: &str = "1024M";
-/// Guest CPUs when nothing says otherwise.
-pub const DEFAULT_CPUS: u32 = 2;
+pub use crate::modes::spec::{DEFAULT_CPUS, DEFAULT_MEMORY};
 
 /// How the VM is built and watched.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -86,4 +84,25 @@ pub struct MachineOptions {
     /// Do not print notices (such as falling back to TCG).
     #[arg(short, long, conflicts_with = "verbose")]
     pub quiet: bool,
+}
+
+impl MachineOptions {
+    /// The plain options a mode takes, defaults filled in.
+    pub fn plain(&self) -> Machine {
+        Machine {
+            modules: self.modules.clone(),
+            memory: (self.memory.clone()).unwrap_or_else(|| DEFAULT_MEMORY.into()),
+            cpus: self.cpus.unwrap_or(DEFAULT_CPUS),
+            accel: self.accel,
+            timeout: self.timeout,
+            boot_timeout: self.boot_timeout,
+            kernel_args: self.kernel_args.clone(),
+            qemu: self.qemu.clone(),
+            gdb: self.gdb,
+            cold: self.cold,
+            snapshot_cap: self.snapshot_cap,
+            verbose: self.verbose,
+            quiet: self.quiet,
+        }
+    }
 }

@@ -5,6 +5,7 @@ pub mod config;
 pub mod settings;
 
 mod machine;
+pub mod rundir;
 pub mod verbs;
 pub mod vms;
 

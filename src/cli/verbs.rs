@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use super::Cli;
-use crate::modes::rundir::cli::RunDirCli;
+use super::rundir::RunDirCli;
 
 /// `vexec VERB ...`.
 #[derive(Debug, Parser)]
@@ -29,7 +29,7 @@ pub enum Verb {
         subcommand,
         after_help = "Examples:\n  vexec kernel add ~/src/linux\n  vexec kernel fetch linux-image-6.12.57+deb13-amd64\n  vexec kernel fetch ghcr.io/cilium/ci-kernels:6.6\n  vexec kernel fetch --arch arm64 linux-image-arm64\n  vexec kernel list\n  vexec -k 6.12.57+deb13-amd64 -- uname -r"
     )]
-    Kernel(KernelAction),
+    Kernel(KernelCli),
 
     /// List or remove what vexec keeps in its cache (~/.cache/vexec): boot
     /// artifacts built per kernel, and saved booted guests (warm start).
@@ -38,7 +38,7 @@ pub enum Verb {
         subcommand,
         after_help = "Examples:\n  vexec cache list\n  vexec cache clean --kind snapshot\n  vexec cache clean"
     )]
-    Cache(CacheAction),
+    Cache(CacheCli),
 
     /// Run every executable of DIR in an initramfs-only guest (x86_64 or
     /// arm64), one after the other, and report each.
@@ -49,14 +49,14 @@ pub enum Verb {
     #[command(
         after_help = "Examples:\n  vexec kconfig ~/src/linux\n  vexec kconfig --debug --gcov ."
     )]
-    Kconfig(KbuildArgs),
+    Kconfig(KbuildCli),
 
     /// Configure (tinyconfig plus vexec's options when there is no
     /// .config) and build a kernel tree, leaving one `-k DIR` boots.
     #[command(
         after_help = "Examples:\n  vexec build ~/src/linux\n  vexec build --debug .\n  vexec build --kunitconfig lib/kunit . && vexec -k . --results ktap -- true"
     )]
-    Build(KbuildArgs),
+    Build(KbuildCli),
 
     /// Find the first bad commit of the repository in the working directory:
     /// each step is built (`make` in a kernel tree, or --build), booted and
@@ -103,7 +103,7 @@ pub enum Verb {
 
 /// `vexec cache ...`.
 #[derive(Debug, Subcommand)]
-pub enum CacheAction {
+pub enum CacheCli {
     /// Each entry: kind, size, last use, key.
     List,
     /// Remove entries (all of them, or those of one kind); the next run
@@ -117,8 +117,8 @@ pub enum CacheAction {
 }
 
 /// `vexec kernel ...`.
-#[derive(Debug, Subcommand)]
-pub enum KernelAction {
+#[derive(Debug, Clone, Subcommand)]
+pub enum KernelCli {
     /// Keep a kernel: an image, a build tree, an unpacked package, a
     /// tarball or a linux-image-*.deb.
     Add {
@@ -153,7 +153,7 @@ pub enum KernelAction {
 
 /// `vexec kconfig` / `vexec build`.
 #[derive(Debug, Args)]
-pub struct KbuildArgs {
+pub struct KbuildCli {
     /// Also what gdb and drgn want (debug info, frame pointers, no KASLR).
     #[arg(long)]
     pub debug: bool,
@@ -172,6 +172,44 @@ pub struct KbuildArgs {
     /// The kernel source tree.
     #[arg(value_name = "DIR", default_value = ".")]
     pub dir: PathBuf,
+}
+
+impl CacheCli {
+    /// The action as `vexec cache` runs it.
+    pub fn plain(&self) -> crate::modes::cache::CacheAction {
+        use crate::modes::cache::CacheAction as A;
+        match self {
+            CacheCli::List => A::List,
+            CacheCli::Clean { kind } => A::Clean { kind: kind.clone() },
+        }
+    }
+}
+
+impl KernelCli {
+    /// The action as the kernel store runs it.
+    pub fn plain(&self) -> crate::store::KernelAction {
+        use crate::store::KernelAction as A;
+        match self.clone() {
+            KernelCli::Add { path } => A::Add { path },
+            KernelCli::Fetch { source, arch } => A::Fetch { source, arch },
+            KernelCli::List => A::List,
+            KernelCli::Path { release } => A::Path { release },
+            KernelCli::Rm { releases } => A::Rm { releases },
+        }
+    }
+}
+
+impl KbuildCli {
+    /// What the build is asked for.
+    pub fn plain(&self) -> crate::kernel::build::KbuildArgs {
+        crate::kernel::build::KbuildArgs {
+            debug: self.debug,
+            gcov: self.gcov,
+            kunit: self.kunit,
+            kunitconfig: self.kunitconfig.clone(),
+            dir: self.dir.clone(),
+        }
+    }
 }
 
 /// `vexec bisect`. Run options before `--` are passed to every step as
@@ -253,7 +291,7 @@ mod tests {
     fn kernel_actions() {
         assert!(matches!(
             verb(&["kernel", "rm", "a", "b"]),
-            Verb::Kernel(KernelAction::Rm { releases }) if releases == ["a", "b"]
+            Verb::Kernel(KernelCli::Rm { releases }) if releases == ["a", "b"]
         ));
         assert!(VerbCli::try_parse_from(["vexec", "kernel", "rm"]).is_err());
         assert!(VerbCli::try_parse_from(["vexec", "kernel", "frob"]).is_err());

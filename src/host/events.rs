@@ -49,7 +49,7 @@ impl SignalRelay {
                     Some(tx) if tx.send(Event::Signal(sig)).is_ok() => {}
                     _ if sig == SIGWINCH => {}
                     _ => {
-                        super::terminal::restore();
+                        crate::sys::terminal::restore();
                         std::process::exit(128 + sig)
                     }
                 }

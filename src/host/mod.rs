@@ -7,7 +7,5 @@ pub mod input;
 pub mod outcome;
 pub mod output;
 pub mod params;
-pub mod programs;
 pub mod session;
-pub mod terminal;
 pub mod warm;

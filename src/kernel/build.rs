@@ -5,7 +5,6 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use crate::cli::verbs::KbuildArgs;
 use std::process::{Command, Stdio};
 
 /// What every vexec guest needs, built in (also used by
@@ -173,6 +172,23 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BuildEr
     move |source| BuildError::Io { what, path, source }
 }
 
+/// What `vexec kconfig` and `vexec build` are asked for (see their
+/// `--help`).
+#[derive(Debug, Clone, Default)]
+pub struct KbuildArgs {
+    /// Also what gdb and drgn want.
+    pub debug: bool,
+    /// Also GCOV kernel coverage.
+    pub gcov: bool,
+    /// Also KUnit with kunit.py's default suites.
+    pub kunit: bool,
+    /// Also KUnit with this .kunitconfig (a file or a directory holding
+    /// one); implies `kunit`.
+    pub kunitconfig: Option<PathBuf>,
+    /// The kernel source tree.
+    pub dir: PathBuf,
+}
+
 /// `vexec kconfig [--debug] [--gcov] [DIR]`: merges vexec's options into
 /// DIR/.config.
 pub fn kconfig(args: &KbuildArgs) -> Result<(), BuildError> {
@@ -276,7 +292,7 @@ pub fn build(args: &KbuildArgs) -> Result<(), BuildError> {
         .spawn()
         .map_err(BuildError::NoMake)?;
     let bar = indicatif::ProgressBar::new_spinner();
-    if !crate::host::terminal::is_tty(2) {
+    if !crate::sys::terminal::is_tty(2) {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     bar.enable_steady_tick(std::time::Duration::from_millis(200));

@@ -5,7 +5,15 @@ use std::path::PathBuf;
 use std::time::SystemTime;
 
 use crate::artifacts::cache::{Cache, CacheError};
-use crate::cli::verbs::CacheAction;
+
+/// What `vexec cache` does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheAction {
+    /// Each entry: kind, size, last use, key.
+    List,
+    /// Remove entries (all, or those of one kind).
+    Clean { kind: Option<String> },
+}
 
 /// Runs a `vexec cache` action; returns the exit status.
 pub fn main(action: &CacheAction, root: PathBuf) -> Result<i32, CacheError> {

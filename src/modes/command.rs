@@ -5,9 +5,9 @@
 
 use std::os::unix::ffi::OsStrExt;
 
-use crate::host::terminal;
 use crate::modes::spec::{RunSpec, TtyMode};
 use crate::protocol::{Exec, Tty};
+use crate::sys::terminal;
 
 /// The command as the guest runs it: as the caller, or with `--sudo` as
 /// root with the caller's environment plus what sudo adds.

@@ -11,7 +11,6 @@ use crate::artifacts::{self, BootArtifacts, PrepareError};
 use crate::host::events::SignalRelay;
 use crate::host::outcome::Outcome;
 use crate::host::params::Job;
-use crate::host::terminal;
 use crate::kernel::image::Arch;
 use crate::kernel::{self, Kernel, ResolveError, resolve::Defaults};
 use crate::launch::plan::{self, BootPlan, BootRequest, Found, ROOT_TAG};
@@ -31,14 +30,10 @@ use crate::report::{
     keep_hang_report, outcome_words, print_timings, report_aftermath, report_hang, report_splats,
     status_of,
 };
+use crate::sys::terminal;
 use crate::vm::qemu;
 use crate::vm::virtiofsd;
 use crate::vm::{self as vmmod, VmError};
-
-/// Exit status for vexec's own failures.
-pub const STATUS_FAILED: i32 = 125;
-/// Exit status when --timeout expired.
-pub const STATUS_TIMEOUT: i32 = 124;
 
 /// Anything that stops a run before the command could finish.
 #[derive(Debug, thiserror::Error)]
@@ -442,17 +437,23 @@ impl Ended {
         let splats = (timings.kernel_log.as_deref())
             .map(|l| oops::find(&String::from_utf8_lossy(l)))
             .unwrap_or_default();
-        report_aftermath(&timings.aftermath, &launched.outcome, spec);
+        report_aftermath(
+            &timings.aftermath,
+            &launched.outcome,
+            spec.verbose,
+            &spec.memory,
+            spec.output_grace,
+        );
         let words = outcome_words(&launched.outcome);
         let mut status = status_of(&launched.outcome);
         if let Some(h) = &timings.hang {
             report_hang(h);
             if let Some(dir) = &spec.hang_reports {
-                keep_hang_report(dir, h, spec, &kernel.image);
+                keep_hang_report(dir, h, &spec.argv, &kernel.image);
             }
         } else if let (Some(s), Some(dir)) = (&timings.stall, &spec.hang_reports) {
             // Said when it happened; kept even though the run ended.
-            keep_hang_report(dir, s, spec, &kernel.image);
+            keep_hang_report(dir, s, &spec.argv, &kernel.image);
         }
         if !splats.is_empty() {
             report_splats(&splats, spec.fail_on_oops && status == 0);

@@ -40,6 +40,36 @@ impl EnvChanges {
     }
 }
 
+/// Guest memory when nothing says otherwise (QEMU's syntax).
+pub const DEFAULT_MEMORY: &str = "1024M";
+/// Guest CPUs when nothing says otherwise.
+pub const DEFAULT_CPUS: u32 = 2;
+
+/// How the VM is built and watched, as every mode takes it (the command
+/// line's machine options, defaults filled in).
+#[derive(Debug, Clone)]
+pub struct Machine {
+    /// Module tree to use instead of the one found beside the kernel.
+    pub modules: Option<PathBuf>,
+    /// Guest memory, as QEMU's `-m` takes it.
+    pub memory: String,
+    pub cpus: u32,
+    /// None: auto (KVM only where it is proven to work).
+    pub accel: Option<AccelChoice>,
+    pub timeout: Option<Duration>,
+    /// None: the accelerator's default.
+    pub boot_timeout: Option<Duration>,
+    pub kernel_args: Vec<String>,
+    pub qemu: Option<PathBuf>,
+    /// Start QEMU's gdb stub on this port, CPUs halted.
+    pub gdb: Option<u16>,
+    /// Boot even when a saved guest could be restored.
+    pub cold: bool,
+    pub snapshot_cap: Option<u64>,
+    pub verbose: bool,
+    pub quiet: bool,
+}
+
 /// One run, fully described.
 #[derive(Debug, Clone)]
 pub struct RunSpec {

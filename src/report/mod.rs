@@ -3,6 +3,7 @@
 //! reports, and the -v timing breakdown.
 
 pub mod oops;
+pub mod programs;
 pub mod record;
 pub mod results;
 pub mod tap;
@@ -13,9 +14,8 @@ use std::time::{Duration, Instant};
 use crate::host::outcome;
 
 use crate::host::outcome::{Outcome, Timings};
-use crate::modes::run::{STATUS_FAILED, STATUS_TIMEOUT};
-use crate::modes::spec::RunSpec;
 use crate::protocol::Exit;
+use crate::status::{STATUS_FAILED, STATUS_TIMEOUT};
 
 /// How the session ended, in words (for run.json).
 pub(crate) fn outcome_words(outcome: &Outcome) -> String {
@@ -38,14 +38,22 @@ pub(crate) fn outcome_words(outcome: &Outcome) -> String {
 
 /// Says what the exit status alone does not: the guest's OOM killer ended
 /// the command, or output was cut after the grace period.
-pub(crate) fn report_aftermath(a: &crate::protocol::Aftermath, outcome: &Outcome, spec: &RunSpec) {
+/// `memory` is the guest's, as given to `--memory`; `grace` is the
+/// `--output-grace` the run had.
+pub(crate) fn report_aftermath(
+    a: &crate::protocol::Aftermath,
+    outcome: &Outcome,
+    verbose: bool,
+    memory: &str,
+    grace: std::time::Duration,
+) {
     let killed = matches!(outcome, Outcome::Exited(Exit::Signal(libc::SIGKILL)));
-    if !a.oom_kills.is_empty() && (killed || spec.verbose) {
+    if !a.oom_kills.is_empty() && (killed || verbose) {
         crate::say!(
             "vexec: the guest ran out of memory; its OOM killer killed {} process{} (give it more with --memory, now {}):",
             a.oom_kills.len(),
             if a.oom_kills.len() == 1 { "" } else { "es" },
-            spec.memory
+            memory
         );
         for line in &a.oom_kills {
             crate::say!("vexec:   {line}");
@@ -55,7 +63,7 @@ pub(crate) fn report_aftermath(a: &crate::protocol::Aftermath, outcome: &Outcome
     if a.output_cut {
         crate::say!(
             "vexec: warning: output was still open {} after the command exited (a background process holds its stdout or stderr); the rest was not kept (--output-grace DURATION waits longer)",
-            humantime::format_duration(spec.output_grace)
+            humantime::format_duration(grace)
         );
     }
 }
@@ -86,11 +94,15 @@ pub(crate) fn report_hang(h: &outcome::HangReport) {
 }
 
 /// Writes the report into a new file in `dir` (`--hang-reports`).
-pub(crate) fn keep_hang_report(dir: &Path, h: &outcome::HangReport, spec: &RunSpec, kernel: &Path) {
+pub(crate) fn keep_hang_report(
+    dir: &Path,
+    h: &outcome::HangReport,
+    argv: &[std::ffi::OsString],
+    kernel: &Path,
+) {
     let text = format!(
         "command: {}\nkernel: {}\nhost: {}\nguest:\n{}\nconsole (last lines):\n{}\n",
-        spec.argv
-            .iter()
+        argv.iter()
             .map(|a| a.to_string_lossy())
             .collect::<Vec<_>>()
             .join(" "),

@@ -75,8 +75,8 @@ pub enum ModeRecord<'a> {
         dir: PathBuf,
         busybox: Option<&'a Path>,
         tags: &'a [String],
-        programs: &'a [crate::modes::rundir::report::ProgramResult],
-        coverage: Option<&'a crate::modes::rundir::coverage::Saved>,
+        programs: &'a [super::programs::ProgramResult],
+        coverage: Option<&'a super::programs::Saved>,
     },
 }
 

@@ -13,7 +13,6 @@ use std::process::{Command, Stdio};
 
 use crate::artifacts;
 use crate::artifacts::cache::{Cache, CacheError};
-use crate::cli::verbs::KernelAction;
 use crate::kernel::{self, ResolveError, resolve::Defaults};
 
 /// Why the kernel store could not do what was asked.
@@ -53,6 +52,29 @@ pub enum StoreError {
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
     let what = what.into();
     move |source| StoreError::Io { what, source }
+}
+
+/// What `vexec kernel` does (see `vexec kernel --help`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelAction {
+    /// Keep a kernel found at a path.
+    Add {
+        path: PathBuf,
+    },
+    /// Download a Debian package or an OCI image, for `arch` when given.
+    Fetch {
+        source: String,
+        arch: Option<String>,
+    },
+    List,
+    /// Print the image path of a stored release.
+    Path {
+        release: String,
+    },
+    /// Remove stored releases.
+    Rm {
+        releases: Vec<String>,
+    },
 }
 
 /// `vexec kernel ACTION`; returns the exit status.

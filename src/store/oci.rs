@@ -120,7 +120,7 @@ fn download(
     path: &Path,
 ) -> Result<(), OciError> {
     let bar = indicatif::ProgressBar::new(layer.size.max(0) as u64);
-    if !crate::host::terminal::is_tty(2) {
+    if !crate::sys::terminal::is_tty(2) {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     bar.set_style(

@@ -54,7 +54,7 @@ pub fn find_qemu_for(
     explicit: Option<&Path>,
     path_var: Option<OsString>,
 ) -> Result<PathBuf, VmError> {
-    use crate::host::programs;
+    use crate::sys::programs;
     if let Some(p) = explicit {
         return if programs::is_executable(p) {
             Ok(p.to_path_buf())

@@ -347,7 +347,7 @@ pub fn cmdline_for(arch: Arch, verbose: bool, hold_on_panic: bool, extra: &[Stri
 pub fn shell_line(binary: &std::path::Path, args: &[OsString]) -> String {
     std::iter::once(binary.as_os_str())
         .chain(args.iter().map(|a| a.as_os_str()))
-        .map(|a| crate::host::programs::quote(&a.to_string_lossy()))
+        .map(|a| crate::sys::programs::quote(&a.to_string_lossy()))
         .collect::<Vec<_>>()
         .join(" ")
 }

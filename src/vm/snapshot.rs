@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::qmp::Qmp;
-use crate::host::programs::quote;
+use crate::sys::programs::quote;
 
 /// Why a machine was not saved.
 #[derive(Debug, thiserror::Error)]

@@ -65,7 +65,7 @@ pub const LIBEXEC: &[&str] = &[
 /// Where QEMU's vhost-user JSON descriptors live.
 pub const DESCRIPTOR_DIRS: &[&str] = &["/usr/share/qemu/vhost-user", "/etc/qemu/vhost-user"];
 
-use crate::host::programs::is_executable as is_exe;
+use crate::sys::programs::is_executable as is_exe;
 
 /// The `binary` of every descriptor of type "fs" in `dirs`, in file order.
 pub fn from_descriptors(dirs: &[PathBuf]) -> Vec<PathBuf> {
@@ -151,7 +151,7 @@ pub fn find(
     if let Some(p) = explicit {
         return usable(identify(p)?);
     }
-    let mut candidates = crate::host::programs::candidates_on_path("virtiofsd", path_var);
+    let mut candidates = crate::sys::programs::candidates_on_path("virtiofsd", path_var);
     candidates.extend(LIBEXEC.iter().map(PathBuf::from));
     candidates.extend(from_descriptors(descriptor_dirs));
     let mut first_err = None;

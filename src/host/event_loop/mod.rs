@@ -19,8 +19,8 @@ use super::events::Event;
 use super::outcome::{HangReport, Outcome, Timings};
 use super::output::{self, Progress, send};
 use super::params::{Job, Params, Warm};
-use super::terminal;
 use super::warm;
+use crate::sys::terminal;
 
 mod deadlines;
 mod failure;

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 use crate::host::events::{Event, SignalRelay};
 use crate::host::outcome::Outcome;
 use crate::host::output::{self, Outputs, Progress, send};
-use crate::host::terminal;
 use crate::host::{events, input};
 use crate::modes::spec::RunSpec;
 use crate::protocol::{self, Aftermath, Exec, GuestMsg, HostMsg};
 use crate::report;
+use crate::sys::terminal;
 
 use super::VmsError;
 use super::registry::{self, Entry};
@@ -96,7 +96,13 @@ pub fn exec(
     relay.attach(None);
     drop(_raw);
     let (outcome, aftermath) = ended?;
-    report::report_aftermath(&aftermath, &outcome, spec);
+    report::report_aftermath(
+        &aftermath,
+        &outcome,
+        spec.verbose,
+        &spec.memory,
+        spec.output_grace,
+    );
     // The VM stays up: only the command was stopped.
     if let Outcome::TimedOut(d) = outcome {
         crate::say!(
@@ -104,7 +110,7 @@ pub fn exec(
             humantime::format_duration(d),
             entry.name()
         );
-        return Ok(crate::modes::run::STATUS_TIMEOUT);
+        return Ok(crate::status::STATUS_TIMEOUT);
     }
     if let Outcome::Failed(why) = outcome {
         return Err(VmsError::Gone(entry.name(), why));

@@ -87,7 +87,7 @@ pub fn up(words: &[OsString], opts: &UpOptions) -> Result<i32, VmsError> {
         }
         _ => {
             let _ = child.wait();
-            Ok(run::STATUS_FAILED)
+            Ok(crate::status::STATUS_FAILED)
         }
     }
 }
@@ -171,12 +171,12 @@ fn spawn_cleaner(entry: &Entry, qga: Option<&Path>) -> Option<std::process::Chil
 /// agent socket unless they are gone or a new `up` owns them.
 pub fn cleaner(words: &[OsString]) -> i32 {
     let [dir, pid, qga @ ..] = words else {
-        return run::STATUS_FAILED;
+        return crate::status::STATUS_FAILED;
     };
     let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
     let dir = PathBuf::from(dir);
     let (Some(root), Some(name)) = (dir.parent(), dir.file_name()) else {
-        return run::STATUS_FAILED;
+        return crate::status::STATUS_FAILED;
     };
     let entry = Entry::new(root, &name.to_string_lossy());
     let ours = entry
@@ -258,14 +258,18 @@ fn serve(spec: &RunSpec, opts: &UpOptions, entry: &Entry) -> Result<i32, VmsErro
     let served = *ready.lock().unwrap_or_else(|p| p.into_inner());
     if !served {
         crate::say!("vexec: error: the VM did not come up: {words}");
-        return Ok(run::STATUS_FAILED);
+        return Ok(crate::status::STATUS_FAILED);
     }
     let ended_well = matches!(
         launched.outcome,
         Outcome::Interrupted(_) | Outcome::Exited(_)
     );
     crate::say!("vexec: VM {} ended: {words}", opts.name);
-    Ok(if ended_well { 0 } else { run::STATUS_FAILED })
+    Ok(if ended_well {
+        0
+    } else {
+        crate::status::STATUS_FAILED
+    })
 }
 
 /// The VM's setup (run once it is up) and teardown (run at `down`)

@@ -2,19 +2,10 @@
 //! tree) kept as an archive, and captured into LCOV when `lcov` and the
 //! kernel's build tree are at hand.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-/// Where the coverage went, for run.json and the user.
-#[derive(Debug, Default, serde::Serialize)]
-pub struct Saved {
-    /// The .gcda archive.
-    pub archive: Option<PathBuf>,
-    /// The LCOV tracefile.
-    pub lcov: Option<PathBuf>,
-    /// Why no LCOV file was made, when none was.
-    pub note: Option<String>,
-}
+use crate::report::programs::Saved;
 
 /// What to do with the counters.
 pub struct Capture<'a> {
@@ -41,7 +32,7 @@ pub fn save(archive: &[u8], c: &Capture) -> Result<Saved, String> {
         saved.note = Some("--no-lcov: GCOV data kept as gcda.tar only".into());
         return Ok(saved);
     }
-    let Some(lcov) = crate::host::programs::on_path("lcov", c.path_var) else {
+    let Some(lcov) = crate::sys::programs::on_path("lcov", c.path_var) else {
         saved.note = Some("lcov is not installed (Debian: apt-get install lcov)".into());
         return Ok(saved);
     };

@@ -5,8 +5,8 @@
 //! `qemu-system-aarch64 -M virt`) run a busybox script speaking the same
 //! protocol's batch subset.
 
-pub mod cli;
 pub mod coverage;
+pub mod options;
 mod outdir;
 pub(crate) mod payload;
 pub mod report;
@@ -26,12 +26,13 @@ use crate::kernel::{self, Kernel, ResolveError, resolve::Defaults};
 use crate::launch::plan::{self, BootRequest, Found, ROOT_TAG};
 use crate::launch::warm::WarmStart;
 use crate::launch::{self, LaunchError, Launched, Watch};
-use crate::modes::run::STATUS_FAILED;
 use crate::protocol::Transport;
 use crate::report::record::{self, RecordError, RunRecord};
 use crate::report::{outcome_words, status_of};
+use crate::status::STATUS_FAILED;
 use crate::vm::VmError;
 use crate::vm::accel::AccelChoice;
+use options::RunDirOptions;
 use payload::{Payload, PayloadError};
 pub use root::run_in_root;
 
@@ -113,7 +114,7 @@ const AARCH64_FIRMWARE: &[&str] = &[
 const X86_64_FIRMWARE: &[&str] = &["/usr/share/ovmf/OVMF.fd", "/usr/share/qemu/OVMF.fd"];
 
 /// Entry point: `vexec run-dir ARGS`; returns the exit status.
-pub fn main(cli: &cli::RunDirCli) -> i32 {
+pub fn main(o: &RunDirOptions) -> i32 {
     let relay = match SignalRelay::install() {
         Ok(r) => r,
         Err(e) => {
@@ -121,7 +122,7 @@ pub fn main(cli: &cli::RunDirCli) -> i32 {
             return STATUS_FAILED;
         }
     };
-    match run(cli, &relay, None) {
+    match run(o, &relay, None) {
         Ok(code) => code,
         Err(e) => {
             crate::say!("vexec: error: {e}");
@@ -138,14 +139,14 @@ fn arch_named(name: &str) -> Arch {
 }
 
 /// The firmware `--firmware` or `--uefi` asks for.
-fn firmware(cli: &cli::RunDirCli, arch: Arch) -> Result<Option<PathBuf>, RunDirError> {
-    if let Some(f) = &cli.firmware {
+fn firmware(o: &RunDirOptions, arch: Arch) -> Result<Option<PathBuf>, RunDirError> {
+    if let Some(f) = &o.firmware {
         if !f.is_file() {
             return Err(RunDirError::NoFirmwareFile(f.display().to_string()));
         }
         return Ok(Some(f.clone()));
     }
-    if !cli.uefi {
+    if !o.uefi {
         return Ok(None);
     }
     let (candidates, package) = match arch {
@@ -164,15 +165,15 @@ fn firmware(cli: &cli::RunDirCli, arch: Arch) -> Result<Option<PathBuf>, RunDirE
         })
 }
 
-/// Runs the batch `cli` describes; `resolved` is its kernel when the caller
+/// Runs the batch `o` describes; `resolved` is its kernel when the caller
 /// has already resolved it.
 fn run(
-    cli: &cli::RunDirCli,
+    o: &RunDirOptions,
     relay: &SignalRelay,
     resolved: Option<Kernel>,
 ) -> Result<i32, RunDirError> {
     let t0 = Instant::now();
-    for t in &cli.tag {
+    for t in &o.tag {
         outdir::check_tag(t).map_err(RunDirError::Output)?;
     }
     let path_var = std::env::var_os("PATH");
@@ -182,17 +183,17 @@ fn run(
     ))?;
     let kernel = match resolved {
         Some(k) => k,
-        None => resolve_kernel(cli, &cache)?,
+        None => resolve_kernel(o, &cache)?,
     };
     let arch = kernel.info.arch;
     let inspected = artifacts::inspect(&cache, &kernel)?;
-    let (payload, initrd) = initramfs(cli, &cache, &kernel, &inspected, path_var.as_deref())?;
-    let qemu = crate::vm::find_qemu_for(arch, cli.machine.qemu.as_deref(), path_var.clone())?;
-    let firmware = firmware(cli, arch)?;
-    if arch == Arch::Aarch64 && cli.machine.accel == Some(AccelChoice::Kvm) {
+    let (payload, initrd) = initramfs(o, &cache, &kernel, &inspected, path_var.as_deref())?;
+    let qemu = crate::vm::find_qemu_for(arch, o.machine.qemu.as_deref(), path_var.clone())?;
+    let firmware = firmware(o, arch)?;
+    if arch == Arch::Aarch64 && o.machine.accel == Some(AccelChoice::Kvm) {
         return Err(RunDirError::KvmForeign(arch.name()));
     }
-    let start = start_of(cli, arch, firmware.is_some());
+    let start = start_of(o, arch, firmware.is_some());
     let found = Found {
         default_firmware: crate::vm::qemu::default_firmware(arch, &qemu),
         qemu,
@@ -205,39 +206,39 @@ fn run(
         virtiofsd: None,
         hotplug: inspected.support.hotplug,
     };
-    let plan = plan::plan(&boot_request(cli, arch), &found);
-    if let Some(port) = cli.machine.gdb {
+    let plan = plan::plan(&boot_request(o, arch), &found);
+    if let Some(port) = o.machine.gdb {
         let symbols = kernel.symbol_file();
         launch::announce_gdb(port, arch, symbols.as_deref(), &kernel.image);
     }
-    let out = (cli.output.as_deref())
-        .map(|o| outdir::create(o, &cli.tag))
+    let out = (o.output.as_deref())
+        .map(|dir| outdir::create(dir, &o.tag))
         .transpose()
         .map_err(RunDirError::Output)?;
-    if !cli.machine.quiet {
-        announce(cli, &payload, &kernel, firmware.is_some(), out.as_deref());
+    if !o.machine.quiet {
+        announce(o, &payload, &kernel, firmware.is_some(), out.as_deref());
     }
     let watch = Watch {
-        timeout: cli.machine.timeout,
-        verbose: cli.machine.verbose,
-        console_log: out.as_ref().map(|o| o.join("serial")),
+        timeout: o.machine.timeout,
+        verbose: o.machine.verbose,
+        console_log: out.as_ref().map(|dir| dir.join("serial")),
         dump_on_panic: None,
     };
     let prep = t0.elapsed();
     let report = Arc::new(Mutex::new(report::Report::new(
-        out.as_ref().map(|o| o.join("results")),
-        cli.machine.quiet,
+        out.as_ref().map(|dir| dir.join("results")),
+        o.machine.quiet,
     )));
-    let launched = launch::launch(&start, plan, &watch, &cold(cli, &cache), relay, || {
+    let launched = launch::launch(&start, plan, &watch, &cold(o, &cache), relay, || {
         Job::Batch(Box::new(report::Sink(Arc::clone(&report))))
     })?;
     drop(initrd);
     let batch = Batch::collect(&report, &payload, launched);
-    if cli.command_mode {
+    if o.command_mode {
         return Ok(batch.command_status());
     }
     let status = batch.status();
-    if !cli.machine.quiet || status != 0 {
+    if !o.machine.quiet || status != 0 {
         crate::say!(
             "vexec: run-dir on {} ({}):\n{}",
             kernel.release(),
@@ -245,8 +246,8 @@ fn run(
             report::summary(&batch.results)
         );
     }
-    let coverage = keep_coverage(cli, &kernel, &batch.coverage, out.as_deref(), &path_var)?;
-    if let Some(o) = &out {
+    let coverage = keep_coverage(o, &kernel, &batch.coverage, out.as_deref(), &path_var)?;
+    if let Some(dir) = &out {
         let kept = Kept {
             status,
             firmware: firmware.as_deref(),
@@ -255,16 +256,16 @@ fn run(
             prep,
             t0,
         };
-        keep_record(o, cli, &kernel, &batch, &kept)?;
+        keep_record(dir, o, &kernel, &batch, &kept)?;
     }
     Ok(status)
 }
 
 /// The kernel `-k` names, checked against `--arch`.
-fn resolve_kernel(cli: &cli::RunDirCli, cache: &Cache) -> Result<Kernel, RunDirError> {
-    let wanted = cli.arch.as_deref().map(arch_named);
+fn resolve_kernel(o: &RunDirOptions, cache: &Cache) -> Result<Kernel, RunDirError> {
+    let wanted = o.arch.as_deref().map(arch_named);
     if let Some(w) = wanted.filter(|w| *w != Arch::X86_64)
-        && cli.kernel.is_none()
+        && o.kernel.is_none()
     {
         return Err(RunDirError::NoKernelFor(w.name()));
     }
@@ -275,8 +276,8 @@ fn resolve_kernel(cli: &cli::RunDirCli, cache: &Cache) -> Result<Kernel, RunDirE
         boot_dir: PathBuf::from("/boot"),
         store: Some(cache.root().join("kernels")),
     };
-    let modules = cli.machine.modules.as_deref();
-    let kernel = kernel::resolve(cli.kernel.as_deref(), modules, &defaults)?;
+    let modules = o.machine.modules.as_deref();
+    let kernel = kernel::resolve(o.kernel.as_deref(), modules, &defaults)?;
     match wanted {
         Some(w) if w != kernel.info.arch => Err(RunDirError::WrongArch {
             wanted: w.name(),
@@ -290,27 +291,27 @@ fn resolve_kernel(cli: &cli::RunDirCli, cache: &Cache) -> Result<Kernel, RunDirE
 /// The batch's initramfs: the init, the programs, `--add`'s files,
 /// busybox and the modules the guest needs.
 fn initramfs(
-    cli: &cli::RunDirCli,
+    o: &RunDirOptions,
     cache: &Cache,
     kernel: &Kernel,
     inspected: &artifacts::Inspected,
     path_var: Option<&std::ffi::OsStr>,
 ) -> Result<(Payload, tempfile::NamedTempFile), RunDirError> {
-    let modules = artifacts::batch_modules(cache, kernel, inspected, cli.root.is_some())?;
+    let modules = artifacts::batch_modules(cache, kernel, inspected, o.root.is_some())?;
     let agent = crate::artifacts::initramfs::agent_executable()?;
-    let fetched = match (&cli.busybox, kernel.info.arch == payload::host_arch()) {
+    let fetched = match (&o.busybox, kernel.info.arch == payload::host_arch()) {
         (None, false) => Some(foreign_busybox(cache, kernel.info.arch)?),
         _ => None,
     };
     let payload = payload::build(&payload::Inputs {
         arch: kernel.info.arch,
-        dir: &cli.dir,
-        adds: &cli.add,
-        busybox: cli.busybox.as_deref().or(fetched.as_deref()),
+        dir: &o.dir,
+        adds: &o.add,
+        busybox: o.busybox.as_deref().or(fetched.as_deref()),
         path_var,
         agent: &agent,
         modules: &modules,
-        root_tag: cli.root.as_ref().map(|_| ROOT_TAG),
+        root_tag: o.root.as_ref().map(|_| ROOT_TAG),
     })?;
     let initrd = write_initrd(cache, &payload)?;
     Ok((payload, initrd))
@@ -362,54 +363,48 @@ fn write_initrd(cache: &Cache, payload: &Payload) -> Result<tempfile::NamedTempF
 
 /// How the machine starts: a foreign guest can only be emulated, and it
 /// and firmware take longer to reach init.
-fn start_of(cli: &cli::RunDirCli, arch: Arch, firmware: bool) -> launch::Start {
+fn start_of(o: &RunDirOptions, arch: Arch, firmware: bool) -> launch::Start {
     launch::Start {
         accel: match arch {
-            Arch::X86_64 => cli.machine.accel.unwrap_or(AccelChoice::Auto),
+            Arch::X86_64 => o.machine.accel.unwrap_or(AccelChoice::Auto),
             Arch::Aarch64 => AccelChoice::Tcg,
         },
-        gdb: cli.machine.gdb,
-        boot_timeout: cli.machine.boot_timeout,
+        gdb: o.machine.gdb,
+        boot_timeout: o.machine.boot_timeout,
         slow_boot: arch != Arch::X86_64 || firmware,
-        quiet: cli.machine.quiet,
+        quiet: o.machine.quiet,
     }
 }
 
 /// The machine: no shares but a foreign root, the initramfs is the system.
-fn boot_request(cli: &cli::RunDirCli, arch: Arch) -> BootRequest {
+fn boot_request(o: &RunDirOptions, arch: Arch) -> BootRequest {
     let mut kernel_args = Vec::new();
-    if cli.output.is_some() {
+    if o.output.is_some() {
         // The record's serial log is the whole console, boot messages too.
         kernel_args.push("loglevel=7".to_string());
     }
-    kernel_args.extend(cli.machine.kernel_args.iter().cloned());
+    kernel_args.extend(o.machine.kernel_args.iter().cloned());
     BootRequest {
         arch,
-        cpus: cli.machine.cpus.unwrap_or(crate::cli::DEFAULT_CPUS),
-        memory: (cli.machine.memory.clone()).unwrap_or_else(|| crate::cli::DEFAULT_MEMORY.into()),
+        cpus: o.machine.cpus,
+        memory: o.machine.memory.clone(),
         kernel_args,
-        qemu_args: cli.qemu_args.clone(),
-        gdb: cli.machine.gdb,
-        verbose: cli.machine.verbose,
+        qemu_args: o.qemu_args.clone(),
+        gdb: o.machine.gdb,
+        verbose: o.machine.verbose,
         hold_on_panic: false,
         net: None,
-        root: cli.root.clone(),
+        root: o.root.clone(),
         shares: Vec::new(),
     }
 }
 
 /// One line on what is about to run.
-fn announce(
-    cli: &cli::RunDirCli,
-    payload: &Payload,
-    kernel: &Kernel,
-    uefi: bool,
-    out: Option<&Path>,
-) {
+fn announce(o: &RunDirOptions, payload: &Payload, kernel: &Kernel, uefi: bool, out: Option<&Path>) {
     crate::say!(
         "vexec: run-dir: {} program(s) of {} on {} ({}, {}){}",
         payload.programs.len(),
-        cli.dir.display(),
+        o.dir.display(),
         kernel.release(),
         kernel.info.arch.name(),
         if uefi { "UEFI" } else { "direct boot" },
@@ -420,7 +415,7 @@ fn announce(
 
 /// What the batch reported, once the machine is gone.
 struct Batch {
-    results: Vec<report::ProgramResult>,
+    results: Vec<crate::report::programs::ProgramResult>,
     coverage: Vec<u8>,
     launched: Launched,
 }
@@ -475,7 +470,7 @@ struct Kept<'a> {
     status: i32,
     firmware: Option<&'a Path>,
     busybox: Option<&'a Path>,
-    coverage: Option<&'a coverage::Saved>,
+    coverage: Option<&'a crate::report::programs::Saved>,
     prep: std::time::Duration,
     t0: Instant,
 }
@@ -483,7 +478,7 @@ struct Kept<'a> {
 /// Writes the run's record, `run.json`, into its directory.
 fn keep_record(
     out: &Path,
-    cli: &cli::RunDirCli,
+    o: &RunDirOptions,
     kernel: &Kernel,
     batch: &Batch,
     kept: &Kept<'_>,
@@ -502,9 +497,9 @@ fn keep_record(
     let mode = record::ModeRecord::Batch {
         arch: kernel.info.arch.name(),
         firmware: kept.firmware,
-        dir: std::path::absolute(&cli.dir).unwrap_or_else(|_| cli.dir.clone()),
+        dir: std::path::absolute(&o.dir).unwrap_or_else(|_| o.dir.clone()),
         busybox: kept.busybox,
-        tags: &cli.tag,
+        tags: &o.tag,
         programs: &batch.results,
         coverage: kept.coverage,
     };
@@ -516,17 +511,17 @@ fn keep_record(
 /// Saves the kernel's GCOV data under `out` (and says where), or says how
 /// to keep it.
 fn keep_coverage(
-    cli: &cli::RunDirCli,
+    o: &RunDirOptions,
     kernel: &Kernel,
     data: &[u8],
     out: Option<&Path>,
     path_var: &Option<std::ffi::OsString>,
-) -> Result<Option<coverage::Saved>, RunDirError> {
+) -> Result<Option<crate::report::programs::Saved>, RunDirError> {
     if data.is_empty() {
         return Ok(None);
     }
     let Some(out) = out else {
-        if !cli.machine.quiet {
+        if !o.machine.quiet {
             crate::say!(
                 "vexec: the kernel has GCOV data ({} KiB); pass --output DIR to keep it",
                 data.len() / 1024
@@ -534,7 +529,7 @@ fn keep_coverage(
         }
         return Ok(None);
     };
-    let build_tree = cli.build_tree.clone().or_else(|| {
+    let build_tree = o.build_tree.clone().or_else(|| {
         (kernel.config.as_deref())
             .and_then(Path::parent)
             .filter(|d| d.join("Makefile").is_file())
@@ -543,11 +538,11 @@ fn keep_coverage(
     let capture = coverage::Capture {
         out,
         build_tree: build_tree.as_deref(),
-        lcov: !cli.no_lcov,
+        lcov: !o.no_lcov,
         path_var: path_var.as_deref(),
     };
     let saved = coverage::save(data, &capture).map_err(RunDirError::Coverage)?;
-    if !cli.machine.quiet {
+    if !o.machine.quiet {
         crate::say!(
             "vexec: kernel coverage: {}{}",
             (saved.lcov.as_ref().or(saved.archive.as_ref()))
@@ -563,12 +558,12 @@ fn keep_coverage(
 
 /// Batch guests boot cold: their agent runs the programs as soon as it
 /// boots, so there is no moment to save the guest at.
-fn cold(cli: &cli::RunDirCli, cache: &Cache) -> WarmStart {
+fn cold(o: &RunDirOptions, cache: &Cache) -> WarmStart {
     WarmStart::new(
         Some("run-dir guests run their programs as soon as they boot".into()),
         cache.clone(),
         0,
-        cli.machine.verbose,
-        cli.machine.quiet,
+        o.machine.verbose,
+        o.machine.quiet,
     )
 }

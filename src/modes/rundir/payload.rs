@@ -255,7 +255,7 @@ pub fn build(i: &Inputs) -> Result<Payload, PayloadError> {
             return Err(PayloadError::NoForeignBusybox { arch, deb });
         }
         (None, false, Some(s)) => Some(
-            crate::host::programs::on_path("busybox", i.path_var)
+            crate::sys::programs::on_path("busybox", i.path_var)
                 .ok_or_else(|| PayloadError::NoBusybox(s.display().to_string()))?,
         ),
         (None, false, None) => None,

@@ -6,12 +6,13 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use super::{RunDirError, cli::RunDirCli, run};
-use crate::cli::MachineOptions;
+use super::options::RunDirOptions;
+use super::{RunDirError, run};
 use crate::host::events::SignalRelay;
-use crate::host::programs::quote;
 use crate::kernel::Kernel;
+use crate::modes::spec::Machine;
 use crate::modes::spec::RunSpec;
+use crate::sys::programs::quote;
 use crate::vm::accel::AccelChoice;
 
 /// Runs the spec's command in `root` booted with `kernel`; returns its
@@ -38,7 +39,7 @@ pub fn run_in_root(
     std::fs::write(&program, script(spec))
         .and_then(|()| std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)))
         .map_err(io(format!("writing {}", program.display())))?;
-    let cli = RunDirCli {
+    let o = RunDirOptions {
         dir: dir.path().to_path_buf(),
         qemu_args: spec.qemu_args.clone(),
         kernel: Some(kernel.image.to_string_lossy().into_owned()),
@@ -51,10 +52,10 @@ pub fn run_in_root(
         uefi: false,
         build_tree: None,
         no_lcov: true,
-        machine: MachineOptions {
+        machine: Machine {
             modules: spec.modules.clone(),
-            memory: Some(spec.memory.clone()),
-            cpus: Some(spec.cpus),
+            memory: spec.memory.clone(),
+            cpus: spec.cpus,
             // A foreign architecture is always emulated.
             accel: Some(AccelChoice::Tcg),
             timeout: spec.timeout,
@@ -70,7 +71,7 @@ pub fn run_in_root(
         root: Some(root),
         command_mode: true,
     };
-    run(&cli, relay, Some(kernel.clone()))
+    run(&o, relay, Some(kernel.clone()))
 }
 
 /// The batch's one program: the command, chrooted, with a clean

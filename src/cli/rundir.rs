@@ -1,9 +1,11 @@
-//! `vexec run-dir` options.
+//! `vexec run-dir`'s command line.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::Parser;
+
+use crate::modes::rundir::options::RunDirOptions;
 
 /// Boot a kernel with nothing but an initramfs, run every executable in DIR
 /// (in name order) inside it, report each one's result, power off.
@@ -81,17 +83,30 @@ pub struct RunDirCli {
     #[arg(long)]
     pub no_lcov: bool,
 
-    /// `vexec --root DIR` with a foreign kernel: the root filesystem shared
-    /// (over 9p, read-only, overlaid) and chrooted into by the program.
-    #[arg(skip)]
-    pub root: Option<PathBuf>,
-
-    /// One program that stands for the user's command: its exit status is
-    /// vexec's, and no summary is printed.
-    #[arg(skip)]
-    pub command_mode: bool,
-
     /// Machine options, as for a plain run.
     #[command(flatten)]
-    pub machine: crate::cli::MachineOptions,
+    pub machine: super::MachineOptions,
+}
+
+impl RunDirCli {
+    /// The plain options `vexec run-dir` runs with.
+    pub fn options(&self) -> RunDirOptions {
+        RunDirOptions {
+            dir: self.dir.clone(),
+            qemu_args: self.qemu_args.clone(),
+            kernel: self.kernel.clone(),
+            arch: self.arch.clone(),
+            add: self.add.clone(),
+            busybox: self.busybox.clone(),
+            output: self.output.clone(),
+            tag: self.tag.clone(),
+            firmware: self.firmware.clone(),
+            uefi: self.uefi,
+            build_tree: self.build_tree.clone(),
+            no_lcov: self.no_lcov,
+            root: None,
+            command_mode: false,
+            machine: self.machine.plain(),
+        }
+    }
 }
