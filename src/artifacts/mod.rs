@@ -6,7 +6,6 @@ pub mod cache;
 pub mod caps;
 pub mod initramfs;
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::artifacts::cache::{Cache, CacheError, hash_parts};
@@ -69,17 +68,6 @@ pub enum PrepareError {
         "kernel {release} has its virtio drivers as modules (its image has no virtio console built in), and its module tree was not found: looked in {searched}; pass --modules DIR (the kernel's lib/modules/{release}), or keep the image in its unpacked package (boot/ beside lib/modules/)"
     )]
     ModulesNotFound { release: String, searched: String },
-}
-
-/// A cheap identity for a file: path, size, mtime, inode.
-fn file_identity(p: &Path) -> Vec<u8> {
-    let m = std::fs::metadata(p).ok();
-    format!(
-        "{}|{:?}",
-        p.display(),
-        m.map(|m| (m.len(), m.mtime(), m.mtime_nsec(), m.ino()))
-    )
-    .into_bytes()
 }
 
 /// What a kernel offers vexec's guest, found once per kernel and cached.
@@ -175,12 +163,12 @@ pub fn inspect(cache: &Cache, kernel: &Kernel) -> Result<Inspected, PrepareError
     let modules_id = kernel
         .modules
         .as_deref()
-        .map(file_identity)
+        .map(crate::sys::files::identity)
         .unwrap_or_default();
     let config_id = kernel
         .config
         .as_deref()
-        .map(file_identity)
+        .map(crate::sys::files::identity)
         .unwrap_or_default();
     let support_key = hash_parts(&[FORMAT, image_hash.as_bytes(), &modules_id, &config_id]);
     let cached = cache
@@ -304,7 +292,7 @@ pub fn prepare(
     interactive: bool,
 ) -> Result<BootArtifacts, PrepareError> {
     let mut notes = inspected.notes.clone();
-    let agent_id = file_identity(agent);
+    let agent_id = crate::sys::files::identity(agent);
     let key = hash_parts(&[
         FORMAT,
         inspected.image_hash.as_bytes(),

@@ -112,15 +112,9 @@ pub fn build(
     let (kernel_args, qemu_args) = arguments(&cli, file)?;
     let (net, forwards) = network(&cli, config)?;
     let shell = cli.command.is_empty() || (cli.command == ["shell"] && !separator);
-    let argv = if shell {
-        let sh = (env.iter())
-            .find(|(k, _)| k == "SHELL")
-            .map(|(_, v)| v.clone())
-            .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| "/bin/sh".into());
-        vec![sh, "-l".into()]
-    } else {
-        cli.command.clone()
+    let argv = match shell {
+        true => login_shell(&env),
+        false => cli.command.clone(),
     };
     let tty = match (cli.how.tty, cli.how.no_tty) {
         (true, _) => TtyMode::Always,
@@ -187,6 +181,17 @@ pub fn build(
         running_release: host.running_release,
         path_var: host.path_var,
     })
+}
+
+/// The caller's login shell (`$SHELL -l`, else `/bin/sh -l`), for a run
+/// given no command.
+fn login_shell(env: &[(OsString, OsString)]) -> Vec<OsString> {
+    let sh = (env.iter())
+        .find(|(k, _)| k == "SHELL")
+        .map(|(_, v)| v.clone())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "/bin/sh".into());
+    vec![sh, "-l".into()]
 }
 
 /// What the file's `[env]`, then `--unset-env` and `--env`, change of the

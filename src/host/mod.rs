@@ -8,4 +8,5 @@ pub mod outcome;
 pub mod output;
 pub mod params;
 pub mod session;
+pub mod stop;
 pub mod warm;

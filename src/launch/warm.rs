@@ -7,9 +7,7 @@
 //! recently used removed beyond a size cap.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -310,22 +308,10 @@ pub fn shape_key(config: &QemuConfig) -> String {
     .into_iter()
     .flatten()
     {
-        parts.push(identity(file));
+        parts.push(crate::sys::files::identity(file));
     }
     let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
     cache::hash_parts(&refs)
-}
-
-/// A file's path and what changes when it is replaced or rewritten.
-fn identity(path: &Path) -> Vec<u8> {
-    let mut v = path.as_os_str().as_bytes().to_vec();
-    if let Ok(m) = std::fs::metadata(path) {
-        for n in [m.dev(), m.ino(), m.len()] {
-            v.extend(n.to_le_bytes());
-        }
-        v.extend((m.mtime() * 1_000_000_000 + m.mtime_nsec()).to_le_bytes());
-    }
-    v
 }
 
 /// An exclusive hold on saving shape `key`, or None while another process
@@ -334,9 +320,7 @@ fn lock(root: &Path, key: &str) -> Option<File> {
     let dir = root.join("snapshot-locks");
     std::fs::create_dir_all(&dir).ok()?;
     let f = File::create(dir.join(key)).ok()?;
-    // SAFETY: flock on a descriptor we own.
-    let held = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
-    held.then_some(f)
+    crate::sys::files::try_lock(&f).then_some(f)
 }
 
 /// The cache kind counting a machine's failed restores.

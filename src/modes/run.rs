@@ -118,21 +118,11 @@ pub fn run(spec: &RunSpec, relay: &SignalRelay) -> Result<i32, RunError> {
             &art.kernel,
         );
     }
-    let watch = Watch {
-        timeout: spec.timeout,
-        verbose: spec.verbose,
-        console_log: (spec.console_log.clone())
-            .or_else(|| output.as_ref().map(|o| o.console_log())),
-        dump_on_panic: spec.dump_on_panic.clone(),
-    };
+    let console_log =
+        (spec.console_log.clone()).or_else(|| output.as_ref().map(|o| o.console_log()));
+    let watch = watch_for(spec, console_log);
     let prep = t0.elapsed();
-    let warm = WarmStart::new(
-        cold_reason(spec),
-        cache.clone(),
-        spec.snapshot_cap,
-        spec.verbose,
-        spec.quiet,
-    );
+    let warm = warm_start_for(spec, &cache);
     let launched = launch::launch(&start, plan, &watch, &warm, relay, || Job::Command {
         setup: Box::new(setup.clone()),
         exec: Box::new(exec.clone()),
@@ -214,8 +204,31 @@ pub fn writable_of(shares: &[ResolvedShare]) -> Vec<PathBuf> {
         .collect()
 }
 
+/// How a run of `spec` is watched: its deadline, verbosity, console log
+/// and panic dump.
+pub fn watch_for(spec: &RunSpec, console_log: Option<PathBuf>) -> Watch {
+    Watch {
+        timeout: spec.timeout,
+        verbose: spec.verbose,
+        console_log,
+        dump_on_panic: spec.dump_on_panic.clone(),
+    }
+}
+
+/// Warm start as `spec` asks for it: off with a reason, or its cap and
+/// verbosity.
+pub fn warm_start_for(spec: &RunSpec, cache: &Cache) -> WarmStart {
+    WarmStart::new(
+        cold_reason(spec),
+        cache.clone(),
+        spec.snapshot_cap,
+        spec.verbose,
+        spec.quiet,
+    )
+}
+
 /// Why this run boots rather than restoring a saved guest, if it must.
-pub fn cold_reason(spec: &RunSpec) -> Option<String> {
+fn cold_reason(spec: &RunSpec) -> Option<String> {
     if spec.cold {
         Some("--cold".into())
     } else if spec.gdb.is_some() {

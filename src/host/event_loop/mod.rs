@@ -19,6 +19,7 @@ use super::events::Event;
 use super::outcome::{HangReport, Outcome, Timings};
 use super::output::{self, Progress, send};
 use super::params::{Job, Params, Warm};
+use super::stop::{self, OnSignal};
 use super::warm;
 use crate::sys::terminal;
 
@@ -32,8 +33,6 @@ const SETTLE: Duration = Duration::from_secs(1);
 /// How long a daemon's exit may precede the command's end that explains it
 /// (the guest powering off) before it counts as the run's failure.
 const DAEMON_SETTLE: Duration = Duration::from_millis(500);
-/// How long the guest command gets to exit after a forwarded Ctrl-C.
-const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
 /// How long the agent gets to answer a report request on the console.
 const REPORT_WAIT: Duration = Duration::from_secs(3);
 /// Console lines a hang report keeps.
@@ -452,31 +451,26 @@ impl Loop<'_, '_> {
     }
 
     fn on_signal(&mut self, sig: i32) -> Option<Outcome> {
-        if sig == libc::SIGQUIT {
-            self.report_on_demand();
-            return None;
-        }
-        if sig == libc::SIGWINCH {
-            if let Job::Command { exec, .. } = &self.p.job
-                && exec.tty.is_some()
-                && self.phase == Phase::Running
-                && let Some((rows, cols)) = terminal::window_size(&[0, 1, 2])
-            {
+        let has_tty = matches!(&self.p.job, Job::Command { exec, .. } if exec.tty.is_some())
+            && self.phase == Phase::Running;
+        match stop::on_signal(sig, has_tty, self.interrupted.is_some()) {
+            OnSignal::Report => self.report_on_demand(),
+            OnSignal::Resize { rows, cols } => {
                 let _ = send(self.cx.ctl, &HostMsg::WindowSize { rows, cols });
             }
-            return None;
+            OnSignal::Ignore => {}
+            // A batch guest takes no signals, nor does a booting one:
+            // stopping means stopping it.
+            _ if self.phase == Phase::Booting || matches!(self.p.job, Job::Batch(_)) => {
+                return Some(Outcome::Interrupted(sig));
+            }
+            OnSignal::EndNow => return Some(Outcome::Interrupted(sig)),
+            OnSignal::Forward(grace) => {
+                self.interrupted = Some(sig);
+                let _ = send(self.cx.ctl, &HostMsg::Signal(sig));
+                self.deadline = Some(grace);
+            }
         }
-        // A batch guest takes no signals: stopping means stopping it. A
-        // second signal stops at once.
-        if self.phase == Phase::Booting
-            || self.interrupted.is_some()
-            || matches!(self.p.job, Job::Batch(_))
-        {
-            return Some(Outcome::Interrupted(sig));
-        }
-        self.interrupted = Some(sig);
-        let _ = send(self.cx.ctl, &HostMsg::Signal(sig));
-        self.deadline = Some(Instant::now() + INTERRUPT_GRACE);
         None
     }
 }

@@ -279,30 +279,6 @@ fn run_one(m: &Matrix, r: &str, out_lock: &Mutex<()>) -> KernelResult {
             };
         }
     };
-    let pump = |from: Box<dyn Read + Send>, to_stderr: bool, prefix: Option<String>| {
-        std::thread::spawn(move || {
-            let mut kept = Vec::new();
-            let mut reader = BufReader::new(from);
-            let mut line = Vec::new();
-            while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
-                if let Some(p) = &prefix {
-                    let mut buf = p.clone().into_bytes();
-                    buf.extend_from_slice(&line);
-                    if !buf.ends_with(b"\n") {
-                        buf.push(b'\n');
-                    }
-                    if to_stderr {
-                        let _ = std::io::stderr().write_all(&buf);
-                    } else {
-                        let _ = std::io::stdout().write_all(&buf);
-                    }
-                }
-                kept.extend_from_slice(&line);
-                line.clear();
-            }
-            kept
-        })
-    };
     let prefix = (m.mode == OutputMode::Prefix).then(|| format!("[{name}] "));
     let out = pump(
         Box::new(child.stdout.take().unwrap()),
@@ -346,6 +322,37 @@ fn run_one(m: &Matrix, r: &str, out_lock: &Mutex<()>) -> KernelResult {
         stdout,
         stderr,
     }
+}
+
+/// Keeps what one kernel's run writes to `from` (and with `prefix`,
+/// passes each line on at once, prefixed, to vexec's stderr or stdout).
+fn pump(
+    from: Box<dyn Read + Send>,
+    to_stderr: bool,
+    prefix: Option<String>,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        let mut reader = BufReader::new(from);
+        let mut line = Vec::new();
+        while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+            if let Some(p) = &prefix {
+                let mut buf = p.clone().into_bytes();
+                buf.extend_from_slice(&line);
+                if !buf.ends_with(b"\n") {
+                    buf.push(b'\n');
+                }
+                if to_stderr {
+                    let _ = std::io::stderr().write_all(&buf);
+                } else {
+                    let _ = std::io::stdout().write_all(&buf);
+                }
+            }
+            kept.extend_from_slice(&line);
+            line.clear();
+        }
+        kept
+    })
 }
 
 /// The test cases in one kernel's stdout.

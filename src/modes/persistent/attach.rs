@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::host::events::{Event, SignalRelay};
 use crate::host::outcome::Outcome;
 use crate::host::output::{self, Outputs, Progress, send};
+use crate::host::stop::{self, OnSignal};
 use crate::host::{events, input};
 use crate::modes::spec::RunSpec;
 use crate::protocol::{self, Aftermath, Exec, GuestMsg, HostMsg};
@@ -20,10 +21,6 @@ use crate::sys::terminal;
 use super::VmsError;
 use super::registry::{self, Entry};
 use super::wire::{Reply, Request};
-
-/// How long the command gets to end after a forwarded Ctrl-C, or after
-/// the kill that ends `--timeout`.
-const GRACE: Duration = Duration::from_secs(3);
 
 /// The VM named `name`, running; else why not.
 pub fn find(name: &str) -> Result<Entry, VmsError> {
@@ -140,7 +137,7 @@ fn wait(
                     None => {
                         let _ = send(ctl, &HostMsg::Signal(libc::SIGKILL));
                         stopping = timeout.map(Outcome::TimedOut);
-                        deadline = Some(Instant::now() + GRACE);
+                        deadline = Some(Instant::now() + stop::GRACE);
                         continue;
                     }
                 },
@@ -164,19 +161,25 @@ fn wait(
                 ));
             }
             Event::Guest(_) => {}
-            Event::Signal(libc::SIGWINCH) => {
-                if let (true, Some((rows, cols))) = (has_tty, terminal::window_size(&[0, 1, 2])) {
+            Event::Signal(sig) => match stop::on_signal(sig, has_tty, stopping.is_some()) {
+                OnSignal::Ignore => {}
+                OnSignal::Resize { rows, cols } => {
                     let _ = send(ctl, &HostMsg::WindowSize { rows, cols });
                 }
-            }
-            Event::Signal(sig) => {
-                if let Some(o) = stopping.take() {
-                    return Ok((o, aftermath));
+                // An exec has no run of its own to report on: SIGQUIT is
+                // the command's, as any other signal.
+                OnSignal::EndNow | OnSignal::Report if stopping.is_some() => {
+                    return Ok((
+                        stopping.take().unwrap_or(Outcome::Interrupted(sig)),
+                        aftermath,
+                    ));
                 }
-                let _ = send(ctl, &HostMsg::Signal(sig));
-                stopping = Some(Outcome::Interrupted(sig));
-                deadline = Some(Instant::now() + GRACE);
-            }
+                OnSignal::EndNow | OnSignal::Report | OnSignal::Forward(_) => {
+                    let _ = send(ctl, &HostMsg::Signal(sig));
+                    stopping = Some(Outcome::Interrupted(sig));
+                    deadline = Some(Instant::now() + stop::GRACE);
+                }
+            },
             Event::ControlClosed | Event::ControlError(_) => break,
             _ => {}
         }

@@ -135,10 +135,7 @@ fn row(e: &Entry) -> [String; 9] {
 
 /// QEMU's resident memory, MiB.
 fn rss_mib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024)
+    Some(crate::sys::process::status_kib(pid, "VmRSS")? / 1024)
 }
 
 /// `vexec down NAME...` / `--all`: each VM shut down and waited for; a

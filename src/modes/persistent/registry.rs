@@ -5,7 +5,6 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -175,9 +174,7 @@ impl Entry {
         let Ok(f) = File::open(self.lock_path()) else {
             return false;
         };
-        // SAFETY: flock on a descriptor we own.
-        let free = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
-        !free
+        !crate::sys::files::try_lock(&f)
     }
 
     pub fn info(&self) -> Option<Info> {

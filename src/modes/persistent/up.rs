@@ -18,7 +18,7 @@ use crate::host::events::SignalRelay;
 use crate::host::outcome::Outcome;
 use crate::host::params::Job;
 use crate::kernel::image::Arch;
-use crate::launch::{self, Watch, warm::WarmStart};
+use crate::launch::{self, Watch};
 use crate::modes::spec::RunSpec;
 use crate::modes::{command, run};
 
@@ -234,19 +234,12 @@ fn serve(spec: &RunSpec, opts: &UpOptions, entry: &Entry) -> Result<i32, VmsErro
         opts.idle,
         on_ready(entry.clone(), info, Arc::clone(&ready)),
     ));
+    // The VM has no deadline: its `--timeout` is each exec's.
     let watch = Watch {
         timeout: None,
-        verbose: spec.verbose,
-        console_log: Some(entry.dir.join("console.log")),
-        dump_on_panic: None,
+        ..run::watch_for(spec, Some(entry.dir.join("console.log")))
     };
-    let warm = WarmStart::new(
-        run::cold_reason(spec),
-        cache.clone(),
-        spec.snapshot_cap,
-        spec.verbose,
-        spec.quiet,
-    );
+    let warm = run::warm_start_for(spec, &cache);
     let setup = m.setup.clone();
     let hooks = hooks_of(spec);
     let launched = launch::launch(&m.start, m.plan, &watch, &warm, &relay, || Job::Serve {
