@@ -274,3 +274,45 @@ fn a_first_run_on_a_host_whose_kvm_aborts_qemu_runs_under_tcg() {
     assert_eq!(stdout(&out), format!("{}\n", release_of(&kernel(K))));
     assert!(!err.contains("run the command again"), "{err}");
 }
+
+#[test]
+fn tcg_threads_single_runs_every_vcpu_in_one_thread_and_means_nothing_under_kvm() {
+    // The workaround a stuck-CPU warning names: a flag, a file key, an env
+    // variable, all reaching QEMU's accelerator.
+    let mut c = vexec(K);
+    c.args(["--tcg-threads", "single", "--dry-run", "--", "true"]);
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        stdout(&out).contains("-accel tcg,thread=single "),
+        "{}",
+        stdout(&out)
+    );
+    let work = workdir("tcg");
+    std::fs::write(
+        work.path().join(".vexec.toml"),
+        "tcg-threads = \"single\"\n",
+    )
+    .unwrap();
+    let mut c = vexec(K);
+    c.current_dir(work.path()).args(["--dry-run", "--", "true"]);
+    assert!(stdout(&run(c)).contains("thread=single"));
+    let mut c = vexec(K);
+    c.env("VEXEC_TCG_THREADS", "multi")
+        .current_dir(work.path())
+        .args(["--dry-run", "--", "true"]);
+    assert!(!stdout(&run(c)).contains("thread=single"));
+    // A real guest with both its CPUs on one host thread.
+    let mut c = vexec(K);
+    c.args(["--tcg-threads", "single", "--", "nproc"]);
+    let out = run(c);
+    assert_eq!((out.status.code(), stdout(&out).trim()), (Some(0), "2"));
+    let mut c = vexec_in(&cache_dir());
+    c.args(["--accel", "kvm", "--tcg-threads", "single", "-k"])
+        .arg(kernel(K))
+        .args(["--", "true"]);
+    let out = run(c);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("means nothing with --accel kvm"), "{err}");
+}

@@ -54,6 +54,8 @@ pub struct Config {
     pub net: Option<bool>,
     /// Always boot (no warm start).
     pub cold: Option<bool>,
+    /// How TCG runs the vCPUs (`--tcg-threads`): "multi" or "single".
+    pub tcg_threads: Option<String>,
     /// Size cap of saved booted guests (`--snapshot-cap`).
     pub snapshot_cap: Option<String>,
     /// TCP forwards, "HOST:GUEST".
@@ -99,6 +101,9 @@ pub enum ConfigError {
         "kernel argument {0:?} contains a control character (a newline would reach the kernel as a separator between arguments); give each argument its own --kernel-arg"
     )]
     KernelArg(String),
+    /// Options that cannot go together.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// A loaded file and where it was.

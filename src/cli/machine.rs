@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::{parse_duration, parse_memory};
 use crate::modes::spec::Machine;
-use crate::vm::accel::AccelChoice;
+use crate::vm::accel::{AccelChoice, TcgThreads};
 
 pub use crate::modes::spec::{DEFAULT_CPUS, DEFAULT_MEMORY};
 
@@ -72,6 +72,13 @@ pub struct MachineOptions {
     #[arg(long, env = "VEXEC_COLD", value_parser = clap::builder::FalseyValueParser::new())]
     pub cold: bool,
 
+    /// How TCG runs the guest's vCPUs: `multi`, one host thread each, or
+    /// `single`, all in one thread (slower for parallel work in the guest;
+    /// try it when a guest under TCG reports soft lockups or RCU stalls
+    /// on a loaded host) [default: multi]. Means nothing under KVM.
+    #[arg(long, value_enum, value_name = "HOW", env = "VEXEC_TCG_THREADS")]
+    pub tcg_threads: Option<TcgThreads>,
+
     /// Size cap of all saved booted guests together; the least recently
     /// used are removed beyond it (default 2G).
     #[arg(long, value_name = "SIZE", value_parser = crate::cli::parse_bytes, env = "VEXEC_SNAPSHOT_CAP")]
@@ -100,6 +107,7 @@ impl MachineOptions {
             qemu: self.qemu.clone(),
             gdb: self.gdb,
             cold: self.cold,
+            tcg_threads: self.tcg_threads,
             snapshot_cap: self.snapshot_cap,
             verbose: self.verbose,
             quiet: self.quiet,

@@ -97,6 +97,15 @@ pub fn build(
     let accel = (cli.machine.accel.map(Some))
         .map_or_else(|| file_choice(config, "accel", |f| &f.accel), Ok)?
         .unwrap_or(AccelChoice::Auto);
+    let tcg_threads = (cli.machine.tcg_threads.map(Some)).map_or_else(
+        || file_choice(config, "tcg-threads", |f| &f.tcg_threads),
+        Ok,
+    )?;
+    if accel == AccelChoice::Kvm && tcg_threads.is_some() {
+        return Err(ConfigError::Conflict(
+            "--tcg-threads (or tcg-threads in .vexec.toml) means nothing with --accel kvm: drop one of them".into(),
+        ));
+    }
     let transport = (cli.transport.map(Some))
         .map_or_else(|| file_choice(config, "transport", |f| &f.transport), Ok)?
         .unwrap_or(TransportChoice::Auto);
@@ -171,6 +180,7 @@ pub fn build(
         busybox: cli.busybox,
         dump_on_panic: cli.dump_on_panic,
         cold: cli.machine.cold || file.and_then(|f| f.cold) == Some(true),
+        tcg_threads: tcg_threads.unwrap_or_default(),
         snapshot_cap: snapshot_cap(cli.machine.snapshot_cap, config)?,
         net,
         forwards,

@@ -193,6 +193,7 @@ pub fn launch(
 fn again_after_stall(config: &mut QemuConfig, why: &str) {
     let first = why.lines().next().unwrap_or(why);
     config.tcg_single = config.accel == Accel::Tcg;
+    config.stall_retry = true;
     crate::say!(
         "vexec: warning: {first}; booting again{}",
         if config.tcg_single {

@@ -31,6 +31,8 @@ pub struct BootRequest {
     pub qemu_args: Vec<OsString>,
     /// QEMU's gdb stub on this port, the CPUs halted until gdb continues.
     pub gdb: Option<u16>,
+    /// Under TCG, run every vCPU in one host thread.
+    pub tcg_single: bool,
     /// Keep the kernel's messages on the console.
     pub verbose: bool,
     /// Keep a panicked guest in memory (for `--dump-on-panic`).
@@ -117,7 +119,8 @@ pub fn plan(req: &BootRequest, found: &Found) -> BootPlan {
             .clone()
             .or_else(|| found.default_firmware.clone()),
         accel: found.accel,
-        tcg_single: false,
+        tcg_single: req.tcg_single && found.accel == Accel::Tcg,
+        stall_retry: false,
         cpus: req.cpus,
         memory: req.memory.clone(),
         kernel: if direct {
@@ -212,6 +215,7 @@ mod tests {
             kernel_args: vec!["quiet".into()],
             qemu_args: vec!["-d".into()],
             gdb: None,
+            tcg_single: false,
             verbose: false,
             hold_on_panic: false,
             net: None,

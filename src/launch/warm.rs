@@ -202,7 +202,7 @@ impl WarmStart {
 fn unsaveable(config: &QemuConfig, hotplug: bool) -> Option<&'static str> {
     // The second boot after a stall is a one-off machine: saved, it would
     // only add a snapshot no ordinary run restores.
-    if config.tcg_single {
+    if config.stall_retry {
         return Some("booting again with single-threaded TCG after a stall");
     }
     // `acpi=off` leaves the guest blind to plugged devices.
@@ -451,9 +451,16 @@ mod tests {
         assert!(unsaveable(&no_acpi, true).is_some());
         let retried = QemuConfig {
             tcg_single: true,
+            stall_retry: true,
             ..machine(Backend::NineP)
         };
         assert!(unsaveable(&retried, true).is_some());
+        // Single-threaded TCG asked for is an ordinary machine, saved.
+        let single = QemuConfig {
+            tcg_single: true,
+            ..machine(Backend::NineP)
+        };
+        assert!(unsaveable(&single, false).is_none());
         let saved = saveable(&vfs);
         assert!(saved.plug_shares && saved.ram_fd.is_some());
         // A 9p machine is saved as it boots.

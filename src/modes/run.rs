@@ -367,6 +367,7 @@ fn boot_request(spec: &RunSpec, root: PathBuf, shares: Vec<ResolvedShare>) -> Bo
         kernel_args: spec.kernel_args.clone(),
         qemu_args: spec.qemu_args.clone(),
         gdb: spec.gdb,
+        tcg_single: spec.tcg_threads == crate::vm::accel::TcgThreads::Single,
         verbose: spec.verbose,
         hold_on_panic: spec.dump_on_panic.is_some(),
         net: spec.net.then(|| spec.forwards.clone()),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::launch::shares::ShareRequest;
 use crate::launch::transport::TransportChoice;
-use crate::vm::accel::AccelChoice;
+use crate::vm::accel::{AccelChoice, TcgThreads};
 
 /// When the command gets a pseudo-terminal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +65,8 @@ pub struct Machine {
     pub gdb: Option<u16>,
     /// Boot even when a saved guest could be restored.
     pub cold: bool,
+    /// None: the default (multi).
+    pub tcg_threads: Option<TcgThreads>,
     pub snapshot_cap: Option<u64>,
     pub verbose: bool,
     pub quiet: bool,
@@ -125,6 +127,8 @@ pub struct RunSpec {
     pub dump_on_panic: Option<PathBuf>,
     /// Boot even when a saved booted guest could be restored (`--cold`).
     pub cold: bool,
+    /// How TCG runs the vCPUs (`--tcg-threads`).
+    pub tcg_threads: TcgThreads,
     /// Size cap of all saved booted guests, bytes.
     pub snapshot_cap: u64,
     /// Port of QEMU's gdb stub (`--gdb`).

@@ -32,6 +32,18 @@ pub enum AccelChoice {
     Tcg,
 }
 
+/// How QEMU's TCG runs a guest's vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum TcgThreads {
+    /// One host thread per vCPU (QEMU's default): a guest's CPUs run at
+    /// once on as many host cores.
+    #[default]
+    Multi,
+    /// Every vCPU in one host thread, in turn: no parallelism in the
+    /// guest, and no vCPU left waiting for another that was not woken.
+    Single,
+}
+
 /// Why KVM cannot be used.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum KvmUnavailable {

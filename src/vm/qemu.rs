@@ -41,6 +41,9 @@ pub struct QemuConfig {
     /// instead of one thread each: slower, but a vCPU is never left
     /// waiting for another that was not woken.
     pub tcg_single: bool,
+    /// The second boot of a machine whose first stalled (single-threaded
+    /// under TCG): a one-off, never saved.
+    pub stall_retry: bool,
     pub cpus: u32,
     /// Memory as QEMU's `-m` takes it, e.g. `1G`.
     pub memory: String,
@@ -374,6 +377,7 @@ pub(crate) fn example_config() -> QemuConfig {
         firmware: None,
         accel: Accel::Tcg,
         tcg_single: false,
+        stall_retry: false,
         cpus: 2,
         memory: "1G".into(),
         kernel: "/c/vmlinux".into(),

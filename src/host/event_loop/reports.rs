@@ -1,6 +1,8 @@
 //! What the loop says while a run goes on: a stuck CPU reported by the
 //! guest kernel, and where the run stands when asked (SIGQUIT).
 
+use crate::vm::accel::Accel;
+
 use super::super::console;
 use super::super::outcome::HangReport;
 use super::super::params::Job;
@@ -24,6 +26,13 @@ impl Loop<'_, '_> {
         );
         for l in console.iter().rev().take(STALL_LINES).rev() {
             crate::say!("vexec:   console: {l}");
+        }
+        // Seen under QEMU 7.2's multi-threaded TCG on loaded hosts: both
+        // vCPUs livelocked while a BPF tracepoint was attached.
+        if self.p.qemu.accel == Accel::Tcg && !self.p.qemu.tcg_single && self.p.qemu.cpus > 1 {
+            crate::say!(
+                "vexec:   under TCG on a loaded host this can be QEMU's multi-threaded TCG: if it recurs, try --tcg-threads single"
+            );
         }
         if self.p.timeout.is_none() {
             crate::say!(

@@ -31,7 +31,7 @@ use crate::report::record::{self, RecordError, RunRecord};
 use crate::report::{outcome_words, status_of};
 use crate::status::STATUS_FAILED;
 use crate::vm::VmError;
-use crate::vm::accel::AccelChoice;
+use crate::vm::accel::{AccelChoice, TcgThreads};
 use options::RunDirOptions;
 use payload::{Payload, PayloadError};
 pub use root::run_in_root;
@@ -391,6 +391,7 @@ fn boot_request(o: &RunDirOptions, arch: Arch) -> BootRequest {
         kernel_args,
         qemu_args: o.qemu_args.clone(),
         gdb: o.machine.gdb,
+        tcg_single: o.machine.tcg_threads == Some(TcgThreads::Single),
         verbose: o.machine.verbose,
         hold_on_panic: false,
         net: None,

@@ -64,6 +64,7 @@ pub fn run_in_root(
             qemu: spec.qemu.clone(),
             gdb: spec.gdb,
             cold: true,
+            tcg_threads: Some(spec.tcg_threads),
             snapshot_cap: Some(spec.snapshot_cap),
             verbose: spec.verbose,
             quiet: true,
