@@ -289,6 +289,18 @@ fn bad_input_is_refused_before_booting() {
         ),
         (
             vec![
+                "--accel".into(),
+                "kvm".into(),
+                "--tcg-threads".into(),
+                "single".into(),
+                "-k".into(),
+                kernel("6.1").into(),
+                host_prog.clone().into(),
+            ],
+            "means nothing with --accel kvm",
+        ),
+        (
+            vec![
                 "-k".into(),
                 kernel("arm64-6.1").into(),
                 "--busybox".into(),

@@ -101,10 +101,8 @@ pub fn build(
         || file_choice(config, "tcg-threads", |f| &f.tcg_threads),
         Ok,
     )?;
-    if accel == AccelChoice::Kvm && tcg_threads.is_some() {
-        return Err(ConfigError::Conflict(
-            "--tcg-threads (or tcg-threads in .vexec.toml) means nothing with --accel kvm: drop one of them".into(),
-        ));
+    if let Some(why) = crate::vm::accel::threads_conflict(Some(accel), tcg_threads) {
+        return Err(ConfigError::Conflict(why.into()));
     }
     let transport = (cli.transport.map(Some))
         .map_or_else(|| file_choice(config, "transport", |f| &f.transport), Ok)?

@@ -44,6 +44,17 @@ pub enum TcgThreads {
     Single,
 }
 
+/// Why the accelerator and TCG's threading asked for cannot go together
+/// (a TCG setting under KVM would be accepted and ignored), or None.
+pub fn threads_conflict(
+    accel: Option<AccelChoice>,
+    threads: Option<TcgThreads>,
+) -> Option<&'static str> {
+    (accel == Some(AccelChoice::Kvm) && threads.is_some()).then_some(
+        "--tcg-threads (or tcg-threads in .vexec.toml) means nothing with --accel kvm: drop one of them",
+    )
+}
+
 /// Why KVM cannot be used.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum KvmUnavailable {

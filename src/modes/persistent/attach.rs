@@ -167,18 +167,16 @@ fn wait(
                     let _ = send(ctl, &HostMsg::WindowSize { rows, cols });
                 }
                 // An exec has no run of its own to report on: SIGQUIT is
-                // the command's, as any other signal.
-                OnSignal::EndNow | OnSignal::Report if stopping.is_some() => {
-                    return Ok((
-                        stopping.take().unwrap_or(Outcome::Interrupted(sig)),
-                        aftermath,
-                    ));
-                }
-                OnSignal::EndNow | OnSignal::Report | OnSignal::Forward(_) => {
-                    let _ = send(ctl, &HostMsg::Signal(sig));
-                    stopping = Some(Outcome::Interrupted(sig));
-                    deadline = Some(Instant::now() + stop::GRACE);
-                }
+                // the command's, as any other signal. Another signal while
+                // the first one's grace runs ends the wait at once.
+                _ => match stopping.take() {
+                    Some(o) => return Ok((o, aftermath)),
+                    None => {
+                        let _ = send(ctl, &HostMsg::Signal(sig));
+                        stopping = Some(Outcome::Interrupted(sig));
+                        deadline = Some(Instant::now() + stop::GRACE);
+                    }
+                },
             },
             Event::ControlClosed | Event::ControlError(_) => break,
             _ => {}

@@ -86,6 +86,9 @@ pub enum RunDirError {
     },
     #[error("--accel kvm: an {0} guest on this x86_64 host can only be emulated (TCG)")]
     KvmForeign(&'static str),
+    /// Options that cannot go together.
+    #[error("{0}")]
+    Conflict(&'static str),
     #[error(transparent)]
     NotARoot(#[from] crate::launch::shares::NotARoot),
     #[error(
@@ -173,6 +176,9 @@ fn run(
     resolved: Option<Kernel>,
 ) -> Result<i32, RunDirError> {
     let t0 = Instant::now();
+    if let Some(why) = crate::vm::accel::threads_conflict(o.machine.accel, o.machine.tcg_threads) {
+        return Err(RunDirError::Conflict(why));
+    }
     for t in &o.tag {
         outdir::check_tag(t).map_err(RunDirError::Output)?;
     }
